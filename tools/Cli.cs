@@ -1,0 +1,31 @@
+using Spectre.Console;
+using Spectre.Console.Cli;
+
+namespace OnnxLora.Tools;
+
+/// <summary>The `onnxlora` command: every verb is registered here, one line each.</summary>
+public static class Cli
+{
+    public static int Run(string[] args, IAnsiConsole? console = null)
+    {
+        var app = new CommandApp();
+        app.Configure(c =>
+        {
+            c.SetApplicationName("onnxlora");
+            if (console is not null) c.ConfigureConsole(console);
+            c.SetExceptionHandler((e, _) => Fail(e, console ?? AnsiConsole.Console));
+            // verbs: one registration each, in the order `onnxlora --help` lists them
+        });
+        return app.Run(args);
+    }
+
+    /// <summary>The one failure gate: a one-line error on stderr and a non-zero exit code.</summary>
+    static int Fail(Exception e, IAnsiConsole console)
+    {
+        var inner = e is CommandRuntimeException && e.InnerException is not null ? e.InnerException : e;
+        var message = inner.Message.ReplaceLineEndings(" ");
+        if (Environment.GetEnvironmentVariable("ONNXLORA_DEBUG") == "1") Console.Error.WriteLine(inner);
+        Console.Error.WriteLine($"error: {message}");
+        return inner is OperationCanceledException ? 130 : 1;
+    }
+}

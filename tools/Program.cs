@@ -1,0 +1,3 @@
+using OnnxLora.Tools;
+
+return Cli.Run(args);
