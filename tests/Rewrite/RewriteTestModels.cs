@@ -151,7 +151,8 @@ static class RewriteTestModels
     public static Dictionary<string, (double[] Data, long[] Shape)> Run(ModelProto model, IReadOnlyDictionary<string, (Array Data, long[] Shape)> feeds,
                                                                        IEnumerable<string>? outputs = null)
     {
-        using var options = new SessionOptions { GraphOptimizationLevel = GraphOptimizationLevel.ORT_DISABLE_ALL };
+        // full optimizations, as deployments run: LoRA defaults must stay overridable (never constant-folded)
+        using var options = new SessionOptions { GraphOptimizationLevel = GraphOptimizationLevel.ORT_ENABLE_ALL };
         using var session = new InferenceSession(model.ToByteArray(), options);
         var names = (outputs ?? model.Graph.Output.Select(o => o.Name)).ToList();
         var values = new List<OrtValue>();
