@@ -70,7 +70,8 @@ public static class PeftAdapter
             if (t.Rank != m.Rank) rankPattern[t.Module] = t.Rank;
             if (PeftAlpha(t) != loraAlpha) alphaPattern[t.Module] = PeftAlpha(t);
         }
-        var targetModules = m.TargetModules.Count > 0 ? m.TargetModules : m.Targets.Select(t => t.Module.Split('.')[^1]).Distinct().ToList();
+        // module suffixes, PEFT's usual form (the manifest's own patterns may use OnnxLora's "re:"/"all-linear" forms)
+        var targetModules = m.Targets.Select(t => t.Module.Split('.')[^1]).Distinct().ToList();
         var modulesToSave = adapter.Extras.Keys.Select(k => k.Contains('.') ? k[..k.LastIndexOf('.')] : k).Distinct().ToList();
         bool fanInFanOut = options.FanInFanOut ?? m.Targets.All(t => !t.WeightTransposed && Gpt2Conv1DModules.Any(c => t.Module == c || t.Module.EndsWith("." + c, StringComparison.Ordinal)));
 
@@ -86,7 +87,7 @@ public static class PeftAdapter
             ["fan_in_fan_out"] = fanInFanOut,
             ["bias"] = "none",
             ["target_modules"] = new JsonArray(targetModules.Select(s => (JsonNode?)JsonValue.Create(s)).ToArray()),
-            ["exclude_modules"] = m.ExcludeModules.Count > 0 ? new JsonArray(m.ExcludeModules.Select(s => (JsonNode?)JsonValue.Create(s)).ToArray()) : null,
+            ["layers_to_transform"] = m.LayersToTransform is { } layers ? new JsonArray(layers.Select(l => (JsonNode?)JsonValue.Create(l)).ToArray()) : null,
             ["modules_to_save"] = modulesToSave.Count > 0 ? new JsonArray(modulesToSave.Select(s => (JsonNode?)JsonValue.Create(s)).ToArray()) : null,
             ["rank_pattern"] = rankPattern,
             ["alpha_pattern"] = alphaPattern,
