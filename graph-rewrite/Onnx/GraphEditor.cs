@@ -217,6 +217,19 @@ public sealed class GraphEditor
         foreach (var list in _consumers.Values) list.Remove(node);
     }
 
+    /// <summary>
+    /// Renames output <paramref name="index"/> of <paramref name="node"/> to <paramref name="newName"/> (a fresh name)
+    /// without touching its consumers: the caller makes another node produce the old name.
+    /// </summary>
+    public void RenameNodeOutput(NodeProto node, int index, string newName)
+    {
+        var old = node.Output[index];
+        if (_producer.GetValueOrDefault(old) == node) _producer.Remove(old);
+        node.Output[index] = newName;
+        _names.Add(newName);
+        _producer[newName] = node;
+    }
+
     /// <summary>Points every use of <paramref name="oldValue"/> (node inputs and graph outputs) at <paramref name="newValue"/>.</summary>
     public void ReplaceAllUses(string oldValue, string newValue, NodeProto? except = null)
     {
