@@ -35,6 +35,8 @@ public sealed record LoraTarget
     public required double Scale { get; init; }
     public required string LoraA { get; init; }
     public required string LoraB { get; init; }
+    /// <summary>Element type of A and B (ONNX TensorProto numbering; the type the node multiplies in). 1 = float.</summary>
+    public int DataType { get; init; } = 1;
 }
 
 /// <summary>
@@ -45,6 +47,10 @@ public sealed record LoraManifest
 {
     public const string CurrentFormat = "onnxlora.lora/1";
     public const string FileName = "lora_config.json";
+    /// <summary>The training view in a rewrite output folder: A/B are graph inputs with their initial values as defaults.</summary>
+    public const string TrainingModelFile = "model.onnx";
+    /// <summary>The deployable model in a rewrite output folder: A/B are inputs with zero-rank defaults, no scale node.</summary>
+    public const string DeployableModelFile = "deploy.onnx";
 
     public string Format { get; init; } = CurrentFormat;
     public required string ToolVersion { get; init; }
@@ -62,6 +68,15 @@ public sealed record LoraManifest
     /// <summary>The target patterns as the user gave them (PEFT's target_modules).</summary>
     public IReadOnlyList<string> TargetModules { get; init; } = [];
     public IReadOnlyList<string> ExcludeModules { get; init; } = [];
+    /// <summary>PEFT's layers_to_transform (block indices), null when every block was eligible.</summary>
+    public IReadOnlyList<int>? LayersToTransform { get; init; }
+    public IReadOnlyDictionary<string, int> RankPattern { get; init; } = new Dictionary<string, int>();
+    public IReadOnlyDictionary<string, double> AlphaPattern { get; init; } = new Dictionary<string, double>();
+    /// <summary>
+    /// The bool scalar graph input of the training view that switches every LoRA Dropout on (default false, i.e. off);
+    /// null when the rewrite added no Dropout.
+    /// </summary>
+    public string? DropoutTrainingModeInput { get; init; }
     public required IReadOnlyList<LoraTarget> Targets { get; init; }
 
     static readonly JsonSerializerOptions Json = new()

@@ -159,6 +159,21 @@ public sealed class GraphEditor
         return output;
     }
 
+    /// <summary>
+    /// Names a node's optional output <paramref name="index"/> (e.g. LayerNormalization's Mean) when it is absent,
+    /// padding skipped outputs with "", and returns the output's name.
+    /// </summary>
+    public string EnsureNodeOutput(NodeProto node, int index, string hint)
+    {
+        while (node.Output.Count <= index) node.Output.Add("");
+        if (node.Output[index].Length == 0)
+        {
+            node.Output[index] = UniqueName(hint);
+            _producer[node.Output[index]] = node;
+        }
+        return node.Output[index];
+    }
+
     /// <summary>Adds an initializer; its name must be free.</summary>
     public TensorProto AddInitializer(TensorProto tensor)
     {
@@ -200,6 +215,19 @@ public sealed class GraphEditor
         Graph.Node.Remove(node);
         foreach (var o in node.Output) if (_producer.GetValueOrDefault(o) == node) _producer.Remove(o);
         foreach (var list in _consumers.Values) list.Remove(node);
+    }
+
+    /// <summary>
+    /// Renames output <paramref name="index"/> of <paramref name="node"/> to <paramref name="newName"/> (a fresh name)
+    /// without touching its consumers: the caller makes another node produce the old name.
+    /// </summary>
+    public void RenameNodeOutput(NodeProto node, int index, string newName)
+    {
+        var old = node.Output[index];
+        if (_producer.GetValueOrDefault(old) == node) _producer.Remove(old);
+        node.Output[index] = newName;
+        _names.Add(newName);
+        _producer[newName] = node;
     }
 
     /// <summary>Points every use of <paramref name="oldValue"/> (node inputs and graph outputs) at <paramref name="newValue"/>.</summary>

@@ -1,0 +1,103 @@
+using System.Text.RegularExpressions;
+
+namespace OnnxLora.GraphRewrite.Lora;
+
+/// <summary>A linear layer chosen for LoRA, with its resolved rank, alpha and scale.</summary>
+public sealed record LoraSelection(LinearLayer Layer, int Rank, double Alpha, double Scale)
+{
+    /// <summary>Name of A [in, r]: "&lt;module&gt;.lora_A.weight".</summary>
+    public string LoraA => Layer.Module + ".lora_A.weight";
+    /// <summary>Name of B [r, out]: "&lt;module&gt;.lora_B.weight".</summary>
+    public string LoraB => Layer.Module + ".lora_B.weight";
+    /// <summary>r·(in + out).</summary>
+    public long Parameters => Layer.LoraParameters(Rank);
+
+    /// <summary>The manifest entry for this target.</summary>
+    public LoraTarget ToTarget() => new()
+    {
+        Module = Layer.Module, Nodes = Layer.Nodes, Weight = Layer.Weight, WeightTransposed = Layer.WeightTransposed,
+        In = Layer.In, Out = Layer.Out, Rank = Rank, Alpha = Alpha, Scale = Scale, LoraA = LoraA, LoraB = LoraB,
+        DataType = Layer.ComputeType,
+    };
+}
+
+/// <summary>Target matching with PEFT's semantics, as pure functions over module paths.</summary>
+public static class LoraTargeting
+{
+    /// <summary>
+    /// Whether one pattern selects a layer: "all-linear" = any layer but the head; "re:&lt;regex&gt;" = full match of the path;
+    /// otherwise the path equals the pattern or ends with "." + pattern.
+    /// </summary>
+    public static bool Matches(string pattern, LinearLayer layer) =>
+        pattern == LoraConfig.AllLinear ? !layer.IsHead : Matches(pattern, layer.Module);
+
+    /// <summary>Whether a name/suffix/"re:" pattern matches a module path (no "all-linear" here: it needs the layer).</summary>
+    public static bool Matches(string pattern, string module)
+    {
+        if (pattern.StartsWith(LoraConfig.RegexPrefix, StringComparison.Ordinal))
+            return Regex.IsMatch(module, $"^(?:{pattern[LoraConfig.RegexPrefix.Length..]})$");
+        return module == pattern || module.EndsWith("." + pattern, StringComparison.Ordinal);
+    }
+
+    /// <summary>PEFT's rank_pattern/alpha_pattern key match: the regex matches the path, or a suffix after a '.'.</summary>
+    public static bool MatchesPatternKey(string key, string module) => Regex.IsMatch(module, $"^(?:.*\\.)?(?:{key})$");
+
+    /// <summary>
+    /// Chooses the layers <paramref name="config"/> targets, in discovery order: matched by a target, not by an exclude,
+    /// inside the listed blocks; each with its rank and alpha (first matching pattern key wins) and scale.
+    /// </summary>
+    /// <exception cref="ArgumentException">No layers, a target that matches nothing (the message lists the nearest
+    /// module names), everything filtered away, or a rank larger than min(in, out) (the message names the module).</exception>
+    public static IReadOnlyList<LoraSelection> Select(IReadOnlyList<LinearLayer> layers, LoraConfig config)
+    {
+        ArgumentNullException.ThrowIfNull(layers);
+        ArgumentNullException.ThrowIfNull(config);
+        if (layers.Count == 0)
+            throw new ArgumentException("the model has no LoRA-able weight MatMul/Gemm (no MatMul/Gemm multiplies an activation by a constant weight initializer); nothing to adapt");
+        foreach (var pattern in config.TargetModules)
+            if (!layers.Any(l => Matches(pattern, l)))
+                throw new ArgumentException($"target '{pattern}' matches no linear module; nearest: {Nearest(pattern, layers)}. Run 'onnxlora inspect' for the full list.");
+
+        var chosen = layers.Where(l => config.TargetModules.Any(p => Matches(p, l)) && !config.ExcludeModules.Any(p => Matches(p, l))).ToList();
+        if (config.LayersToTransform is { } blocks) chosen = chosen.Where(l => l.BlockIndex is int b && blocks.Contains(b)).ToList();
+        if (chosen.Count == 0)
+            throw new ArgumentException($"targets {string.Join(",", config.TargetModules)} match modules, but the excluded modules"
+                + $"{(config.LayersToTransform is null ? "" : " and the layer filter " + string.Join(",", config.LayersToTransform))} remove all of them");
+
+        var result = new List<LoraSelection>();
+        foreach (var layer in chosen)
+        {
+            int rank = config.RankPattern.FirstOrDefault(kv => MatchesPatternKey(kv.Key, layer.Module)) is { Key: not null } r ? r.Value : config.Rank;
+            double alpha = config.AlphaPattern.FirstOrDefault(kv => MatchesPatternKey(kv.Key, layer.Module)) is { Key: not null } a ? a.Value : config.Alpha;
+            if (rank > Math.Min(layer.In, layer.Out))
+                throw new ArgumentException($"rank {rank} for module '{layer.Module}' exceeds min(in, out) = min({layer.In}, {layer.Out}); lower --rank or exclude the module");
+            result.Add(new LoraSelection(layer, rank, alpha, config.ScaleFor(rank, alpha)));
+        }
+        return result;
+    }
+
+    /// <summary>Distinct module names (last path segments first) ordered by edit distance to the pattern.</summary>
+    static string Nearest(string pattern, IReadOnlyList<LinearLayer> layers)
+    {
+        var p = pattern.StartsWith(LoraConfig.RegexPrefix, StringComparison.Ordinal) ? pattern[LoraConfig.RegexPrefix.Length..] : pattern;
+        var candidates = layers.Select(l => l.Module.Split('.')[^1]).Concat(layers.Select(l => l.Module)).Distinct()
+            .OrderBy(c => Distance(p, c)).ThenBy(c => c.Length).Take(8).ToList();
+        return string.Join(", ", candidates) + $" ({layers.Count} modules in all)";
+    }
+
+    /// <summary>Levenshtein distance.</summary>
+    internal static int Distance(string a, string b)
+    {
+        var prev = new int[b.Length + 1];
+        var cur = new int[b.Length + 1];
+        for (int j = 0; j <= b.Length; j++) prev[j] = j;
+        for (int i = 1; i <= a.Length; i++)
+        {
+            cur[0] = i;
+            for (int j = 1; j <= b.Length; j++)
+                cur[j] = Math.Min(Math.Min(cur[j - 1] + 1, prev[j] + 1), prev[j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1));
+            (prev, cur) = (cur, prev);
+        }
+        return prev[b.Length];
+    }
+}
