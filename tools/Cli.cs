@@ -1,3 +1,4 @@
+using OnnxLora.Tools.Commands;
 using Spectre.Console;
 using Spectre.Console.Cli;
 
@@ -15,6 +16,7 @@ public static class Cli
             if (console is not null) c.ConfigureConsole(console);
             c.SetExceptionHandler((e, _) => Fail(e, console ?? AnsiConsole.Console));
             // verbs: one registration each, in the order `onnxlora --help` lists them
+            c.AddBranch("model", m => { m.SetDescription("GPT models as ONNX"); m.AddCommand<ModelBuildCommand>("build").WithDescription(ModelBuildCommand.Description).WithExample("model", "build", "--preset", "tiny", "--out", "tiny.onnx"); });
         });
         return app.Run(args);
     }
