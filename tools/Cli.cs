@@ -15,6 +15,8 @@ public static class Cli
             if (console is not null) c.ConfigureConsole(console);
             c.SetExceptionHandler((e, _) => Fail(e, console ?? AnsiConsole.Console));
             // verbs: one registration each, in the order `onnxlora --help` lists them
+            c.AddCommand<Commands.InspectCommand>("inspect").WithDescription("Show a model's inputs, operators, parameters and LoRA-able weight MatMul/Gemm nodes.");
+            c.AddCommand<Commands.RewriteCommand>("rewrite").WithDescription("Add LoRA branches: writes DIR/model.onnx (training view), DIR/deploy.onnx and DIR/lora_config.json.");
         });
         return app.Run(args);
     }

@@ -86,10 +86,12 @@ public static partial class LinearLayers
         {
             long rows = init.Dims[0], cols = init.Dims[1];
             long @in = storedT ? cols : rows, @out = storedT ? rows : cols;
-            var module = Unique(modules, ModuleName(weight, g.Producer(uses[0].Output)!));
             var own = new HashSet<string>(uses.Select(u => u.Node).Concat(uses.SelectMany(u => u.Chain)));
             var sharedWith = g.Consumers(weight).Where(c => !own.Contains(NodeName(c))).Select(c => c.Describe()).ToList();
             bool tied = g.Consumers(weight).Any(c => c.OpType == "Gather");
+            // a tied head's initializer is named for the embedding ("transformer.wte.weight"): its node scope ("lm_head") says more
+            var firstNode = g.Producer(uses[0].Output)!;
+            var module = Unique(modules, tied && ScopePath(firstNode.Name) is { Length: > 0 } scope ? scope : ModuleName(weight, firstNode));
             // vocabulary-sized only counts for the last linear: a tiny model's MLP can be as wide as its vocabulary
             bool last = ReferenceEquals(uses, groups[^1].Uses);
             bool head = tied || (last && vocab is long v && @out == v) || uses.Any(u => ReachesGraphOutput(g, u.Output));
@@ -212,17 +214,21 @@ public static partial class LinearLayers
         }
     }
 
-    /// <summary>Rows of the token embedding: a Gather on a 2-D initializer indexed (through casts) by a graph input.</summary>
+    /// <summary>
+    /// Rows of the token embedding: the largest 2-D initializer that a Gather indexes by a graph input (through casts);
+    /// the largest, because position embeddings are indexed by a graph input too.
+    /// </summary>
     static long? TokenEmbeddingRows(GraphEditor g, HashSet<string> inputs)
     {
+        long? rows = null;
         foreach (var n in g.Nodes.Where(n => n.OpType == "Gather" && n.Input.Count == 2))
         {
             if (g.Initializer(n.Input[0]) is not { Dims.Count: 2 } table) continue;
             var idx = n.Input[1];
             while (g.Producer(idx) is { OpType: "Cast" or "Identity" or "Unsqueeze" or "Reshape" } p) idx = p.Input[0];
-            if (inputs.Contains(idx)) return table.Dims[0];
+            if (inputs.Contains(idx) && table.Dims[0] > (rows ?? 0)) rows = table.Dims[0];
         }
-        return null;
+        return rows;
     }
 
     /// <summary>Whether a value reaches a graph output through shape ops and bias adds only (Add of an initializer, Reshape, Cast, …).</summary>

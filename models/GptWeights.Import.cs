@@ -1,0 +1,108 @@
+namespace OnnxLora.Models;
+
+public sealed partial class GptWeights
+{
+    static readonly string[] FloatDTypes = ["F32", "F16", "BF16", "F64"];
+
+    /// <summary>
+    /// Reads a Hugging Face GPT-2 <c>model.safetensors</c> (GPT2LMHeadModel names with the <c>transformer.</c> prefix,
+    /// or GPT2Model names without it). Vocabulary, context, width, layers and <c>c_attn</c> bias are read from the
+    /// shapes; the head count comes from <paramref name="config"/> or, without one, from the preset of the same width.
+    /// With a <paramref name="config"/> every shape must match it. Every expected tensor's name, dtype (F32, F16,
+    /// BF16 or F64, converted to float32) and shape is checked before anything is copied; errors name the file and
+    /// the tensor. The causal-mask buffers (<c>attn.bias</c>, <c>attn.masked_bias</c>) are skipped, and a
+    /// <c>lm_head.weight</c> is accepted only as a tied copy of <c>wte</c>.
+    /// </summary>
+    /// <exception cref="FileNotFoundException">No file at <paramref name="path"/>.</exception>
+    /// <exception cref="InvalidDataException">Not a safetensors file, or not a GPT-2 checkpoint of the expected shape.</exception>
+    public static GptWeights FromSafeTensors(string path, GptConfig? config = null)
+    {
+        ArgumentNullException.ThrowIfNull(path);
+        config?.Validate();
+        var (raw, _) = SafeTensorsFile.Read(path);
+        bool prefixed = raw.Keys.Any(k => k.StartsWith(GptLayout.Prefix, StringComparison.Ordinal));
+        string InFile(string fullName) => prefixed ? fullName : fullName[GptLayout.Prefix.Length..];
+        InvalidDataException Error(string message) =>
+            new($"{path}: {message}. Is this a Hugging Face GPT-2 model.safetensors?");
+
+        // 1. Names: one canonical (prefixed) name per parameter; buffers and the tied head set aside.
+        var byName = new Dictionary<string, (string Key, SafeTensor Tensor)>(StringComparer.Ordinal);
+        (string Key, SafeTensor Tensor)? lmHead = null;
+        var blocks = new SortedSet<int>();
+        foreach (var (key, tensor) in raw)
+        {
+            if (key == GptLayout.LmHead) { lmHead = (key, tensor); continue; }
+            var local = key.StartsWith(GptLayout.Prefix, StringComparison.Ordinal) ? key[GptLayout.Prefix.Length..] : key;
+            var block = BlockName().Match(local);
+            if (block.Success)
+            {
+                if (GptLayout.IgnoredBlockBuffers.Contains(block.Groups[2].Value)) continue;
+                blocks.Add(int.Parse(block.Groups[1].Value));
+            }
+            if (!byName.TryAdd(GptLayout.Prefix + local, (key, tensor)))
+                throw Error($"tensors '{byName[GptLayout.Prefix + local].Key}' and '{key}' are the same parameter");
+        }
+
+        // 2. Shape: from the embeddings and the block count, unless a config was given.
+        if (config is null)
+        {
+            var wte = Expect2D(GptLayout.TokenEmbedding, "[vocab, width]");
+            var wpe = Expect2D(GptLayout.PositionEmbedding, "[context, width]");
+            if (blocks.Count == 0) throw Error("no transformer blocks (no 'h.0.…' tensors)");
+            int width = checked((int)wte.Shape[1]);
+            var preset = GptConfig.PresetWithWidth(width)
+                ?? throw Error($"width {width} ('{InFile(GptLayout.TokenEmbedding)}' {Show(wte.Shape)}) matches no preset, so the head count is unknown; pass a GptConfig with Heads");
+            bool qkvBias = byName.ContainsKey(GptLayout.Block(0, "attn.c_attn.bias"));
+            config = new GptConfig(checked((int)wte.Shape[0]), checked((int)wpe.Shape[0]), width, preset.Heads, blocks.Max + 1,
+                                   preset.LayerNormEpsilon, qkvBias);
+        }
+
+        // 3. Assert every expected tensor (name, dtype, shape) and nothing else, before copying anything.
+        var layout = GptLayout.Tensors(config);
+        var missing = layout.Where(t => !byName.ContainsKey(t.Name)).Select(t => InFile(t.Name)).ToList();
+        if (missing.Count > 0)
+            throw Error($"missing tensor '{missing[0]}'{(missing.Count > 1 ? $" and {missing.Count - 1} more" : "")} for {config} " +
+                        $"(the file has {byName.Count} parameter tensors, {layout.Count} expected)");
+        foreach (var (name, shape) in layout)
+        {
+            var (key, tensor) = byName[name];
+            if (!FloatDTypes.Contains(tensor.DType))
+                throw Error($"tensor '{key}' has dtype {tensor.DType}; expected one of {string.Join(", ", FloatDTypes)}");
+            if (tensor.Shape.SequenceEqual(shape)) continue;
+            bool transposed = GptLayout.IsConv1DWeight(name) && tensor.Shape.SequenceEqual(shape.Reverse());
+            throw Error($"tensor '{key}' has shape {Show(tensor.Shape)}, {config} needs {Show(shape)}" +
+                        (transposed ? " (it looks like nn.Linear [out, in] layout; GPT-2's Conv1D weights are [in, out])" : ""));
+        }
+        var expected = layout.Select(t => t.Name).ToHashSet();
+        var unexpected = byName.Where(kv => !expected.Contains(kv.Key)).Select(kv => kv.Value.Key).ToList();
+        if (unexpected.Count > 0)
+            throw Error($"unexpected tensor '{unexpected[0]}'{(unexpected.Count > 1 ? $" and {unexpected.Count - 1} more" : "")} for {config}");
+        float[]? tiedHead = null;
+        if (lmHead is var (headKey, head))
+        {
+            var wteTensor = byName[GptLayout.TokenEmbedding].Tensor;
+            if (!head.Shape.SequenceEqual(wteTensor.Shape) || !FloatDTypes.Contains(head.DType))
+                throw Error($"tensor '{headKey}' ({head.DType} {Show(head.Shape)}) is not a tied copy of '{InFile(GptLayout.TokenEmbedding)}' {Show(wteTensor.Shape)}");
+            tiedHead = head.ToFloats();
+        }
+
+        // 4. Copy, dropping each file buffer once converted so a large checkpoint is not held twice.
+        var tensors = new Dictionary<string, WeightTensor>(layout.Count, StringComparer.Ordinal);
+        foreach (var (name, shape) in layout)
+        {
+            tensors[name] = new WeightTensor(shape, byName[name].Tensor.ToFloats());
+            raw.Remove(byName[name].Key);
+            byName.Remove(name);
+        }
+        if (tiedHead is not null && !tiedHead.AsSpan().SequenceEqual(tensors[GptLayout.TokenEmbedding].Values))
+            throw Error($"tensor '{GptLayout.LmHead}' differs from '{InFile(GptLayout.TokenEmbedding)}'; only GPT-2's tied LM head is supported");
+        return new GptWeights(config, tensors);
+
+        SafeTensor Expect2D(string name, string what)
+        {
+            if (!byName.TryGetValue(name, out var entry)) throw Error($"missing tensor '{InFile(name)}' {what}");
+            if (entry.Tensor.Shape.Length != 2) throw Error($"tensor '{entry.Key}' has shape {Show(entry.Tensor.Shape)}, expected {what}");
+            return entry.Tensor;
+        }
+    }
+}
