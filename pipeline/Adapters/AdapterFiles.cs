@@ -48,6 +48,35 @@ public static class AdapterFiles
     }
 
     /// <summary>
+    /// The one place that turns what a user points at into an adapter and its rewrite folder: SOURCE is an
+    /// <c>.onnx_adapter</c> file or a PEFT folder, and <paramref name="rewriteDir"/> (--model) the 'onnxlora rewrite' output
+    /// it belongs to (lora_config.json, model.onnx, deploy.onnx). When <paramref name="rewriteDir"/> is null, SOURCE's own
+    /// folder is used if it holds lora_config.json. (Training run folders will be read here too.)
+    /// </summary>
+    public static (LoraAdapter Adapter, string RewriteDir) ReadSource(string source, string? rewriteDir)
+    {
+        ArgumentNullException.ThrowIfNull(source);
+        if (!File.Exists(source) && !Directory.Exists(source)) throw new FileNotFoundException($"{source}: no such adapter file or folder", source);
+        rewriteDir ??= new[] { source, Path.GetDirectoryName(Path.GetFullPath(source)) }
+            .FirstOrDefault(d => d is not null && File.Exists(Path.Combine(d, LoraManifest.FileName)))
+            ?? throw new ArgumentException($"{source}: which model does this adapter belong to? Give --model DIR, the 'onnxlora rewrite' output folder (with {LoraManifest.FileName})");
+        var manifest = LoraManifest.Load(Path.Combine(rewriteDir, LoraManifest.FileName));
+        return (Read(source, manifest), rewriteDir);
+    }
+
+    /// <summary>
+    /// Bytes an <see cref="Deployment.AdapterHost"/> loads: an <c>.onnx_adapter</c> file as is, or a PEFT folder converted
+    /// with <paramref name="manifest"/> (needed for PEFT only).
+    /// </summary>
+    public static byte[] DeployableBytes(string path, LoraManifest? manifest)
+    {
+        if (File.Exists(path) && Path.GetFileName(path) != PeftAdapter.WeightsFile) return File.ReadAllBytes(path);
+        if (manifest is null)
+            throw new ArgumentException($"{path}: a PEFT adapter needs the rewrite's {LoraManifest.FileName} to map its modules; give --model the rewrite folder, or convert it with 'onnxlora export --format onnx-adapter'");
+        return OnnxAdapterFile.Serialize(OnnxAdapterFile.DeployableParameters(Read(path, manifest)));
+    }
+
+    /// <summary>
     /// Writes <paramref name="adapter"/> in <paramref name="format"/> to <paramref name="outPath"/> (a file, or a folder
     /// for PEFT). <paramref name="rewriteDir"/> (the rewrite output with model.onnx / deploy.onnx) is needed for
     /// <see cref="AdapterFormat.Merged"/> and to check an <c>.onnx_adapter</c> against deploy.onnx.
