@@ -40,7 +40,9 @@ public sealed class ShapeInference
         var g = model.Graph;
         var declared = g.ValueInfo.Concat(g.Output).Concat(g.Input).GroupBy(v => v.Name).ToDictionary(x => x.Key, x => x.First());
         foreach (var i in g.Input) s._shapes[i.Name] = new ValueShape(ValueInfos.ElemType(i), ValueInfos.Dims(i));
-        foreach (var t in g.Initializer) s.SetTensor(t.Name, t);
+        var inputs = g.Input.Select(i => i.Name).ToHashSet();
+        // an initializer that is also a graph input is a default: its shape holds, its values do not
+        foreach (var t in g.Initializer) if (inputs.Contains(t.Name)) s._shapes[t.Name] = Merge(new ValueShape(t.DataType, t.Dims.Select(d => new Dim(d)).ToArray()), g.Input.First(i => i.Name == t.Name)); else s.SetTensor(t.Name, t);
         foreach (var n in new GraphEditor(model).TopologicalOrder())
         {
             ValueShape?[] outs;
