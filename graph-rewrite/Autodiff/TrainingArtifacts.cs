@@ -261,7 +261,9 @@ public sealed class TrainingArtifacts
                 editor.AddOutput(ValueInfos.Tensor(logitsOut, (int)DataType.Float, logitsDims));
                 _roles[logitsOut] = ("logits", null);
             }
-            foreach (var p in _params) editor.AddInput(ValueInfos.Tensor(p.Name, DataType.Float, p.Shape.Select(d => new Dim(d)).ToArray()));
+            // LoRA parameters are inputs of the view already; a head's parameters are new
+            foreach (var p in _params.Where(p => !editor.IsGraphInput(p.Name)))
+                editor.AddInput(ValueInfos.Tensor(p.Name, DataType.Float, p.Shape.Select(d => new Dim(d)).ToArray()));
             if (train) AddBackward(m, ce);
             var final = new GraphEditor(m);
             final.RemoveDeadNodes();

@@ -160,7 +160,15 @@ public sealed class ShapeInference
                 for (int i = 0; i < rank; i++) dims.Add(at.Contains(i) ? new Dim(1) : d[j++]);
                 return One(Shape(t0, dims));
             }
-            case "Slice": return One(Shape(t0, SliceDims(n, x?.Dims)));
+            case "Slice":
+                if (Val(n, 0) is { } slv && Ints(n, 1) is [var ss] && Ints(n, 2) is [var se]
+                    && (n.InputOrNull(3) is null || Ints(n, 3) is [0] or [-1]) && (n.InputOrNull(4) is null || Ints(n, 4) is [1]))
+                {
+                    int len = slv.Length;
+                    long lo = Math.Clamp(ss < 0 ? ss + len : ss, 0, len), hi = Math.Clamp(se < 0 ? se + len : se, 0, len);
+                    _values[n.Output[0]] = slv[(int)lo..(int)Math.Max(lo, hi)];
+                }
+                return One(Shape(t0, SliceDims(n, x?.Dims)));
             case "Split": return SplitShapes(n, x);
             case "Concat":
             {
