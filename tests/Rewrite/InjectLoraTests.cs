@@ -1,6 +1,7 @@
 using Onnx;
 using OnnxLora.GraphRewrite.Lora;
 using OnnxLora.GraphRewrite.Onnx;
+using OnnxLora.Models;
 using static OnnxLora.Tests.Rewrite.RewriteTestModels;
 
 namespace OnnxLora.Tests.Rewrite;
@@ -12,6 +13,7 @@ public class InjectLoraTests
     {
         yield return new TestCaseData("kitchen-sink").SetArgDisplayNames("kitchen-sink");
         yield return new TestCaseData("mlp").SetArgDisplayNames("mlp");
+        yield return new TestCaseData("tiny").SetArgDisplayNames("tiny (our builder)");
         foreach (var f in FixtureFiles()) yield return new TestCaseData(f).SetArgDisplayNames(Path.GetFileName(f));
     }
 
@@ -19,6 +21,7 @@ public class InjectLoraTests
     {
         "kitchen-sink" => KitchenSink(),
         "mlp" => Mlp(),
+        "tiny" => GptBuilder.Build(GptConfig.Preset("tiny"), GptWeights.Random(GptConfig.Preset("tiny"), seed: 1)),
         _ => OnnxFile.Load(which),
     };
 
