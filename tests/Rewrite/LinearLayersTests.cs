@@ -16,6 +16,7 @@ public class LinearLayersTests
         ("blocks.0.mlp.c_proj", 16, 8, true, false, false, 1),    // Gemm transB
         ("blocks.1.ff.0", 8, 8, false, false, true, 2),           // one initializer, two MatMuls
         ("blocks.1.proj", 8, 8, false, false, false, 1),          // float16 behind a Cast
+        ("blocks.2.fused", 8, 8, true, false, false, 1),          // FusedMatMul transB
         ("lm_head", 8, 12, true, true, true, 1),                  // tied to the embedding Gather
     ];
 
