@@ -1,3 +1,6 @@
+using System.Text.Json;
+using System.Text.Json.Nodes;
+
 namespace OnnxLora.Models;
 
 public sealed partial class GptWeights
@@ -7,7 +10,9 @@ public sealed partial class GptWeights
     /// <summary>
     /// Reads a Hugging Face GPT-2 <c>model.safetensors</c> (GPT2LMHeadModel names with the <c>transformer.</c> prefix,
     /// or GPT2Model names without it). Vocabulary, context, width, layers and <c>c_attn</c> bias are read from the
-    /// shapes; the head count comes from <paramref name="config"/> or, without one, from the preset of the same width.
+    /// shapes; the head count (and LayerNorm epsilon) from <paramref name="config"/>, or without one from the Hugging
+    /// Face <c>config.json</c> beside the file (<c>n_head</c>, <c>layer_norm_epsilon</c>), or else from the preset of
+    /// the same width.
     /// With a <paramref name="config"/> every shape must match it. Every expected tensor's name, dtype (F32, F16,
     /// BF16 or F64, converted to float32) and shape is checked before anything is copied; errors name the file and
     /// the tensor. The causal-mask buffers (<c>attn.bias</c>, <c>attn.masked_bias</c>) are skipped, and a
@@ -50,11 +55,16 @@ public sealed partial class GptWeights
             var wpe = Expect2D(GptLayout.PositionEmbedding, "[context, width]");
             if (blocks.Count == 0) throw Error("no transformer blocks (no 'h.0.…' tensors)");
             int width = checked((int)wte.Shape[1]);
-            var preset = GptConfig.PresetWithWidth(width)
-                ?? throw Error($"width {width} ('{InFile(GptLayout.TokenEmbedding)}' {Show(wte.Shape)}) matches no preset, so the head count is unknown; pass a GptConfig with Heads");
+            // the head count is not in any shape: a Hugging Face config.json beside the file says it, else the preset of that width
+            var (heads, epsilon) = ReadHfConfig(path)
+                ?? (GptConfig.PresetWithWidth(width) is { } preset ? (preset.Heads, preset.LayerNormEpsilon)
+                    : throw Error($"width {width} ('{InFile(GptLayout.TokenEmbedding)}' {Show(wte.Shape)}) matches no preset and there is no config.json beside it, so the head count is unknown; pass a GptConfig with Heads"));
             bool qkvBias = byName.ContainsKey(GptLayout.Block(0, "attn.c_attn.bias"));
-            config = new GptConfig(checked((int)wte.Shape[0]), checked((int)wpe.Shape[0]), width, preset.Heads, blocks.Max + 1,
-                                   preset.LayerNormEpsilon, qkvBias);
+            try
+            {
+                config = new GptConfig(checked((int)wte.Shape[0]), checked((int)wpe.Shape[0]), width, heads, blocks.Max + 1, epsilon, qkvBias);
+            }
+            catch (ArgumentException e) { throw Error(e.Message); }
         }
 
         // 3. Assert every expected tensor (name, dtype, shape) and nothing else, before copying anything.
@@ -98,6 +108,22 @@ public sealed partial class GptWeights
         if (tiedHead is not null && !tiedHead.AsSpan().SequenceEqual(tensors[GptLayout.TokenEmbedding].Values))
             throw Error($"tensor '{GptLayout.LmHead}' differs from '{InFile(GptLayout.TokenEmbedding)}'; only GPT-2's tied LM head is supported");
         return new GptWeights(config, tensors);
+
+        (int Heads, double Epsilon)? ReadHfConfig(string weightsPath)
+        {
+            var file = Path.Combine(Path.GetDirectoryName(Path.GetFullPath(weightsPath))!, "config.json");
+            if (!File.Exists(file)) return null;
+            try
+            {
+                var json = JsonNode.Parse(File.ReadAllText(file))?.AsObject();
+                if (json?["n_head"] is not { } heads) return null;
+                return (heads.GetValue<int>(), json["layer_norm_epsilon"]?.GetValue<double>() ?? 1e-5);
+            }
+            catch (Exception e) when (e is JsonException or InvalidOperationException or FormatException)
+            {
+                throw new InvalidDataException($"{file}: cannot read n_head/layer_norm_epsilon ({e.Message}); fix it or pass a GptConfig", e);
+            }
+        }
 
         SafeTensor Expect2D(string name, string what)
         {

@@ -41,7 +41,7 @@ public class GptBuilderTests
             double diff = Math.Abs(actual[i] - expected[i]);
             if (!(diff <= worst)) { worst = diff; at = i; }
         }
-        TestContext.Out.WriteLine($"{what}: max |ORT − reference| = {worst:E2} at {at} (tolerance {tolerance:E0})");
+        TestContext.Out.WriteLine($"{what}: max |actual − expected| = {worst:E2} at {at} (tolerance {tolerance:E0})");
         Assert.That(worst, Is.LessThanOrEqualTo(tolerance), $"{what}: logit {at} is {actual[at]}, reference {expected[at]}");
     }
 

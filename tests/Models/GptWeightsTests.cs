@@ -253,6 +253,19 @@ public class GptWeightsTests
     }
 
     [Test]
+    public void HeadCountComesFromConfigJsonBesideTheFile()
+    {
+        using var dir = new TempDir();
+        var config = new GptConfig(100, 16, 24, 3, 1, LayerNormEpsilon: 1e-6);
+        GptWeights.Random(config).SaveSafeTensors(dir.File("model.safetensors"));
+        File.WriteAllText(dir.File("config.json"), """{"model_type": "gpt2", "n_head": 3, "n_embd": 24, "layer_norm_epsilon": 1e-06}""");
+        Assert.That(GptWeights.FromSafeTensors(dir.File("model.safetensors")).Config, Is.EqualTo(config));
+        File.WriteAllText(dir.File("config.json"), """{"n_head": 5}""");
+        Assert.That(() => GptWeights.FromSafeTensors(dir.File("model.safetensors")),
+                    Throws.InstanceOf<InvalidDataException>().With.Message.Contains("divisible by Heads (5)"));
+    }
+
+    [Test]
     public void UnknownWidthAsksForAConfig()
     {
         using var dir = new TempDir();
