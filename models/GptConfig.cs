@@ -36,7 +36,7 @@ public sealed record GptConfig(int VocabSize, int ContextLength, int EmbedDim, i
         ArgumentNullException.ThrowIfNull(name);
         foreach (var (n, c) in Presets)
             if (string.Equals(n, name, StringComparison.OrdinalIgnoreCase)) return c;
-        throw new ArgumentException($"unknown GPT preset '{name}'; valid presets: {string.Join(", ", PresetNames)}", nameof(name));
+        throw new ArgumentException($"unknown GPT preset '{name}'; valid presets: {string.Join(", ", PresetNames)}");
     }
 
     /// <summary>The name of the preset equal to this config, or null.</summary>
@@ -79,7 +79,7 @@ public sealed record GptConfig(int VocabSize, int ContextLength, int EmbedDim, i
     {
         static void Positive(int value, string field)
         {
-            if (value <= 0) throw new ArgumentException($"GptConfig.{field} must be positive, got {value}", field);
+            if (value <= 0) throw new ArgumentException($"GptConfig.{field} must be positive, got {value}");
         }
         Positive(vocabSize, nameof(VocabSize));
         Positive(contextLength, nameof(ContextLength));
@@ -87,9 +87,9 @@ public sealed record GptConfig(int VocabSize, int ContextLength, int EmbedDim, i
         Positive(heads, nameof(Heads));
         Positive(layers, nameof(Layers));
         if (embedDim % heads != 0)
-            throw new ArgumentException($"GptConfig.EmbedDim ({embedDim}) must be divisible by Heads ({heads})", nameof(Heads));
+            throw new ArgumentException($"GptConfig.EmbedDim ({embedDim}) must be divisible by Heads ({heads})");
         if (!(layerNormEpsilon > 0) || double.IsInfinity(layerNormEpsilon))
-            throw new ArgumentException($"GptConfig.LayerNormEpsilon must be a positive finite number, got {layerNormEpsilon}", nameof(LayerNormEpsilon));
+            throw new ArgumentException($"GptConfig.LayerNormEpsilon must be a positive finite number, got {layerNormEpsilon}");
         // every weight lives in one float[]; the largest are wte [vocab, d], wpe [ctx, d] and the MLP's [d, 4d]
         if ((long)vocabSize * embedDim > Array.MaxLength || (long)contextLength * embedDim > Array.MaxLength || 4L * embedDim * embedDim > Array.MaxLength)
             throw new ArgumentException($"GptConfig: vocabulary {vocabSize}, context {contextLength} and width {embedDim} make a weight too large for one array");

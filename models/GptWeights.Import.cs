@@ -59,13 +59,11 @@ public sealed partial class GptWeights
 
         // 3. Assert every expected tensor (name, dtype, shape) and nothing else, before copying anything.
         var layout = GptLayout.Tensors(config);
-        var missing = layout.Where(t => !byName.ContainsKey(t.Name)).Select(t => InFile(t.Name)).ToList();
-        if (missing.Count > 0)
-            throw Error($"missing tensor '{missing[0]}'{(missing.Count > 1 ? $" and {missing.Count - 1} more" : "")} for {config} " +
-                        $"(the file has {byName.Count} parameter tensors, {layout.Count} expected)");
+        var missing = new List<string>();
         foreach (var (name, shape) in layout)
         {
-            var (key, tensor) = byName[name];
+            if (!byName.TryGetValue(name, out var entry)) { missing.Add(InFile(name)); continue; }
+            var (key, tensor) = entry;
             if (!FloatDTypes.Contains(tensor.DType))
                 throw Error($"tensor '{key}' has dtype {tensor.DType}; expected one of {string.Join(", ", FloatDTypes)}");
             if (tensor.Shape.SequenceEqual(shape)) continue;
@@ -73,6 +71,9 @@ public sealed partial class GptWeights
             throw Error($"tensor '{key}' has shape {Show(tensor.Shape)}, {config} needs {Show(shape)}" +
                         (transposed ? " (it looks like nn.Linear [out, in] layout; GPT-2's Conv1D weights are [in, out])" : ""));
         }
+        if (missing.Count > 0)
+            throw Error($"missing tensor '{missing[0]}'{(missing.Count > 1 ? $" and {missing.Count - 1} more" : "")} for {config} " +
+                        $"(the file has {byName.Count} parameter tensors, {layout.Count} expected)");
         var expected = layout.Select(t => t.Name).ToHashSet();
         var unexpected = byName.Where(kv => !expected.Contains(kv.Key)).Select(kv => kv.Value.Key).ToList();
         if (unexpected.Count > 0)

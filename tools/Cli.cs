@@ -1,3 +1,4 @@
+using OnnxLora.Tools.Commands;
 using Spectre.Console;
 using Spectre.Console.Cli;
 
@@ -15,8 +16,13 @@ public static class Cli
             if (console is not null) c.ConfigureConsole(console);
             c.SetExceptionHandler((e, _) => Fail(e, console ?? AnsiConsole.Console));
             // verbs: one registration each, in the order `onnxlora --help` lists them
+            c.AddBranch("model", m => { m.SetDescription("GPT models as ONNX"); m.AddCommand<ModelBuildCommand>("build").WithDescription(ModelBuildCommand.Description).WithExample("model", "build", "--preset", "tiny", "--out", "tiny.onnx"); });
             c.AddCommand<Commands.InspectCommand>("inspect").WithDescription("Show a model's inputs, operators, parameters and LoRA-able weight MatMul/Gemm nodes.");
             c.AddCommand<Commands.RewriteCommand>("rewrite").WithDescription("Add LoRA branches: writes DIR/model.onnx (training view), DIR/deploy.onnx and DIR/lora_config.json.");
+            c.AddCommand<Commands.ExportCommand>("export").WithDescription("Export an adapter as .onnx_adapter (ONNX Runtime), a PEFT folder, or a merged .onnx.");
+            c.AddCommand<Commands.MergeCommand>("merge").WithDescription("Fold an adapter into the base weights: a plain .onnx for any ONNX Runtime.");
+            c.AddCommand<Commands.GenerateCommand>("generate").WithDescription("Generate text with the deployable model and adapters (no KV cache: O(n²) in the length).");
+            c.AddCommand<Commands.ClassifyCommand>("classify").WithDescription("Classify text with the deployable model and adapters: label and probabilities.");
         });
         return app.Run(args);
     }

@@ -159,6 +159,21 @@ public sealed class GraphEditor
         return output;
     }
 
+    /// <summary>
+    /// Names a node's optional output <paramref name="index"/> (e.g. LayerNormalization's Mean) when it is absent,
+    /// padding skipped outputs with "", and returns the output's name.
+    /// </summary>
+    public string EnsureNodeOutput(NodeProto node, int index, string hint)
+    {
+        while (node.Output.Count <= index) node.Output.Add("");
+        if (node.Output[index].Length == 0)
+        {
+            node.Output[index] = UniqueName(hint);
+            _producer[node.Output[index]] = node;
+        }
+        return node.Output[index];
+    }
+
     /// <summary>Adds an initializer; its name must be free.</summary>
     public TensorProto AddInitializer(TensorProto tensor)
     {

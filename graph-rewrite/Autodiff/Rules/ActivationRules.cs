@@ -1,0 +1,130 @@
+using OnnxLora.GraphRewrite.Onnx;
+
+namespace OnnxLora.GraphRewrite.Autodiff.Rules;
+
+/// <summary>Y = tanh X  ⇒  dX = dY·(1 − Y²).</summary>
+sealed class TanhRule : IGradientRule
+{
+    public void Build(GradientContext g)
+    {
+        string y = g.Output(0);
+        g.SetInputGrad(0, g.Mul(g.OutputGrad(0)!, g.Sub(g.Scalar(1, y), g.Mul(y, y))));
+    }
+}
+
+/// <summary>Y = erf X  ⇒  dX = dY·(2/√π)·e^(−X²).</summary>
+sealed class ErfRule : IGradientRule
+{
+    public void Build(GradientContext g)
+    {
+        string x = g.Input(0);
+        var e = g.Op("Exp", [g.Neg(g.Mul(x, x))]);
+        g.SetInputGrad(0, g.Mul(g.OutputGrad(0)!, g.Mul(e, g.Scalar(2 / Math.Sqrt(Math.PI), x))));
+    }
+}
+
+/// <summary>Y = σ(X)  ⇒  dX = dY·Y·(1 − Y).</summary>
+sealed class SigmoidRule : IGradientRule
+{
+    public void Build(GradientContext g)
+    {
+        string y = g.Output(0);
+        g.SetInputGrad(0, g.Mul(g.OutputGrad(0)!, g.Mul(y, g.Sub(g.Scalar(1, y), y))));
+    }
+}
+
+/// <summary>Y = max(X, 0)  ⇒  dX = where(X > 0, dY, 0).</summary>
+sealed class ReluRule : IGradientRule
+{
+    public void Build(GradientContext g)
+    {
+        string x = g.Input(0);
+        g.SetInputGrad(0, g.Op("Where", [g.Op("Greater", [x, g.Scalar(0, x)]), g.OutputGrad(0)!, g.Scalar(0, x)]));
+    }
+}
+
+/// <summary>
+/// Gelu (opset 20 and com.microsoft). Exact: Y = x·Φ(x)  ⇒  dX = dY·(Φ(x) + x·φ(x)), φ(x) = e^(−x²/2)/√(2π).
+/// approximate="tanh": Y = ½x(1 + t), t = tanh(u), u = √(2/π)(x + 0.044715x³)
+///   ⇒  dX = dY·(½(1 + t) + ½x(1 − t²)·√(2/π)(1 + 3·0.044715x²)).
+/// </summary>
+sealed class GeluRule : IGradientRule
+{
+    public void Build(GradientContext g)
+    {
+        string x = g.Input(0);
+        string S(double v) => g.Scalar(v, x);
+        string dydx;
+        if (g.Node.GetString("approximate", "none") == "tanh")
+        {
+            var x2 = g.Mul(x, x);
+            var u = g.Mul(S(Math.Sqrt(2 / Math.PI)), g.Add(x, g.Mul(S(0.044715), g.Mul(x2, x))));
+            var t = g.Op("Tanh", [u]);
+            var du = g.Mul(S(Math.Sqrt(2 / Math.PI)), g.Add(S(1), g.Mul(S(3 * 0.044715), x2)));
+            var left = g.Mul(S(0.5), g.Add(S(1), t));
+            var right = g.Mul(g.Mul(S(0.5), x), g.Mul(g.Sub(S(1), g.Mul(t, t)), du));
+            dydx = g.Add(left, right);
+        }
+        else
+        {
+            var cdf = g.Mul(S(0.5), g.Add(S(1), g.Op("Erf", [g.Mul(x, S(1 / Math.Sqrt(2)))])));
+            var pdf = g.Mul(S(1 / Math.Sqrt(2 * Math.PI)), g.Op("Exp", [g.Mul(g.Mul(x, x), S(-0.5))]));
+            dydx = g.Add(cdf, g.Mul(x, pdf));
+        }
+        g.SetInputGrad(0, g.Mul(g.OutputGrad(0)!, dydx));
+    }
+}
+
+/// <summary>Y = softmax(X, a)  ⇒  dX = Y ⊙ (dY − Σₐ(dY ⊙ Y)).</summary>
+sealed class SoftmaxRule : IGradientRule
+{
+    public void Build(GradientContext g)
+    {
+        string y = g.Output(0), dy = g.OutputGrad(0)!;
+        var axis = SoftmaxAxis.Of(g);
+        var dot = g.ReduceSum(g.Mul(dy, y), [axis], keepDims: true);
+        g.SetInputGrad(0, g.Mul(y, g.Sub(dy, dot)));
+    }
+}
+
+/// <summary>Y = logsoftmax(X, a)  ⇒  dX = dY − e^Y ⊙ Σₐ dY.</summary>
+sealed class LogSoftmaxRule : IGradientRule
+{
+    public void Build(GradientContext g)
+    {
+        string y = g.Output(0), dy = g.OutputGrad(0)!;
+        var axis = SoftmaxAxis.Of(g);
+        g.SetInputGrad(0, g.Sub(dy, g.Mul(g.Op("Exp", [y]), g.ReduceSum(dy, [axis], keepDims: true))));
+    }
+}
+
+static class SoftmaxAxis
+{
+    // before opset 13 softmax flattens to 2-D at `axis`; that equals the per-axis form only on the last axis
+    public static long Of(GradientContext g)
+    {
+        if (g.Emit.Opset >= 13) return g.Node.GetInt("axis", -1);
+        int rank = g.RankOf(g.Input(0));
+        int axis = g.Axis(g.Node.GetInt("axis", 1), g.Input(0));
+        if (axis != rank - 1) throw new GradientException($"{g.Node.Describe()}: opset<13 {g.Node.OpType} over axes {axis}.. has no gradient rule");
+        return axis;
+    }
+}
+
+/// <summary>
+/// Dropout in training mode: Y = X ⊙ mask / (1 − r)  ⇒  dX = dY ⊙ mask / (1 − r), reusing the forward mask
+/// (added as the node's second output when absent). Without training_mode it is the identity.
+/// </summary>
+sealed class DropoutRule : IGradientRule
+{
+    public void Build(GradientContext g)
+    {
+        string x = g.Input(0), dy = g.OutputGrad(0)!;
+        var training = g.InputOrNull(2);
+        if (training is null || g.ConstInts(training) is [0]) { g.SetInputGrad(0, dy); return; }
+        var mask = g.CastTo(g.EnsureForwardOutput(1, g.Output(0) + "_mask"), g.ElemTypeOf(x));
+        var ratio = g.InputOrNull(1) is { } r ? g.CastTo(r, g.ElemTypeOf(x)) : g.Scalar(0.5, x);
+        var scale = g.Op("Where", [training, g.Div(g.Scalar(1, x), g.Sub(g.Scalar(1, x), ratio)), g.Scalar(1, x)]);
+        g.SetInputGrad(0, g.Mul(g.Mul(dy, mask), scale));
+    }
+}

@@ -1,0 +1,193 @@
+using System.Text.Json;
+using System.Text.Json.Nodes;
+using System.Text.RegularExpressions;
+using OnnxLora.GraphRewrite.Lora;
+using OnnxLora.GraphRewrite.Onnx;
+using OnnxLora.Models;
+
+namespace OnnxLora.Pipeline.Adapters;
+
+/// <summary>Options for <see cref="PeftAdapter.Write"/>.</summary>
+public sealed class PeftExportOptions
+{
+    /// <summary>base_model_name_or_path (e.g. "gpt2"); default: the manifest's base model path.</summary>
+    public string? BaseModelNameOrPath { get; init; }
+
+    /// <summary>task_type: "CAUSAL_LM" or "SEQ_CLS"; default: SEQ_CLS when the adapter has extra (head) tensors.</summary>
+    public string? TaskType { get; init; }
+
+    /// <summary>
+    /// fan_in_fan_out; default: true when every target is a GPT-2 Conv1D module (attn.c_attn, attn.c_proj, mlp.c_fc,
+    /// mlp.c_proj) whose weight is stored [in, out], as Hugging Face GPT-2 keeps it.
+    /// </summary>
+    public bool? FanInFanOut { get; init; }
+}
+
+/// <summary>
+/// Hugging Face PEFT's LoRA format: a folder with <c>adapter_model.safetensors</c> (<c>base_model.model.&lt;module&gt;.lora_A.weight</c>
+/// [r, in] and <c>.lora_B.weight</c> [out, r], B unscaled; trained heads as <c>base_model.model.&lt;module&gt;.&lt;param&gt;</c> listed in
+/// modules_to_save) and <c>adapter_config.json</c> (r, lora_alpha, target_modules, use_rslora, fan_in_fan_out, …).
+/// PEFT scales the branch by lora_alpha / r (lora_alpha / √r with use_rslora); OnnxLora's plain-alpha scaling is written
+/// as the lora_alpha that gives the same scale, per module through alpha_pattern where targets differ.
+/// </summary>
+public static class PeftAdapter
+{
+    public const string WeightsFile = "adapter_model.safetensors";
+    public const string ConfigFile = "adapter_config.json";
+    public const string Prefix = "base_model.model.";
+
+    /// <summary>Hugging Face GPT-2's Conv1D modules (weight stored [in, out]): the reason for fan_in_fan_out.</summary>
+    public static readonly IReadOnlyList<string> Gpt2Conv1DModules = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"];
+
+    /// <summary>Writes <paramref name="adapter"/> as a PEFT adapter folder (both files atomically).</summary>
+    public static void Write(string directory, LoraAdapter adapter, PeftExportOptions? options = null)
+    {
+        ArgumentNullException.ThrowIfNull(adapter);
+        options ??= new PeftExportOptions();
+        var m = adapter.Manifest;
+        if (m.Targets.Count == 0) throw new ArgumentException("the adapter has no targets: nothing to export");
+        Directory.CreateDirectory(directory);
+
+        var tensors = new List<KeyValuePair<string, SafeTensor>>();
+        foreach (var t in m.Targets)
+        {
+            var a = adapter.A(t).Transpose2D();          // [r, in]
+            var b = adapter.B(t).Transpose2D();          // [out, r]
+            tensors.Add(new($"{Prefix}{t.Module}.lora_A.weight", SafeTensor.FromFloats(a.Shape, a.Data)));
+            tensors.Add(new($"{Prefix}{t.Module}.lora_B.weight", SafeTensor.FromFloats(b.Shape, b.Data)));
+        }
+        foreach (var (name, x) in adapter.Extras) tensors.Add(new(Prefix + name, SafeTensor.FromFloats(x.Shape, x.Data)));
+
+        bool rs = m.Scaling == LoraScaling.RsLora;
+        // the lora_alpha that makes PEFT's scale equal to ours
+        double PeftAlpha(LoraTarget t) => rs ? t.Scale * Math.Sqrt(t.Rank) : t.Scale * t.Rank;
+        var alphas = m.Targets.GroupBy(PeftAlpha).OrderByDescending(g => g.Count()).ToList();
+        double loraAlpha = alphas[0].Key;
+        var rankPattern = new JsonObject();
+        var alphaPattern = new JsonObject();
+        foreach (var t in m.Targets)
+        {
+            if (t.Rank != m.Rank) rankPattern[t.Module] = t.Rank;
+            if (PeftAlpha(t) != loraAlpha) alphaPattern[t.Module] = PeftAlpha(t);
+        }
+        // module suffixes, PEFT's usual form (the manifest's own patterns may use OnnxLora's "re:"/"all-linear" forms)
+        var targetModules = m.Targets.Select(t => t.Module.Split('.')[^1]).Distinct().ToList();
+        var modulesToSave = adapter.Extras.Keys.Select(k => k.Contains('.') ? k[..k.LastIndexOf('.')] : k).Distinct().ToList();
+        bool fanInFanOut = options.FanInFanOut ?? m.Targets.All(t => !t.WeightTransposed && Gpt2Conv1DModules.Any(c => t.Module == c || t.Module.EndsWith("." + c, StringComparison.Ordinal)));
+
+        var config = new JsonObject
+        {
+            ["peft_type"] = "LORA",
+            ["task_type"] = options.TaskType ?? (adapter.Extras.Count > 0 ? "SEQ_CLS" : "CAUSAL_LM"),
+            ["base_model_name_or_path"] = options.BaseModelNameOrPath ?? m.BaseModel,
+            ["r"] = m.Rank,
+            ["lora_alpha"] = loraAlpha,
+            ["lora_dropout"] = m.Dropout,
+            ["use_rslora"] = rs,
+            ["fan_in_fan_out"] = fanInFanOut,
+            ["bias"] = "none",
+            ["target_modules"] = new JsonArray(targetModules.Select(s => (JsonNode?)JsonValue.Create(s)).ToArray()),
+            ["layers_to_transform"] = m.LayersToTransform is { } layers ? new JsonArray(layers.Select(l => (JsonNode?)JsonValue.Create(l)).ToArray()) : null,
+            ["modules_to_save"] = modulesToSave.Count > 0 ? new JsonArray(modulesToSave.Select(s => (JsonNode?)JsonValue.Create(s)).ToArray()) : null,
+            ["rank_pattern"] = rankPattern,
+            ["alpha_pattern"] = alphaPattern,
+            ["init_lora_weights"] = true,
+            ["inference_mode"] = true,
+        };
+        SafeTensorsFile.Write(Path.Combine(directory, WeightsFile), tensors, new Dictionary<string, string> { ["format"] = "pt" });
+        AtomicFile.WriteAllText(Path.Combine(directory, ConfigFile), config.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
+    }
+
+    /// <summary>True when <paramref name="path"/> is a folder holding a PEFT adapter.</summary>
+    public static bool IsPeftDirectory(string path) => Directory.Exists(path) && File.Exists(Path.Combine(path, WeightsFile));
+
+    /// <summary>
+    /// Reads a PEFT adapter folder as an adapter of <paramref name="manifest"/>: module names map to the manifest's targets,
+    /// every name and shape is checked, A and B are transposed to [in, r] and [r, out], and B is rescaled so that
+    /// our scale · A·B equals PEFT's (lora_alpha / r, or / √r, with rank_pattern and alpha_pattern). Other tensors become
+    /// extras (heads) under their model names.
+    /// </summary>
+    public static LoraAdapter Read(string directory, LoraManifest manifest)
+    {
+        var weightsPath = Path.Combine(directory, WeightsFile);
+        var configPath = Path.Combine(directory, ConfigFile);
+        if (!File.Exists(weightsPath)) throw new FileNotFoundException($"{directory}: no {WeightsFile} (a PEFT adapter folder holds {WeightsFile} and {ConfigFile})", weightsPath);
+        var config = PeftConfig.Load(configPath);
+        var (tensors, _) = SafeTensorsFile.Read(weightsPath);
+
+        var targets = manifest.Targets.ToDictionary(t => t.Module, StringComparer.Ordinal);
+        var lora = new Dictionary<string, AdapterTensor>(StringComparer.Ordinal);
+        var extras = new Dictionary<string, AdapterTensor>(StringComparer.Ordinal);
+        var unknown = new List<string>();
+        foreach (var (key, tensor) in tensors)
+        {
+            var name = Normalize(key);
+            bool isA = name.EndsWith(".lora_A.weight", StringComparison.Ordinal), isB = name.EndsWith(".lora_B.weight", StringComparison.Ordinal);
+            if (!isA && !isB)
+            {
+                if (name.Contains(".lora_", StringComparison.Ordinal)) unknown.Add(key);   // lora_embedding_*, magnitude vectors, …
+                else extras[name] = new AdapterTensor(tensor.Shape, tensor.ToFloats());
+                continue;
+            }
+            var module = name[..^".lora_A.weight".Length];
+            if (!targets.TryGetValue(module, out var t)) { unknown.Add(key); continue; }
+            long[] expected = isA ? [t.Rank, t.In] : [t.Out, t.Rank];
+            if (!tensor.Shape.SequenceEqual(expected))
+                throw new InvalidDataException($"{weightsPath}: tensor '{key}' has shape [{string.Join(", ", tensor.Shape)}], module '{module}' needs " +
+                    $"[{string.Join(", ", expected)}] ({(isA ? "[r, in]" : "[out, r]")} with r = {t.Rank}); was the adapter trained with another rank or base model?");
+            var x = new AdapterTensor(tensor.Shape, tensor.ToFloats()).Transpose2D();
+            if (isA) lora[t.LoraA] = x;
+            else lora[t.LoraB] = x.Scaled(config.ScaleFor(module) / t.Scale);
+        }
+        if (unknown.Count > 0)
+            throw new InvalidDataException($"{weightsPath}: {unknown.Count} LoRA tensor(s) do not belong to a module of the manifest: {LoraAdapter.Preview(unknown)}; " +
+                $"the manifest adapts {LoraAdapter.Preview(manifest.Targets.Select(t => t.Module).ToList())}. Rewrite the base with the adapter's target_modules.");
+        return LoraAdapter.Create(manifest, lora, extras, weightsPath);
+    }
+
+    /// <summary>Strips "base_model.model." and PEFT's adapter-name infixes (".default", "modules_to_save.default.").</summary>
+    static string Normalize(string key)
+    {
+        var name = key.StartsWith(Prefix, StringComparison.Ordinal) ? key[Prefix.Length..] : key;
+        return name.Replace(".modules_to_save.default.", ".", StringComparison.Ordinal)
+                   .Replace(".lora_A.default.weight", ".lora_A.weight", StringComparison.Ordinal)
+                   .Replace(".lora_B.default.weight", ".lora_B.weight", StringComparison.Ordinal);
+    }
+
+    /// <summary>The parts of adapter_config.json that decide PEFT's scale.</summary>
+    sealed record PeftConfig(int Rank, double Alpha, bool UseRsLora, IReadOnlyList<(string Key, double Value)> RankPattern, IReadOnlyList<(string Key, double Value)> AlphaPattern)
+    {
+        public static PeftConfig Load(string path)
+        {
+            if (!File.Exists(path)) throw new FileNotFoundException($"{path}: no such file (PEFT writes {ConfigFile} beside {WeightsFile}; its r and lora_alpha give the scale)", path);
+            JsonObject json;
+            try { json = JsonNode.Parse(File.ReadAllText(path))?.AsObject() ?? throw new InvalidDataException($"{path}: empty"); }
+            catch (JsonException e) { throw new InvalidDataException($"{path}: not valid JSON ({e.Message})", e); }
+            var type = json["peft_type"]?.GetValue<string>();
+            if (type is not null && type != "LORA") throw new InvalidDataException($"{path}: peft_type is '{type}'; only LORA adapters can be imported");
+            int rank = json["r"]?.GetValue<int>() ?? throw new InvalidDataException($"{path}: no 'r'");
+            // PEFT's default lora_alpha (8) is not guessed: the scale depends on it
+            if (json["lora_alpha"] is null) throw new InvalidDataException($"{path}: no 'lora_alpha'");
+            double alpha = json["lora_alpha"]!.GetValue<double>();
+            bool rs = json["use_rslora"]?.GetValue<bool>() ?? false;
+            return new PeftConfig(rank, alpha, rs, Pattern(json["rank_pattern"]), Pattern(json["alpha_pattern"]));
+        }
+
+        static List<(string, double)> Pattern(JsonNode? node) =>
+            node is JsonObject o ? o.Select(kv => (kv.Key, kv.Value!.GetValue<double>())).ToList() : [];
+
+        /// <summary>PEFT's pattern lookup: a key matches a module that equals it or ends with "." + key (keys are regexes).</summary>
+        static double? Match(IReadOnlyList<(string Key, double Value)> pattern, string module)
+        {
+            foreach (var (key, value) in pattern)
+                if (module == key || Regex.IsMatch(module, $"^(.*\\.)?{key}$")) return value;
+            return null;
+        }
+
+        public double ScaleFor(string module)
+        {
+            double r = Match(RankPattern, module) ?? Rank, a = Match(AlphaPattern, module) ?? Alpha;
+            return UseRsLora ? a / Math.Sqrt(r) : a / r;
+        }
+    }
+}
