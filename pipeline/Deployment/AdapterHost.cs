@@ -59,6 +59,8 @@ public sealed class AdapterHost : IDisposable
         if (!File.Exists(modelPath)) throw new FileNotFoundException($"{modelPath}: no such model (give the deployable model, deploy.onnx, that 'onnxlora rewrite' writes)", modelPath);
         // CUDA that cannot load throws CudaUnavailableException naming the missing library: no silent CPU fallback
         using var so = options.Device.CreateSessionOptions(options.IntraOpThreads);
+        // every LoRA input has a same-named default initializer by design; ORT warns about each one at load
+        so.LogSeverityLevel = OrtLoggingLevel.ORT_LOGGING_LEVEL_ERROR;
         InferenceSession session;
         try { session = new InferenceSession(modelPath, so); }
         catch (OnnxRuntimeException e) { throw new InvalidDataException($"{modelPath}: ONNX Runtime cannot load the model: {e.Message}", e); }
