@@ -180,7 +180,9 @@ public class InjectLoraTests
     public void MergeKeepsATiedEmbeddingAndMergesASharedWeightOnce()
     {
         var model = KitchenSink();
-        var r = LoraRewrite.Rewrite(model, new LoraConfig { Rank = 2, Alpha = 2, TargetModules = ["lm_head", "ff.0"] }, "t", "0");
+        // "ff.2" names the second user of the deduplicated initializer: it selects the same (one) layer
+        var r = LoraRewrite.Rewrite(model, new LoraConfig { Rank = 2, Alpha = 2, TargetModules = ["lm_head", "ff.2"] }, "t", "0");
+        Assert.That(r.Manifest.Targets.Select(t => t.Module), Is.EqualTo(new[] { "blocks.1.ff.0", "lm_head" }));
         Assert.That(r.Manifest.Targets.Single(t => t.Module == "blocks.1.ff.0").Nodes, Has.Count.EqualTo(2), "one A/B pair, both nodes listed");
         var parameters = RandomParameters(r);
         var (merged, _) = MergeLora.Run(model, r.Manifest, parameters);

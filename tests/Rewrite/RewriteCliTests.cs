@@ -89,7 +89,7 @@ public class RewriteCliTests
         var (code, stdout, err) = Cli("inspect", path);
         Assert.That(code, Is.EqualTo(0), err);
         Assert.That(stdout, Does.Contain("IR version 8").And.Contain("input_ids").And.Contain("[batch, seq, 12]"));
-        Assert.That(stdout, Does.Contain("blocks.0.att.W_query").And.Contain("blocks.1.ff.0").And.Contain("head shared×2 transposed"));
+        Assert.That(stdout, Does.Contain("blocks.0.att.W_query").And.Contain("blocks.1.ff.0 = blocks.1.ff.2").And.Contain("head shared×2 transposed"));
         Assert.That(stdout, Does.Contain("9 LoRA-able weight MatMul/Gemm nodes in 8 modules, plus 1 output head (tied to the embedding); 2 other"));
         Assert.That(stdout, Does.Contain("float16→float"));
     }
