@@ -1,0 +1,332 @@
+using System.Text.Json;
+using System.Text.Json.Nodes;
+using Microsoft.ML.OnnxRuntime;
+using TrainingSession = OnnxLora.Pipeline.Training.TrainingSession;
+using OnnxLora.GraphRewrite.Lora;
+using OnnxLora.GraphRewrite.Onnx;
+using OnnxLora.Models;
+using OnnxLora.Pipeline.Adapters;
+using OnnxLora.Pipeline.Data;
+using OnnxLora.Pipeline.Deployment;
+using OnnxLora.Pipeline.Runtime;
+using OnnxLora.Pipeline.Training;
+
+namespace OnnxLora.Pipeline.Runner;
+
+/// <summary>One example answered by the base model and by the adapted one.</summary>
+public sealed record SideBySide(string Input, string Expected, string Base, string Adapted);
+
+/// <summary>What `onnxlora run` did: per stage whether it ran or was reused, the metric before and after, examples and paths.</summary>
+public sealed record PipelineReport(
+    string RunDir, IReadOnlyList<(string Stage, bool Skipped, string Detail)> Stages, string Metric,
+    double BaseLoss, double AdaptedLoss, double? BaseAccuracy, double? AdaptedAccuracy,
+    IReadOnlyList<SideBySide> Examples, IReadOnlyDictionary<string, string> Outputs, double DeployMaxAbsDiff, TimeSpan Elapsed);
+
+/// <summary>
+/// The whole pipeline from one config: model → data → rewrite → train → evaluate → export → deploy check. Each stage
+/// writes into the run folder and records a hash of its inputs in stages.json; a stage whose hash and outputs are
+/// already there is skipped, and an interrupted training stage resumes from its checkpoint, so rerunning after a crash
+/// continues where it stopped.
+/// </summary>
+public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = null, IProgress<TrainProgress>? trainProgress = null)
+{
+    const string StagesFile = "stages.json";
+    readonly List<(string, bool, string)> _stages = new();
+    JsonObject _done = new();
+    string _runDir = "";
+
+    /// <summary>Checks the config's values before any work starts (unknown keys were refused on parsing).</summary>
+    public void Validate()
+    {
+        if (config.String("model.path") is null && config.String("model.preset") is null && config.String("model.weights") is null)
+            throw new InvalidDataException($"{config.Source}: give model.path (an ONNX file) or model.preset (and optionally model.weights)");
+        if (config.String("data.generate") is { } g && g != DemoData.Name)
+            throw new InvalidDataException($"{config.Source}: data.generate must be '{DemoData.Name}' (got '{g}')");
+        if (config.String("data.generate") is null && config.String("data.train") is null)
+            throw new InvalidDataException($"{config.Source}: give data.train (a data file) or data.generate: {DemoData.Name}");
+        foreach (var f in config.List("export.formats")) AdapterFiles.ParseFormat(f);
+        _ = LoraConfigFromSection();
+        _ = TrainOptionsFrom("/", "/", "/", null);   // every train value parses
+        ExecutionDevice.Parse(config.Required("train.device"));
+    }
+
+    public PipelineReport Run(CancellationToken cancel = default)
+    {
+        Validate();
+        var clock = System.Diagnostics.Stopwatch.StartNew();
+        _runDir = config.Path("run_dir")!;
+        Directory.CreateDirectory(_runDir);
+        var stagesPath = Path.Combine(_runDir, StagesFile);
+        _done = File.Exists(stagesPath) ? JsonNode.Parse(File.ReadAllText(stagesPath))!.AsObject() : new JsonObject();
+
+        var modelHash = config.Hash("model");
+        var modelPath = Stage("model", modelHash, () => BuildModel(), p => File.Exists(p));
+        var (trainData, evalData) = Data();
+        var rewriteHash = Combine(modelHash, config.Hash("lora"));
+        var rewriteDir = Stage("rewrite", rewriteHash, () => Rewrite(modelPath), d => File.Exists(Path.Combine(d, LoraManifest.FileName)));
+        var trainHash = Combine(rewriteHash, config.Hash("data", "train"), FileHash(trainData), evalData is null ? "" : FileHash(evalData));
+        var runDir = Stage("train", trainHash, () => Train(rewriteDir, trainData, evalData, cancel), d => File.Exists(Path.Combine(d, Trainer.AdapterFile)));
+        var manifest = LoraManifest.Load(Path.Combine(rewriteDir, LoraManifest.FileName));
+        var adapter = AdapterFiles.ReadSafeTensors(Path.Combine(runDir, Trainer.AdapterFile), manifest);
+
+        var (baseLoss, adaptedLoss, baseAcc, adaptedAcc, examples) = Evaluate(runDir, rewriteDir, evalData ?? trainData, adapter);
+        var outputs = Export(adapter, rewriteDir, trainHash);
+        double deployDiff = DeployCheck(rewriteDir, outputs);
+        var task = config.Required("data.task");
+        return new PipelineReport(_runDir, _stages.Select(s => (s.Item1, s.Item2, s.Item3)).ToList(),
+            task == "cls" ? "accuracy" : "perplexity", baseLoss, adaptedLoss, baseAcc, adaptedAcc, examples, outputs, deployDiff, clock.Elapsed);
+    }
+
+    /// <summary>Runs <paramref name="work"/> unless stages.json says it ran with the same inputs and its output is still there.</summary>
+    string Stage(string name, string hash, Func<string> work, Func<string, bool> outputExists)
+    {
+        if (_done[name] is JsonObject prior && (string?)prior["hash"] == hash && (string?)prior["output"] is { } output && outputExists(output))
+        {
+            _stages.Add((name, true, output));
+            log?.Invoke($"{name}: up to date ({output})");
+            return output;
+        }
+        log?.Invoke($"{name}: running");
+        var result = work();
+        _done[name] = new JsonObject { ["hash"] = hash, ["output"] = result };
+        AtomicFile.WriteAllText(Path.Combine(_runDir, StagesFile), _done.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
+        _stages.Add((name, false, result));
+        return result;
+    }
+
+    string BuildModel()
+    {
+        if (config.Path("model.path") is { } path)
+        {
+            if (!File.Exists(path)) throw new FileNotFoundException($"{config.Source}: model.path '{path}' does not exist", path);
+            return path;
+        }
+        var weights = config.Path("model.weights");
+        var preset = config.String("model.preset");
+        var gpt = weights is not null ? GptWeights.FromSafeTensors(weights, preset is null ? null : GptConfig.Preset(preset))
+                                      : GptWeights.Random(GptConfig.Preset(preset!), config.Int("model.seed"));
+        var output = Path.Combine(_runDir, "model", "base.onnx");
+        OnnxFile.Save(GptBuilder.Build(gpt.Config, gpt), output);
+        return output;
+    }
+
+    (string Train, string? Eval) Data()
+    {
+        if (config.String("data.generate") is not null)
+        {
+            var (train, eval) = DemoData.Write(Path.Combine(_runDir, "data"));
+            return (train, eval);
+        }
+        return (config.Path("data.train")!, config.Path("data.eval"));
+    }
+
+    LoraConfig LoraConfigFromSection()
+    {
+        int rank = config.Int("lora.rank");
+        return new LoraConfig
+        {
+            Rank = rank,
+            Alpha = config.String("lora.alpha") is null ? rank : config.Double("lora.alpha"),
+            TargetModules = config.List("lora.targets"),
+            ExcludeModules = config.List("lora.exclude"),
+            LayersToTransform = config.String("lora.layers") is { } l ? LoraConfig.ParseLayers(l) : null,
+            Scaling = config.Required("lora.scaling").ToLowerInvariant() switch
+            {
+                "peft" => LoraScaling.Peft, "rslora" => LoraScaling.RsLora, "alpha" => LoraScaling.Alpha,
+                var s => throw new InvalidDataException($"{config.Source}: lora.scaling must be peft, rslora or alpha (got '{s}')"),
+            },
+            Init = config.Required("lora.init").ToLowerInvariant() switch
+            {
+                "kaiming" => LoraInit.Kaiming, "gaussian" => LoraInit.Gaussian,
+                var s => throw new InvalidDataException($"{config.Source}: lora.init must be kaiming or gaussian (got '{s}')"),
+            },
+            Dropout = config.Double("lora.dropout"),
+            Seed = config.Int("lora.seed"),
+        };
+    }
+
+    string Rewrite(string modelPath)
+    {
+        var dir = Path.Combine(_runDir, "rewrite");
+        var result = LoraRewrite.RewriteFile(modelPath, LoraConfigFromSection(), dir);
+        log?.Invoke($"  {result.Targets.Count} targets; {result.ParameterLine}");
+        return dir;
+    }
+
+    TrainOptions TrainOptionsFrom(string rewriteDir, string trainData, string outDir, string? evalData)
+    {
+        var task = config.Required("data.task").ToLowerInvariant() switch
+        {
+            "lm" => TaskKind.Lm, "cls" => TaskKind.Cls,
+            var t => throw new InvalidDataException($"{config.Source}: data.task must be lm or cls (got '{t}')"),
+        };
+        var options = new TrainOptions
+        {
+            ModelDir = rewriteDir, DataPath = trainData, EvalDataPath = evalData, OutDir = outDir, Task = task,
+            Format = config.String("data.format")?.ToLowerInvariant() switch
+            {
+                null => task == TaskKind.Cls ? DataFormat.Tsv : Path.GetExtension(trainData) == ".jsonl" ? DataFormat.Jsonl : DataFormat.Text,
+                "text" => DataFormat.Text, "jsonl" => DataFormat.Jsonl, "tokens" => DataFormat.Tokens, "tsv" or "csv" => DataFormat.Tsv,
+                var f => throw new InvalidDataException($"{config.Source}: data.format must be text, jsonl, tokens or tsv (got '{f}')"),
+            },
+            Classes = config.Int("data.classes"),
+            ClassNames = config.String("data.generate") is not null ? DemoData.Labels : DatasetLoader.ParseClassNames(config.String("data.labels")),
+            SeqLength = config.Int("data.seq"), SkipBadRows = config.Bool("data.skip_bad_rows"),
+            Optimizer = config.Required("train.optimizer").ToLowerInvariant(), Lr = config.Double("train.lr"), WeightDecay = config.Double("train.weight_decay"),
+            WarmupSteps = config.Int("train.warmup"),
+            Schedule = config.Required("train.schedule").ToLowerInvariant() switch
+            {
+                "constant" => ScheduleKind.Constant, "linear" => ScheduleKind.Linear, "cosine" => ScheduleKind.Cosine,
+                var s => throw new InvalidDataException($"{config.Source}: train.schedule must be constant, linear or cosine (got '{s}')"),
+            },
+            Epochs = config.Int("train.epochs"), MaxSteps = config.Int("train.max_steps"), BatchSize = config.Int("train.batch"),
+            GradAccum = config.Int("train.grad_accum"), Clip = config.Double("train.clip"), Device = config.Required("train.device"),
+            Threads = config.Int("train.threads"), Seed = config.Int("train.seed"), Shuffle = config.Bool("train.shuffle"),
+            EvalEvery = config.Int("train.eval_every"), EarlyStoppingPatience = config.Int("train.early_stopping"),
+            HeadMode = config.Required("train.head").ToLowerInvariant(), CheckpointEvery = config.Int("train.checkpoint_every"),
+            InitAdapter = config.Path("train.init_adapter"),
+        };
+        try { options.Validate(); }
+        catch (ArgumentException e) { throw new InvalidDataException($"{config.Source}: {e.Message.Replace("--", "train.").Replace('-', '_')}", e); }
+        return options;
+    }
+
+    string Train(string rewriteDir, string trainData, string? evalData, CancellationToken cancel)
+    {
+        var dir = Path.Combine(_runDir, "train");
+        var options = TrainOptionsFrom(rewriteDir, trainData, dir, evalData);
+        TrainResult result;
+        if (File.Exists(Path.Combine(dir, TrainOptions.FileName)) && File.Exists(Path.Combine(dir, Trainer.CheckpointFile))
+            && TrainOptions.Load(dir).NumericsHash() == (options with { OutDir = dir }).NumericsHash())
+        {
+            log?.Invoke("  resuming the interrupted run from its checkpoint");
+            result = Trainer.Resume(dir, trainProgress, cancel);
+        }
+        else
+        {
+            if (Directory.Exists(dir)) Directory.Delete(dir, recursive: true);   // another config's run: start over
+            result = Trainer.Train(options, trainProgress, cancel);
+        }
+        log?.Invoke($"  {result.Steps} steps in {result.Elapsed.TotalSeconds:F1} s, {result.TokensPerSecond:F0} tokens/s, loss {result.FirstLoss:F3} → {result.LastLoss:F3}");
+        return dir;
+    }
+
+    /// <summary>The metric before (initial adapter: B = 0, untrained head) and after training, on the eval data, plus examples side by side.</summary>
+    (double, double, double?, double?, IReadOnlyList<SideBySide>) Evaluate(string runDir, string rewriteDir, string evalData, LoraAdapter adapter)
+    {
+        var options = TrainOptions.Load(runDir);
+        var artifacts = Path.Combine(runDir, Trainer.ArtifactsDir);
+        var device = ExecutionDevice.Parse(options.Device);
+        var data = DatasetLoader.Load(evalData, new DatasetOptions { Format = options.Format, Task = options.Task, SeqLength = options.SeqLength, ClassNames = options.ClassNames, SkipBadRows = options.SkipBadRows });
+        using var session = TrainingSession.Create(artifacts, device, options.Threads);
+        var before = Score(session, data, options);
+        foreach (var (name, t) in adapter.LoraTensors.Concat(adapter.Extras)) if (session.HasState(name)) session.SetState(name, t.Data);
+        var after = Score(session, data, options);
+
+        var examples = new List<SideBySide>();
+        int count = config.Int("evaluate.examples");
+        if (options.Task == TaskKind.Cls)
+            for (int i = 0; i < Math.Min(count, before.Predictions.Count); i++)
+                examples.Add(new SideBySide(before.Texts[i], data.ClassNames[data.Examples[i].ClassLabel], before.Predictions[i], after.Predictions[i]));
+        else examples.AddRange(Generations(rewriteDir, data, adapter, count));
+        log?.Invoke($"evaluate: loss {before.Loss:F4} → {after.Loss:F4}" + (before.Accuracy is double a ? $", accuracy {a:P1} → {after.Accuracy:P1}" : ""));
+        _stages.Add(("evaluate", false, Path.Combine(_runDir, "evaluation.json")));
+        AtomicFile.WriteAllText(Path.Combine(_runDir, "evaluation.json"), new JsonObject
+        {
+            ["base_loss"] = before.Loss, ["adapted_loss"] = after.Loss, ["base_accuracy"] = before.Accuracy, ["adapted_accuracy"] = after.Accuracy,
+            ["examples"] = new JsonArray(examples.Select(e => (JsonNode?)new JsonObject { ["input"] = e.Input, ["expected"] = e.Expected, ["base"] = e.Base, ["adapted"] = e.Adapted }).ToArray()),
+        }.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
+        return (before.Loss, after.Loss, before.Accuracy, after.Accuracy, examples);
+    }
+
+    sealed record Scores(double Loss, double? Accuracy, List<string> Predictions, List<string> Texts);
+
+    static Scores Score(TrainingSession session, Dataset data, TrainOptions options)
+    {
+        double total = 0, weight = 0;
+        int correct = 0;
+        var predictions = new List<string>();
+        var texts = new List<string>();
+        for (int start = 0; start < data.Examples.Count; start += options.BatchSize)
+        {
+            var members = data.Examples.Skip(start).Take(options.BatchSize).ToList();
+            var batch = Batcher.Pad(members, padTokenId: 0);   // right padding never reaches a counted position
+            var r = session.EvalStep(batch);
+            total += r.Loss * members.Count; weight += members.Count;
+            if (r.ClassLogits is not { } logits) continue;
+            int classes = logits.Length / members.Count;
+            for (int row = 0; row < members.Count; row++)
+            {
+                var z = logits.AsSpan(row * classes, classes).ToArray();
+                int best = Array.IndexOf(z, z.Max());
+                double p = 1 / z.Sum(v => Math.Exp(v - z[best]));
+                if (best == members[row].ClassLabel) correct++;
+                predictions.Add($"{data.ClassNames[best]} ({p:P0})");
+                texts.Add(TextTokenizer.Gpt2.Decode(members[row].InputIds));
+            }
+        }
+        return new Scores(total / weight, data.Task == TaskKind.Cls ? (double)correct / data.Examples.Count : null, predictions, texts);
+    }
+
+    static IEnumerable<SideBySide> Generations(string rewriteDir, Dataset data, LoraAdapter adapter, int count)
+    {
+        using var host = AdapterHost.Create(Path.Combine(rewriteDir, LoraManifest.DeployableModelFile));
+        host.AddAdapter("adapted", OnnxAdapterFile.Serialize(OnnxAdapterFile.DeployableParameters(adapter)));
+        var generator = new TextGenerator(host, TextGenerator.Gpt2Tokenizer());
+        var options = new GenerationOptions { MaxNewTokens = 12, StopTokenIds = [TextGenerator.Gpt2EndOfText] };
+        foreach (var e in data.Examples.Take(count))
+        {
+            int prompt = Array.FindIndex(e.Labels, l => l != Example.Ignore);
+            if (prompt <= 0) prompt = Math.Max(1, e.Length / 2);
+            var promptIds = e.InputIds[..prompt];
+            yield return new SideBySide(TextTokenizer.Gpt2.Decode(promptIds), TextTokenizer.Gpt2.Decode(e.InputIds[prompt..]),
+                generator.Generate(promptIds, options).Text ?? "", generator.Generate(promptIds, options, "adapted").Text ?? "");
+        }
+    }
+
+    Dictionary<string, string> Export(LoraAdapter adapter, string rewriteDir, string hash)
+    {
+        var outputs = new Dictionary<string, string>();
+        foreach (var format in config.List("export.formats").Select(AdapterFiles.ParseFormat))
+        {
+            var path = Path.Combine(_runDir, "export", format switch
+            {
+                AdapterFormat.OnnxAdapter => "adapter.onnx_adapter", AdapterFormat.Peft => "peft", _ => "merged.onnx",
+            });
+            // deploy.onnx and the base graph hold the LM body only: a classification head travels in the PEFT export
+            // (modules_to_save) and train/adapter.safetensors, not in the .onnx_adapter or the merged model
+            var written = format != AdapterFormat.Peft && adapter.Extras.Count > 0 ? LoraAdapter.Create(adapter.Manifest, adapter.LoraTensors) : adapter;
+            if (!ReferenceEquals(written, adapter)) log?.Invoke($"  {path}: LoRA factors only; the head ({string.Join(", ", adapter.Extras.Keys)}) is in the PEFT export");
+            Stage($"export {format}", hash, () => { AdapterFiles.Write(written, format, path, rewriteDir); return path; }, p => File.Exists(p) || Directory.Exists(p));
+            outputs[format.ToString()] = path;
+        }
+        outputs["loss plot"] = Path.Combine(_runDir, "train", Trainer.PlotFile);
+        return outputs;
+    }
+
+    /// <summary>The deployable model with the exported .onnx_adapter (through ORT's OrtLoraAdapter) against the merged model.</summary>
+    double DeployCheck(string rewriteDir, IReadOnlyDictionary<string, string> outputs)
+    {
+        if (!outputs.TryGetValue(nameof(AdapterFormat.OnnxAdapter), out var adapterPath) || !outputs.TryGetValue(nameof(AdapterFormat.Merged), out var merged)) return double.NaN;
+        using var host = AdapterHost.Create(Path.Combine(rewriteDir, LoraManifest.DeployableModelFile));
+        host.AddAdapter("adapted", adapterPath);
+        var ids = TextTokenizer.Gpt2.Encode("The soup was wonderful and the waiter was friendly.").Select(i => (long)i).ToArray();
+        using var input = OrtValue.CreateTensorValueFromMemory(ids, [1, ids.Length]);
+        var feeds = new Dictionary<string, OrtValue> { ["input_ids"] = input };
+        using var deployed = host.Run("adapted", feeds, ["logits"]);
+        using var session = new InferenceSession(merged);
+        using var run = new RunOptions();
+        using var reference = session.Run(run, ["input_ids"], [input], ["logits"]);
+        var a = deployed[0].GetTensorDataAsSpan<float>();
+        var b = reference[0].GetTensorDataAsSpan<float>();
+        double max = 0;
+        for (int i = 0; i < a.Length; i++) max = Math.Max(max, Math.Abs(a[i] - b[i]));
+        log?.Invoke($"deploy check: deploy.onnx + adapter.onnx_adapter (OrtLoraAdapter) vs merged.onnx, max |Δlogit| = {max:E2}");
+        if (max > 1e-3) throw new InvalidOperationException($"deploy check failed: the deployed adapter and the merged model differ by {max:E2}");
+        return max;
+    }
+
+    static string Combine(params string[] parts) => Convert.ToHexString(System.Security.Cryptography.SHA256.HashData(System.Text.Encoding.UTF8.GetBytes(string.Join("|", parts))))[..16].ToLowerInvariant();
+
+    static string FileHash(string path) => LoraRewrite.Sha256(path)[..16];
+}

@@ -1,0 +1,85 @@
+using System.Diagnostics;
+using OnnxLora.Pipeline.Runner;
+using OnnxLora.Pipeline.Training;
+
+namespace OnnxLora.Tests.Runner;
+
+/// <summary>`onnxlora run`: the demo's effect on a shorter config, resuming after an interruption, config errors.</summary>
+[NonParallelizable]
+public class PipelineRunnerTests
+{
+    /// <summary>The built-in default in a test folder, on two threads (the demo itself is already short).</summary>
+    static PipelineConfig ShortDefault(string runDir, int epochs = 3)
+    {
+        var config = PipelineConfig.Parse(DemoData.DefaultConfig, "test", runDir);
+        config.Override($"run_dir={runDir}");
+        config.Override($"train.epochs={epochs}");
+        config.Override("train.threads=2");
+        return config;
+    }
+
+    [Test]
+    public void TheAdaptedModelBeatsTheBaseAndDeploys()
+    {
+        using var dir = new TempDir();
+        var report = new PipelineRunner(ShortDefault(dir.File("run"))).Run();
+        TestContext.Out.WriteLine($"accuracy {report.BaseAccuracy:P1} → {report.AdaptedAccuracy:P1}, loss {report.BaseLoss:F3} → {report.AdaptedLoss:F3}");
+        Assert.That(report.AdaptedAccuracy, Is.GreaterThan(report.BaseAccuracy!.Value + 0.25), "the adapter should clearly beat the untrained head");
+        Assert.That(report.AdaptedLoss, Is.LessThan(report.BaseLoss * 0.7));
+        Assert.That(report.DeployMaxAbsDiff, Is.LessThan(1e-4), "deploy.onnx + .onnx_adapter == merged.onnx");
+        Assert.That(report.Examples, Has.Count.EqualTo(6));
+        foreach (var path in report.Outputs.Values) Assert.That(File.Exists(path) || Directory.Exists(path), Is.True, path);
+    }
+
+    [Test]
+    public void ARunKilledDuringTrainingResumesWithoutRedoingFinishedStages()
+    {
+        using var dir = new TempDir();
+        var runDir = dir.File("run");
+        using var stop = new CancellationTokenSource();
+        var interrupting = new PipelineRunner(ShortDefault(runDir), trainProgress: new Stopper(p => { if (p.Step == 10) stop.Cancel(); }));
+        Assert.Throws<OperationCanceledException>(() => interrupting.Run(stop.Token));
+        Assert.That(Checkpoint.Load(Path.Combine(runDir, "train", Trainer.CheckpointFile)).Step, Is.EqualTo(10));
+
+        var lines = new List<string>();
+        var report = new PipelineRunner(ShortDefault(runDir), lines.Add).Run();
+        Assert.That(report.Stages.Where(s => s.Skipped).Select(s => s.Stage), Is.SupersetOf(new[] { "model", "rewrite" }));
+        Assert.That(lines, Has.Some.Contain("resuming"));
+        Assert.That(report.AdaptedAccuracy, Is.GreaterThan(report.BaseAccuracy!.Value));
+
+        var again = new PipelineRunner(ShortDefault(runDir)).Run();
+        Assert.That(again.Stages.Where(s => s.Skipped).Select(s => s.Stage), Is.SupersetOf(new[] { "model", "rewrite", "train" }), "a finished run is reused whole");
+    }
+
+    [TestCase("trian:\n  lr: 1\n", "trian")]
+    [TestCase("train:\n  lr_rate: 1\n", "train.lr_rate")]
+    [TestCase("lora:\n  rnak: 4\n", "lora.rnak")]
+    public void AConfigWithATypoFailsAtOnceNamingTheKey(string yaml, string key)
+    {
+        using var dir = new TempDir();
+        var path = dir.File("bad.yaml");
+        File.WriteAllText(path, yaml);
+        var clock = Stopwatch.StartNew();
+        var (code, _, error) = CliRunner.Run("run", path);
+        Assert.That(code, Is.EqualTo(1));
+        Assert.That(error, Does.Contain($"'{key}'"));
+        Assert.That(clock.Elapsed, Is.LessThan(TimeSpan.FromSeconds(1)));
+        Assert.That(Directory.Exists(dir.File("runs")), Is.False, "nothing was started");
+    }
+
+    [Test]
+    public void BadValuesFailBeforeAnyWork()
+    {
+        using var dir = new TempDir();
+        var config = ShortDefault(dir.File("run"));
+        config.Override("train.lr=fast");
+        var e = Assert.Throws<InvalidDataException>(() => new PipelineRunner(config).Validate());
+        Assert.That(e!.Message, Does.Contain("train.lr"));
+        Assert.That(() => config.Override("train.lrr=1"), Throws.Exception.With.Message.Contain("train.lr"));
+    }
+
+    sealed class Stopper(Action<TrainProgress> report) : IProgress<TrainProgress>
+    {
+        public void Report(TrainProgress value) => report(value);
+    }
+}
