@@ -162,6 +162,16 @@ public class GptWeightsTests
         Assert.That(GptWeights.FromSafeTensors(dir.File("model.safetensors"), fourHeads).Config, Is.EqualTo(fourHeads));
     }
 
+    [Test]
+    public void TiedHeadStandsInForAMissingEmbedding()
+    {
+        using var dir = new TempDir();
+        var weights = GptWeights.Random(Tiny, 16);
+        var tensors = HfTensors(weights, extras: true).Where(kv => kv.Key != "transformer.wte.weight");
+        SafeTensorsFile.Write(dir.File("model.safetensors"), tensors);
+        AssertSameWeights(GptWeights.FromSafeTensors(dir.File("model.safetensors")), weights);
+    }
+
     [TestCase("F16")]
     [TestCase("BF16")]
     public void ConvertsHalfPrecisionToFloat(string dtype)
