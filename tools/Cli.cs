@@ -19,6 +19,12 @@ public static class Cli
             c.AddBranch("model", m => { m.SetDescription("GPT models as ONNX"); m.AddCommand<ModelBuildCommand>("build").WithDescription(ModelBuildCommand.Description).WithExample("model", "build", "--preset", "tiny", "--out", "tiny.onnx"); });
             c.AddCommand<Commands.InspectCommand>("inspect").WithDescription("Show a model's inputs, operators, parameters and LoRA-able weight MatMul/Gemm nodes.");
             c.AddCommand<Commands.RewriteCommand>("rewrite").WithDescription("Add LoRA branches: writes DIR/model.onnx (training view), DIR/deploy.onnx and DIR/lora_config.json.");
+            c.AddCommand<Commands.TrainCommand>("train").WithDescription("Train the LoRA parameters of a rewrite with ONNX Runtime (progress bar, checkpoints, metrics.jsonl, loss.png, adapter).")
+                .WithExample("train", "--model", "rw", "--data", "train.txt", "--out", "run", "--epochs", "2");
+            c.AddCommand<Commands.ExportCommand>("export").WithDescription("Export an adapter as .onnx_adapter (ONNX Runtime), a PEFT folder, or a merged .onnx.");
+            c.AddCommand<Commands.MergeCommand>("merge").WithDescription("Fold an adapter into the base weights: a plain .onnx for any ONNX Runtime.");
+            c.AddCommand<Commands.GenerateCommand>("generate").WithDescription("Generate text with the deployable model and adapters (no KV cache: O(n²) in the length).");
+            c.AddCommand<Commands.ClassifyCommand>("classify").WithDescription("Classify text with the deployable model and adapters: label and probabilities.");
         });
         return app.Run(args);
     }

@@ -112,6 +112,7 @@ public sealed class GradientEmitter
     public void DeclareRank(string value, int rank) => _ranks[value] = rank;
     public long[]? ConstInts(string v)
     {
+        if (_g.IsGraphInput(v)) return null;   // an initializer that is also an input is only a default
         if (_g.Initializer(v) is { } t) return Tensors.ToInt64s(t);
         var vals = _inference.ValueOf(v);
         return vals is not null && vals.All(d => d.IsKnown) ? vals.Select(d => d.Value!.Value).ToArray() : null;

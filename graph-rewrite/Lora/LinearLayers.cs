@@ -38,6 +38,11 @@ public sealed record LinearLayer
     public required bool IsHead { get; init; }
     /// <summary>Other nodes that read the same initializer (a Gather for tied embeddings, other linears), described.</summary>
     public required IReadOnlyList<string> SharedWith { get; init; }
+    /// <summary>
+    /// Module paths of the other uses' node scopes (a deduplicated initializer serves modules with other names): target
+    /// patterns match them too, so naming any of those modules selects the shared layer.
+    /// </summary>
+    public IReadOnlyList<string> Aliases { get; init; } = [];
     /// <summary>The block index in the module path (first all-digit segment: "transformer.h.3.mlp.c_fc" → 3), if any.</summary>
     public int? BlockIndex { get; init; }
 
@@ -100,6 +105,7 @@ public static partial class LinearLayers
                 Module = module, Weight = weight, Uses = uses, In = @in, Out = @out, WeightTransposed = storedT,
                 WeightType = init.DataType, ComputeType = computeType, IsHead = head, SharedWith = sharedWith,
                 BlockIndex = BlockIndexOf(module),
+                Aliases = uses.Skip(1).Select(u => ScopePath(g.Producer(u.Output)!.Name)).Where(a => a.Length > 0 && a != module).Distinct().ToList(),
             });
         }
         return layers;

@@ -4,6 +4,13 @@ using System.Text.RegularExpressions;
 
 namespace OnnxLora.GraphRewrite.Lora;
 
+/// <summary>An invalid <see cref="LoraConfig"/> value; <see cref="Field"/> names the property, the message says the rule and a fix.</summary>
+public sealed class LoraConfigException(string field, string message, Exception? inner = null) : ArgumentException(message, inner)
+{
+    /// <summary>The LoraConfig property at fault (PEFT-style name, e.g. "Rank").</summary>
+    public string Field { get; } = field;
+}
+
 /// <summary>How LoRA's A matrix starts (B always starts at zero, so the adapted model starts as the base).</summary>
 [JsonConverter(typeof(JsonStringEnumConverter<LoraInit>))]
 public enum LoraInit
@@ -31,14 +38,14 @@ public sealed record LoraConfig
     public int Rank
     {
         get;
-        init => field = value > 0 ? value : throw new ArgumentOutOfRangeException(nameof(Rank), value, $"{nameof(Rank)} (r) must be > 0, got {value}; typical values are 8 or 16.");
+        init => field = value > 0 ? value : throw new LoraConfigException(nameof(Rank), $"{nameof(Rank)} (r) must be > 0, got {value}; typical values are 8 or 16.");
     } = 8;
 
     /// <summary>lora_alpha; the branch scale is derived from it by <see cref="Scaling"/>.</summary>
     public double Alpha
     {
         get;
-        init => field = double.IsFinite(value) && value > 0 ? value : throw new ArgumentOutOfRangeException(nameof(Alpha), value, $"{nameof(Alpha)} must be a positive number, got {value}; PEFT commonly uses alpha = r or 2r.");
+        init => field = double.IsFinite(value) && value > 0 ? value : throw new LoraConfigException(nameof(Alpha), $"{nameof(Alpha)} must be a positive number, got {value}; PEFT commonly uses alpha = r or 2r.");
     } = 8;
 
     /// <summary>
@@ -63,7 +70,7 @@ public sealed record LoraConfig
     {
         get;
         init => field = value is null || value.All(i => i >= 0) ? value
-            : throw new ArgumentOutOfRangeException(nameof(LayersToTransform), $"{nameof(LayersToTransform)} must be block indices ≥ 0, got {string.Join(",", value)}.");
+            : throw new LoraConfigException(nameof(LayersToTransform), $"{nameof(LayersToTransform)} must be block indices ≥ 0, got {string.Join(",", value)}.");
     }
 
     /// <summary>Per-module rank overrides: regex → rank; a key matches a module path at a '.' boundary, first key wins.</summary>
@@ -84,7 +91,7 @@ public sealed record LoraConfig
     public double Dropout
     {
         get;
-        init => field = value is >= 0 and < 1 ? value : throw new ArgumentOutOfRangeException(nameof(Dropout), value, $"{nameof(Dropout)} must be in [0, 1), got {value}.");
+        init => field = value is >= 0 and < 1 ? value : throw new LoraConfigException(nameof(Dropout), $"{nameof(Dropout)} must be in [0, 1), got {value}.");
     }
 
     /// <summary>How the scale follows from alpha and rank; PEFT's alpha/r by default.</summary>
@@ -103,10 +110,10 @@ public sealed record LoraConfig
     {
         ArgumentNullException.ThrowIfNull(patterns, field);
         if (!allowEmpty && patterns.Count == 0)
-            throw new ArgumentException($"{field} is empty; name modules (e.g. c_attn,c_proj), a regex (re:.*attn.*) or {AllLinear}.", field);
+            throw new LoraConfigException(field, $"{field} is empty; name modules (e.g. c_attn,c_proj), a regex (re:.*attn.*) or {AllLinear}.");
         foreach (var p in patterns)
         {
-            if (string.IsNullOrWhiteSpace(p)) throw new ArgumentException($"{field} has an empty entry.", field);
+            if (string.IsNullOrWhiteSpace(p)) throw new LoraConfigException(field, $"{field} has an empty entry.");
             if (p.StartsWith(RegexPrefix, StringComparison.Ordinal)) CheckRegex(p[RegexPrefix.Length..], field);
         }
         return patterns.ToArray();
@@ -118,7 +125,7 @@ public sealed record LoraConfig
         foreach (var (key, value) in map)
         {
             CheckRegex(key, field);
-            if (!valid(value)) throw new ArgumentOutOfRangeException(field, value, $"{field}['{key}'] = {value} is out of range (must be > 0).");
+            if (!valid(value)) throw new LoraConfigException(field, $"{field}['{key}'] = {value} is out of range (must be > 0).");
         }
         return new Dictionary<string, T>(map);
     }
@@ -126,7 +133,7 @@ public sealed record LoraConfig
     static void CheckRegex(string regex, string field)
     {
         try { _ = new Regex(regex); }
-        catch (ArgumentException e) { throw new ArgumentException($"{field}: '{regex}' is not a valid regular expression ({e.Message}).", field, e); }
+        catch (ArgumentException e) { throw new LoraConfigException(field, $"{field}: '{regex}' is not a valid regular expression ({e.Message}).", e); }
     }
 
     // ---- parsing of the command-line forms, shared by `onnxlora rewrite` and the pipeline runner ----

@@ -14,8 +14,7 @@ public sealed record LoraRewriteResult(ModelProto TrainingModel, ModelProto Depl
     public long AllParameters => BaseParameters + TrainableParameters;
 
     /// <summary>PEFT's print_trainable_parameters line: "trainable params: N || all params: M || trainable%: x".</summary>
-    public string ParameterLine => string.Create(CultureInfo.InvariantCulture,
-        $"trainable params: {TrainableParameters:N0} || all params: {AllParameters:N0} || trainable%: {100.0 * TrainableParameters / AllParameters:F4}");
+    public string ParameterLine => LoraRewrite.ParameterLine(TrainableParameters, AllParameters);
 }
 
 /// <summary>
@@ -104,6 +103,10 @@ public static class LoraRewrite
             throw;
         }
     }
+
+    /// <summary>PEFT's print_trainable_parameters line for the given counts (all = base + trainable).</summary>
+    public static string ParameterLine(long trainable, long all) => string.Create(CultureInfo.InvariantCulture,
+        $"trainable params: {trainable:N0} || all params: {all:N0} || trainable%: {100.0 * trainable / all:F4}");
 
     /// <summary>Parameters of a model as PEFT counts them: elements of its float initializers (weights, biases, LayerNorm).</summary>
     public static long CountParameters(ModelProto model) =>

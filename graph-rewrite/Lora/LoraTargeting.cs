@@ -26,10 +26,10 @@ public static class LoraTargeting
 {
     /// <summary>
     /// Whether one pattern selects a layer: "all-linear" = any layer but the head; "re:&lt;regex&gt;" = full match of the path;
-    /// otherwise the path equals the pattern or ends with "." + pattern.
+    /// otherwise the path equals the pattern or ends with "." + pattern. A shared layer also matches through its <see cref="LinearLayer.Aliases"/>.
     /// </summary>
     public static bool Matches(string pattern, LinearLayer layer) =>
-        pattern == LoraConfig.AllLinear ? !layer.IsHead : Matches(pattern, layer.Module);
+        pattern == LoraConfig.AllLinear ? !layer.IsHead : Matches(pattern, layer.Module) || layer.Aliases.Any(a => Matches(pattern, a));
 
     /// <summary>Whether a name/suffix/"re:" pattern matches a module path (no "all-linear" here: it needs the layer).</summary>
     public static bool Matches(string pattern, string module)
@@ -80,7 +80,8 @@ public static class LoraTargeting
     static string Nearest(string pattern, IReadOnlyList<LinearLayer> layers)
     {
         var p = pattern.StartsWith(LoraConfig.RegexPrefix, StringComparison.Ordinal) ? pattern[LoraConfig.RegexPrefix.Length..] : pattern;
-        var candidates = layers.Select(l => l.Module.Split('.')[^1]).Concat(layers.Select(l => l.Module)).Distinct()
+        var names = layers.SelectMany(l => l.Aliases.Prepend(l.Module)).ToList();
+        var candidates = names.Select(m => m.Split('.')[^1]).Concat(names).Distinct()
             .OrderBy(c => Distance(p, c)).ThenBy(c => c.Length).Take(8).ToList();
         return string.Join(", ", candidates) + $" ({layers.Count} modules in all)";
     }

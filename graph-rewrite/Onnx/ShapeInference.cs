@@ -40,7 +40,9 @@ public sealed class ShapeInference
         var g = model.Graph;
         var declared = g.ValueInfo.Concat(g.Output).Concat(g.Input).GroupBy(v => v.Name).ToDictionary(x => x.Key, x => x.First());
         foreach (var i in g.Input) s._shapes[i.Name] = new ValueShape(ValueInfos.ElemType(i), ValueInfos.Dims(i));
-        foreach (var t in g.Initializer) s.SetTensor(t.Name, t);
+        var inputs = g.Input.Select(i => i.Name).ToHashSet();
+        // an initializer that is also a graph input is a default: its shape holds, its values do not
+        foreach (var t in g.Initializer) if (inputs.Contains(t.Name)) s._shapes[t.Name] = Merge(new ValueShape(t.DataType, t.Dims.Select(d => new Dim(d)).ToArray()), g.Input.First(i => i.Name == t.Name)); else s.SetTensor(t.Name, t);
         foreach (var n in new GraphEditor(model).TopologicalOrder())
         {
             ValueShape?[] outs;
@@ -158,7 +160,15 @@ public sealed class ShapeInference
                 for (int i = 0; i < rank; i++) dims.Add(at.Contains(i) ? new Dim(1) : d[j++]);
                 return One(Shape(t0, dims));
             }
-            case "Slice": return One(Shape(t0, SliceDims(n, x?.Dims)));
+            case "Slice":
+                if (Val(n, 0) is { } slv && Ints(n, 1) is [var ss] && Ints(n, 2) is [var se]
+                    && (n.InputOrNull(3) is null || Ints(n, 3) is [0] or [-1]) && (n.InputOrNull(4) is null || Ints(n, 4) is [1]))
+                {
+                    int len = slv.Length;
+                    long lo = Math.Clamp(ss < 0 ? ss + len : ss, 0, len), hi = Math.Clamp(se < 0 ? se + len : se, 0, len);
+                    _values[n.Output[0]] = slv[(int)lo..(int)Math.Max(lo, hi)];
+                }
+                return One(Shape(t0, SliceDims(n, x?.Dims)));
             case "Split": return SplitShapes(n, x);
             case "Concat":
             {

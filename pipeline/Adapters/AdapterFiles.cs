@@ -33,7 +33,8 @@ public static class AdapterFiles
 
     /// <summary>
     /// Reads an adapter for the rewrite whose manifest is <paramref name="manifest"/>: an <c>.onnx_adapter</c> file or a
-    /// PEFT folder (adapter_model.safetensors + adapter_config.json). Names and shapes are checked against the manifest.
+    /// PEFT folder (adapter_model.safetensors + adapter_config.json), or a safetensors file in OnnxLora's layout.
+    /// Names and shapes are checked against the manifest.
     /// </summary>
     public static LoraAdapter Read(string path, LoraManifest manifest)
     {
@@ -41,10 +42,61 @@ public static class AdapterFiles
         ArgumentNullException.ThrowIfNull(manifest);
         if (PeftAdapter.IsPeftDirectory(path)) return PeftAdapter.Read(path, manifest);
         if (Path.GetFileName(path) == PeftAdapter.WeightsFile) return PeftAdapter.Read(Path.GetDirectoryName(Path.GetFullPath(path))!, manifest);
+        if (File.Exists(path) && path.EndsWith(".safetensors", StringComparison.OrdinalIgnoreCase)) return ReadSafeTensors(path, manifest);
         if (File.Exists(path)) return OnnxAdapterFile.Load(path, manifest);
         if (Directory.Exists(path))
             throw new FileNotFoundException($"{path}: a folder without {PeftAdapter.WeightsFile}; give an {OnnxAdapterFile.Extension} file or a PEFT adapter folder", path);
         throw new FileNotFoundException($"{path}: no such adapter (give an {OnnxAdapterFile.Extension} file or a PEFT adapter folder)", path);
+    }
+
+    /// <summary>
+    /// Reads a safetensors file in OnnxLora's own layout (what training checkpoints and the PyTorch goldens hold): tensors
+    /// named like the manifest's A [in, r] and B [r, out] (B unscaled); other tensors become extras.
+    /// </summary>
+    public static LoraAdapter ReadSafeTensors(string path, LoraManifest manifest)
+    {
+        var (tensors, _) = Models.SafeTensorsFile.Read(path);
+        var names = manifest.Targets.SelectMany(t => new[] { t.LoraA, t.LoraB }).ToHashSet(StringComparer.Ordinal);
+        var lora = new Dictionary<string, AdapterTensor>(StringComparer.Ordinal);
+        var extras = new Dictionary<string, AdapterTensor>(StringComparer.Ordinal);
+        foreach (var (name, t) in tensors)
+        {
+            if (name.StartsWith(PeftAdapter.Prefix, StringComparison.Ordinal))
+                throw new InvalidDataException($"{path}: tensor '{name}' has PEFT's naming; put the file in a folder as {PeftAdapter.WeightsFile} with its {PeftAdapter.ConfigFile}");
+            var x = new AdapterTensor(t.Shape, t.ToFloats());
+            if (names.Contains(name) || name.Contains(".lora_", StringComparison.Ordinal)) lora[name] = x;
+            else extras[name] = x;
+        }
+        return LoraAdapter.Create(manifest, lora, extras, path);
+    }
+
+    /// <summary>
+    /// The one place that turns what a user points at into an adapter and its rewrite folder: SOURCE is an
+    /// <c>.onnx_adapter</c> file or a PEFT folder, and <paramref name="rewriteDir"/> (--model) the 'onnxlora rewrite' output
+    /// it belongs to (lora_config.json, model.onnx, deploy.onnx). When <paramref name="rewriteDir"/> is null, SOURCE's own
+    /// folder is used if it holds lora_config.json. (Training run folders will be read here too.)
+    /// </summary>
+    public static (LoraAdapter Adapter, string RewriteDir) ReadSource(string source, string? rewriteDir)
+    {
+        ArgumentNullException.ThrowIfNull(source);
+        if (!File.Exists(source) && !Directory.Exists(source)) throw new FileNotFoundException($"{source}: no such adapter file or folder", source);
+        rewriteDir ??= new[] { source, Path.GetDirectoryName(Path.GetFullPath(source)) }
+            .FirstOrDefault(d => d is not null && File.Exists(Path.Combine(d, LoraManifest.FileName)))
+            ?? throw new ArgumentException($"{source}: which model does this adapter belong to? Give --model DIR, the 'onnxlora rewrite' output folder (with {LoraManifest.FileName})");
+        var manifest = LoraManifest.Load(Path.Combine(rewriteDir, LoraManifest.FileName));
+        return (Read(source, manifest), rewriteDir);
+    }
+
+    /// <summary>
+    /// Bytes an <see cref="Deployment.AdapterHost"/> loads: an <c>.onnx_adapter</c> file as is, or a PEFT folder converted
+    /// with <paramref name="manifest"/> (needed for PEFT only).
+    /// </summary>
+    public static byte[] DeployableBytes(string path, LoraManifest? manifest)
+    {
+        if (File.Exists(path) && Path.GetFileName(path) != PeftAdapter.WeightsFile) return File.ReadAllBytes(path);
+        if (manifest is null)
+            throw new ArgumentException($"{path}: a PEFT adapter needs the rewrite's {LoraManifest.FileName} to map its modules; give --model the rewrite folder, or convert it with 'onnxlora export --format onnx-adapter'");
+        return OnnxAdapterFile.Serialize(OnnxAdapterFile.DeployableParameters(Read(path, manifest)));
     }
 
     /// <summary>

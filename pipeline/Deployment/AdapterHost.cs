@@ -1,5 +1,6 @@
 using Microsoft.ML.OnnxRuntime;
 using OnnxLora.Pipeline.Adapters;
+using OnnxLora.Pipeline.Runtime;
 using DataType = Onnx.TensorProto.Types.DataType;
 
 namespace OnnxLora.Pipeline.Deployment;
@@ -10,7 +11,7 @@ public sealed class AdapterHostOptions
     /// <summary>CPU (default) or CUDA; CUDA that cannot load is an error, never a silent CPU fallback.</summary>
     public ExecutionDevice Device { get; init; } = ExecutionDevice.Cpu;
 
-    /// <summary>Threads for one operator (0 = ONNX Runtime's default).</summary>
+    /// <summary>Threads for one operator (0 = all cores).</summary>
     public int IntraOpThreads { get; init; }
 }
 
@@ -56,9 +57,10 @@ public sealed class AdapterHost : IDisposable
         ArgumentNullException.ThrowIfNull(modelPath);
         options ??= new AdapterHostOptions();
         if (!File.Exists(modelPath)) throw new FileNotFoundException($"{modelPath}: no such model (give the deployable model, deploy.onnx, that 'onnxlora rewrite' writes)", modelPath);
-        using var so = new SessionOptions();
-        if (options.IntraOpThreads > 0) so.IntraOpNumThreads = options.IntraOpThreads;
-        options.Device.AppendTo(so);
+        // CUDA that cannot load throws CudaUnavailableException naming the missing library: no silent CPU fallback
+        using var so = options.Device.CreateSessionOptions(options.IntraOpThreads);
+        // every LoRA input has a same-named default initializer by design; ORT warns about each one at load
+        so.LogSeverityLevel = OrtLoggingLevel.ORT_LOGGING_LEVEL_ERROR;
         InferenceSession session;
         try { session = new InferenceSession(modelPath, so); }
         catch (OnnxRuntimeException e) { throw new InvalidDataException($"{modelPath}: ONNX Runtime cannot load the model: {e.Message}", e); }
@@ -68,7 +70,7 @@ public sealed class AdapterHost : IDisposable
         {
             if (options.Device.IsCuda)
             {
-                memory = new OrtMemoryInfo(OrtMemoryInfo.allocatorCUDA, OrtAllocatorType.DeviceAllocator, options.Device.DeviceId, OrtMemType.Default);
+                memory = options.Device.DeviceMemoryInfo();
                 allocator = new OrtAllocator(session, memory);
             }
             return new AdapterHost(modelPath, session, options.Device, memory, allocator);

@@ -125,6 +125,26 @@ public class PeftAdapterTests
         Assert.That(metadata["format"], Is.EqualTo("pt"));
     }
 
+    /// <summary>The fixtures helper's file, written by an independent Python writer from the spec (mixed dtypes, metadata, unaligned data).</summary>
+    [Test]
+    public void Reads_the_independent_fixture_file()
+    {
+        var dir = Path.Combine(TestContext.CurrentContext.TestDirectory, "fixtures", "safetensors");
+        var expected = JsonNode.Parse(File.ReadAllText(Path.Combine(dir, "independent.json")))!;
+        var (tensors, metadata) = SafeTensorsFile.Read(Path.Combine(dir, "independent.safetensors"));
+        foreach (var (k, v) in expected["metadata"]!.AsObject()) Assert.That(metadata[k], Is.EqualTo(v!.GetValue<string>()));
+        var entries = expected["tensors"]!.AsArray();
+        Assert.That(tensors.Keys, Is.EquivalentTo(entries.Select(e => e!["name"]!.GetValue<string>())));
+        foreach (var e in entries)
+        {
+            var t = tensors[e!["name"]!.GetValue<string>()];
+            Assert.That(t.DType, Is.EqualTo(e["dtype"]!.GetValue<string>()));
+            Assert.That(t.Shape, Is.EqualTo(e["shape"]!.AsArray().Select(d => d!.GetValue<long>())));
+            if (t.DType is "F32" or "F16" or "BF16" or "F64")
+                Assert.That(t.ToFloats(), Is.EqualTo(e["values"]!.AsArray().Select(v => (float)v!.GetValue<double>())), t.DType);
+        }
+    }
+
     [TestCase(LoraScaling.Peft)]
     [TestCase(LoraScaling.RsLora)]
     [TestCase(LoraScaling.Alpha)]

@@ -1,4 +1,5 @@
 using Onnx;
+using OnnxLora.GraphRewrite.Autodiff;
 using OnnxLora.GraphRewrite.Onnx;
 using static OnnxLora.Tests.Autodiff.In;
 using DataType = Onnx.TensorProto.Types.DataType;
@@ -101,5 +102,43 @@ public class GradientRuleTests
                               plainMatMul: !row.Float32, usedOutputs: row.Used);
         Assert.That(r.MaxError, NUnit.Framework.Is.LessThanOrEqualTo(tolerance),
             $"{row.Name}: max error {r.MaxError:G3} > tolerance {tolerance:G3} (seed {r.Seed}) at {r.Where}");
+    }
+}
+
+/// <summary>Dropout in training mode draws a new mask every run, so it is checked against its own mask output.</summary>
+public class DropoutRuleTests
+{
+    [Test]
+    public void TrainingModeGradientIsTheMaskedScaledOutputGradient()
+    {
+        var model = new ModelProto { IrVersion = 8, Graph = new GraphProto { Name = "g" } };
+        model.OpsetImport.Add(new OperatorSetIdProto { Version = 17 });
+        var g = new GraphEditor(model);
+        g.AddInput(ValueInfos.Tensor("x", DataType.Float, 4, 8));
+        g.AddInput(ValueInfos.Tensor("training", DataType.Bool));
+        var ratio = g.AddConstant("ratio", Tensors.Scalar("", DataType.Float, 0.25));
+        g.AddNode("Dropout", ["x", ratio, "training"], ["y"], "drop", attributes: Attr.Int("seed", 7));
+        var rv = Enumerable.Range(0, 32).Select(i => (float)Math.Sin(i + 1)).ToArray();
+        var r = g.AddConstant("r", Tensors.Float("", [4, 8], rv));
+        var loss = g.Add("ReduceSum", [g.Add("Mul", ["y", r])], "loss", attributes: Attr.Int("keepdims", 0));
+        var grads = GradientBuilder.Build(model, new Dictionary<string, string> { [loss] = g.AddConstant("one", Tensors.Scalar("", DataType.Float, 1)) }, ["x"]);
+        var node = model.Graph.Node.First(n => n.OpType == "Dropout");
+        Assert.That(node.Output, Has.Count.EqualTo(2), "the rule adds the mask output to the forward node");
+        g.AddOutput(ValueInfos.Tensor(grads["x"], DataType.Float, 4, 8));
+        g.AddOutput(ValueInfos.Tensor(node.Output[1], DataType.Bool, 4, 8));
+        using var s = new Microsoft.ML.OnnxRuntime.InferenceSession(Google.Protobuf.MessageExtensions.ToByteArray(model));
+        foreach (var training in new[] { true, false })
+        {
+            var feeds = new Dictionary<string, (Array, long[])> { ["x"] = (new float[32].Select((_, i) => i * 0.1f).ToArray(), [4, 8]), ["training"] = (new[] { training }, []) };
+            var values = feeds.Values.Select(v => v.Item1 is float[] f ? Microsoft.ML.OnnxRuntime.OrtValue.CreateTensorValueFromMemory(f, v.Item2) : Microsoft.ML.OnnxRuntime.OrtValue.CreateTensorValueFromMemory((bool[])v.Item1, v.Item2)).ToList();
+            using var ro = new Microsoft.ML.OnnxRuntime.RunOptions();
+            using var res = s.Run(ro, feeds.Keys.ToList(), values, [grads["x"], node.Output[1]]);
+            var dx = res[0].GetTensorDataAsSpan<float>().ToArray();
+            var mask = res[1].GetTensorDataAsSpan<bool>().ToArray();
+            if (training) Assert.That(mask.Count(m => !m), Is.GreaterThan(0), "some elements dropped");
+            for (int i = 0; i < 32; i++)
+                Assert.That(dx[i], Is.EqualTo(mask[i] ? rv[i] * (training ? 1 / 0.75f : 1f) : 0f).Within(1e-6), $"training={training}: dx[{i}]");
+            foreach (var v in values) v.Dispose();
+        }
     }
 }

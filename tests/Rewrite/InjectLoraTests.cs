@@ -1,6 +1,7 @@
 using Onnx;
 using OnnxLora.GraphRewrite.Lora;
 using OnnxLora.GraphRewrite.Onnx;
+using OnnxLora.Models;
 using static OnnxLora.Tests.Rewrite.RewriteTestModels;
 
 namespace OnnxLora.Tests.Rewrite;
@@ -12,6 +13,7 @@ public class InjectLoraTests
     {
         yield return new TestCaseData("kitchen-sink").SetArgDisplayNames("kitchen-sink");
         yield return new TestCaseData("mlp").SetArgDisplayNames("mlp");
+        yield return new TestCaseData("tiny").SetArgDisplayNames("tiny (our builder)");
         foreach (var f in FixtureFiles()) yield return new TestCaseData(f).SetArgDisplayNames(Path.GetFileName(f));
     }
 
@@ -19,6 +21,7 @@ public class InjectLoraTests
     {
         "kitchen-sink" => KitchenSink(),
         "mlp" => Mlp(),
+        "tiny" => GptBuilder.Build(GptConfig.Preset("tiny"), GptWeights.Random(GptConfig.Preset("tiny"), seed: 1)),
         _ => OnnxFile.Load(which),
     };
 
@@ -177,7 +180,9 @@ public class InjectLoraTests
     public void MergeKeepsATiedEmbeddingAndMergesASharedWeightOnce()
     {
         var model = KitchenSink();
-        var r = LoraRewrite.Rewrite(model, new LoraConfig { Rank = 2, Alpha = 2, TargetModules = ["lm_head", "ff.0"] }, "t", "0");
+        // "ff.2" names the second user of the deduplicated initializer: it selects the same (one) layer
+        var r = LoraRewrite.Rewrite(model, new LoraConfig { Rank = 2, Alpha = 2, TargetModules = ["lm_head", "ff.2"] }, "t", "0");
+        Assert.That(r.Manifest.Targets.Select(t => t.Module), Is.EqualTo(new[] { "blocks.1.ff.0", "lm_head" }));
         Assert.That(r.Manifest.Targets.Single(t => t.Module == "blocks.1.ff.0").Nodes, Has.Count.EqualTo(2), "one A/B pair, both nodes listed");
         var parameters = RandomParameters(r);
         var (merged, _) = MergeLora.Run(model, r.Manifest, parameters);

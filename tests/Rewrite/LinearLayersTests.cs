@@ -1,4 +1,5 @@
 using OnnxLora.GraphRewrite.Lora;
+using OnnxLora.Models;
 using DataType = Onnx.TensorProto.Types.DataType;
 
 namespace OnnxLora.Tests.Rewrite;
@@ -15,6 +16,7 @@ public class LinearLayersTests
         ("blocks.0.mlp.c_proj", 16, 8, true, false, false, 1),    // Gemm transB
         ("blocks.1.ff.0", 8, 8, false, false, true, 2),           // one initializer, two MatMuls
         ("blocks.1.proj", 8, 8, false, false, false, 1),          // float16 behind a Cast
+        ("blocks.2.fused", 8, 8, true, false, false, 1),          // FusedMatMul transB
         ("lm_head", 8, 12, true, true, true, 1),                  // tied to the embedding Gather
     ];
 
@@ -61,6 +63,26 @@ public class LinearLayersTests
         Assert.That(layers.Count(l => !l.IsHead), Is.EqualTo(48), "4 per block × 12");
         Assert.That(layers.Single(l => l.Module == "transformer.h.5.attn.c_attn").Out, Is.EqualTo(2304));
         Assert.That(layers.Single(l => l.IsHead).IsShared, Is.True);
+    }
+
+    [Test]
+    public void Gpt2PresetFromOurBuilderHas48WeightMatMulsPlusTiedHead()
+    {
+        var config = GptConfig.Preset("gpt2");
+        // zero weights: discovery only reads names, shapes and the graph, and zeros cost no random draws
+        var zeros = GptLayout.Tensors(config).ToDictionary(t => t.Name, t => new WeightTensor(t.Shape, new float[t.Shape.Aggregate(1L, (a, b) => a * b)]));
+        var model = GptBuilder.Build(config, GptWeights.Create(config, zeros));
+        var clock = System.Diagnostics.Stopwatch.StartNew();
+        var layers = LinearLayers.Discover(model);
+        TestContext.Out.WriteLine($"discovery on gpt2: {clock.Elapsed.TotalMilliseconds:F0} ms");
+        Assert.That(layers.Where(l => !l.IsHead).Sum(l => l.Uses.Count), Is.EqualTo(48), "4 per block × 12");
+        Assert.That(layers.Where(l => !l.IsHead).Select(l => l.Module.Split('.')[^1]).Distinct(), Is.EquivalentTo(new[] { "c_attn", "c_proj", "c_fc" }));
+        var head = layers.Single(l => l.IsHead);
+        Assert.That((head.Module, head.Weight, head.In, head.Out, head.WeightTransposed, head.SharedWith.Count),
+            Is.EqualTo(("lm_head", "transformer.wte.weight", 768L, 50257L, true, 1)), "tied to the embedding Gather");
+        var targets = LoraTargeting.Select(layers, new LoraConfig { Rank = 16, Alpha = 16, TargetModules = ["c_attn", "c_proj", "c_fc"] });
+        long trainable = targets.Sum(t => t.Parameters);
+        Assert.That(LoraRewrite.ParameterLine(trainable, LoraRewrite.CountParameters(model) + trainable), Is.EqualTo("trainable params: 2,359,296 || all params: 126,799,104 || trainable%: 1.8607"), "PEFT's numbers for GPT-2");
     }
 
     [TestCase(true, "trainable params: 2,654,208 || all params: 127,094,016 || trainable%: 2.0884")]

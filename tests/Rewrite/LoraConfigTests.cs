@@ -114,15 +114,16 @@ public class LoraConfigTests
             "Alpha" => () => _ = new LoraConfig { Alpha = value },
             _ => () => _ = new LoraConfig { Dropout = value },
         };
-        var e = Assert.Throws<ArgumentOutOfRangeException>(() => make());
-        Assert.That(e!.ParamName, Is.EqualTo(field));
+        var e = Assert.Throws<LoraConfigException>(() => make());
+        Assert.That(e!.Field, Is.EqualTo(field));
+        Assert.That(e.Message, Does.StartWith(field));
         // `with` goes through the same checks
-        if (field == "Rank") Assert.Throws<ArgumentOutOfRangeException>(() => _ = new LoraConfig() with { Rank = (int)value });
+        if (field == "Rank") Assert.Throws<LoraConfigException>(() => _ = new LoraConfig() with { Rank = (int)value });
     }
 
     [Test]
     public void BadRegexIsRejected() =>
-        Assert.That(() => new LoraConfig { TargetModules = ["re:(unclosed"] }, Throws.ArgumentException.With.Message.Contains("not a valid regular expression"));
+        Assert.That(() => new LoraConfig { TargetModules = ["re:(unclosed"] }, Throws.InstanceOf<ArgumentException>().With.Message.Contains("not a valid regular expression"));
 
     [TestCase("0,1,10-11", new[] { 0, 1, 10, 11 })]
     [TestCase(" 3 , 2-2 ", new[] { 2, 3 })]
@@ -137,4 +138,30 @@ public class LoraConfigTests
     public void ParsePatternValuesSplitsAtTheLastEquals() =>
         Assert.That(LoraConfig.ParsePatternValues("c_attn=4,re.*(?=x)=2", "rank-pattern"),
             Is.EqualTo(new Dictionary<string, double> { ["c_attn"] = 4, ["re.*(?=x)"] = 2 }));
+}
+
+public class LoraInitialValuesTests
+{
+    [Test]
+    public void KaimingUniformIsBoundedByOneOverSqrtInAndSeeded()
+    {
+        var a = LoraInitialValues.A(768, 16, LoraInit.Kaiming, seed: 1, "h.0.attn.c_attn");
+        double bound = 1 / Math.Sqrt(768);
+        Assert.That(a, Has.Length.EqualTo(768 * 16));
+        Assert.That(a.Max(Math.Abs), Is.LessThanOrEqualTo(bound).And.GreaterThan(0.95 * bound), "U(-1/√in, 1/√in) fills its range");
+        Assert.That(a.Average(), Is.EqualTo(0).Within(bound / 20));
+        Assert.That(LoraInitialValues.A(768, 16, LoraInit.Kaiming, 1, "h.0.attn.c_attn"), Is.EqualTo(a), "same seed and module, same values");
+        Assert.That(LoraInitialValues.A(768, 16, LoraInit.Kaiming, 2, "h.0.attn.c_attn"), Is.Not.EqualTo(a), "another seed");
+        Assert.That(LoraInitialValues.A(768, 16, LoraInit.Kaiming, 1, "h.1.attn.c_attn"), Is.Not.EqualTo(a), "another module");
+    }
+
+    [Test]
+    public void GaussianHasStandardDeviationOneOverRank()
+    {
+        var a = LoraInitialValues.A(1024, 8, LoraInit.Gaussian, seed: 3, "m");
+        double mean = a.Average();
+        double std = Math.Sqrt(a.Select(v => (v - mean) * (v - mean)).Average());
+        Assert.That(std, Is.EqualTo(1.0 / 8).Within(0.005), "PEFT's gaussian: σ = 1/r");
+        Assert.That(mean, Is.EqualTo(0).Within(0.005));
+    }
 }

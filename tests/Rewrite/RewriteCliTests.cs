@@ -59,6 +59,28 @@ public class RewriteCliTests
     }
 
     [Test]
+    public void PatternsLayersAndScalingReachTheManifest()
+    {
+        using var dir = new TempDir();
+        var path = dir.File("k.onnx");
+        OnnxFile.Save(RewriteTestModels.KitchenSink(), path);
+        var outDir = dir.File("out");
+        var (code, stdout, err) = Cli("rewrite", path, "--out", outDir, "--rank", "4", "--alpha", "8", "--targets", "re:blocks\\..*", "--exclude", "W_value",
+            "--layers", "0", "--rank-pattern", "W_key=2", "--alpha-pattern", "c_.*=2", "--scaling", "alpha", "--init", "gaussian", "--seed", "9", "--dropout", "0.1");
+        Assert.That(code, Is.EqualTo(0), err);
+        var m = LoraManifest.Load(Path.Combine(outDir, LoraManifest.FileName));
+        Assert.That(m.Targets.Select(t => (t.Module, t.Rank, t.Alpha, t.Scale)), Is.EqualTo(new[]
+        {
+            ("blocks.0.att.W_query", 4, 8.0, 8.0), ("blocks.0.att.W_key", 2, 8.0, 8.0),
+            ("blocks.0.mlp.c_fc", 4, 2.0, 2.0), ("blocks.0.mlp.c_proj", 4, 2.0, 2.0),
+        }));
+        Assert.That((m.Scaling, m.Init, m.Seed, m.Dropout), Is.EqualTo((LoraScaling.Alpha, "gaussian", 9, 0.1)));
+        Assert.That(m.LayersToTransform, Is.EqualTo(new[] { 0 }));
+        Assert.That(m.DropoutTrainingModeInput, Is.EqualTo(InjectLora.DropoutTrainingModeInput));
+        Assert.That(stdout, Does.Contain("blocks.0.att.W_key"));
+    }
+
+    [Test]
     public void InspectListsTheLinearLayers()
     {
         using var dir = new TempDir();
@@ -67,8 +89,8 @@ public class RewriteCliTests
         var (code, stdout, err) = Cli("inspect", path);
         Assert.That(code, Is.EqualTo(0), err);
         Assert.That(stdout, Does.Contain("IR version 8").And.Contain("input_ids").And.Contain("[batch, seq, 12]"));
-        Assert.That(stdout, Does.Contain("blocks.0.att.W_query").And.Contain("blocks.1.ff.0").And.Contain("head shared×2 transposed"));
-        Assert.That(stdout, Does.Contain("8 LoRA-able weight MatMul/Gemm nodes in 7 modules, plus 1 output head (tied to the embedding); 2 other"));
+        Assert.That(stdout, Does.Contain("blocks.0.att.W_query").And.Contain("blocks.1.ff.0 = blocks.1.ff.2").And.Contain("head shared×2 transposed"));
+        Assert.That(stdout, Does.Contain("9 LoRA-able weight MatMul/Gemm nodes in 8 modules, plus 1 output head (tied to the embedding); 2 other"));
         Assert.That(stdout, Does.Contain("float16→float"));
     }
 

@@ -29,7 +29,7 @@ static class RewriteTestModels
     /// A one-and-a-half-block GPT-like graph covering the cases: a tied head (Gather + Transpose of one initializer),
     /// torch-style anonymous weights named by node scope, a meaningful weight behind a Transpose, attention-like
     /// activation×activation MatMuls, Conv1D-style Gemm on a 2-D view (transB 0 and 1, with bias), one weight used by two
-    /// MatMuls (deduplicated initializer), and a float16 weight behind a Cast.
+    /// MatMuls (deduplicated initializer), a float16 weight behind a Cast, and a com.microsoft.FusedMatMul with transB.
     /// </summary>
     public static ModelProto KitchenSink()
     {
@@ -75,8 +75,16 @@ static class RewriteTestModels
         var u3 = Node(g, "MatMul", [u2, wc], "/blocks/blocks.1/proj/MatMul");
         var x4 = Node(g, "Add", [x3, u3], "/blocks/blocks.1/Add");
 
+        // com.microsoft.FusedMatMul with transB, as ORT's optimizer and our backward graphs write it
+        g.EnsureOpset("com.microsoft", 1);
+        g.AddInitializer(Tensors.Float("onnx::FusedMatMul_120", [C, C], Random(C * C, seed++)));               // [out, in]
+        var u4 = g.Add("FusedMatMul", [x4, "onnx::FusedMatMul_120"], "blocks.2.fused_out", "com.microsoft", Attr.Int("transB", 1));
+        g.Graph.Node[^1].Name = "/blocks/blocks.2/fused/FusedMatMul";
+        g.Reindex();
+        var x5 = Node(g, "Add", [x4, u4], "/blocks/blocks.2/Add");
+
         var eT = Node(g, "Transpose", ["transformer.wte.weight"], "/lm_head/Transpose");
-        g.AddNode("MatMul", [x4, eT], ["logits"], "/lm_head/MatMul");
+        g.AddNode("MatMul", [x5, eT], ["logits"], "/lm_head/MatMul");
         g.AddOutput(ValueInfos.Tensor("logits", DataType.Float, "batch", "seq", Vocab));
         return model;
     }

@@ -45,7 +45,7 @@ public sealed class InspectCommand(IAnsiConsole console) : Command<InspectComman
         var linears = new Table().Title("LoRA-able weight MatMul/Gemm nodes").AddColumns("#", "module", "op", "in", "out", "flags", "weight");
         int row = 0;
         foreach (var l in layers)
-            linears.AddRow((++row).ToString(CultureInfo.InvariantCulture), Markup.Escape(l.Module), string.Join("+", l.Uses.Select(u => u.OpType).Distinct()),
+            linears.AddRow((++row).ToString(CultureInfo.InvariantCulture), Markup.Escape(l.Module + string.Concat(l.Aliases.Select(a => " = " + a))), string.Join("+", l.Uses.Select(u => u.OpType).Distinct()),
                 l.In.ToString(CultureInfo.InvariantCulture), l.Out.ToString(CultureInfo.InvariantCulture), Flags(l), Markup.Escape(l.Weight));
         console.Write(linears);
 

@@ -1,0 +1,430 @@
+using System.Text.Json;
+using System.Text.Json.Serialization;
+using Google.Protobuf;
+using Onnx;
+using OnnxLora.GraphRewrite.Lora;
+using OnnxLora.GraphRewrite.Onnx;
+using DataType = Onnx.TensorProto.Types.DataType;
+
+namespace OnnxLora.GraphRewrite.Autodiff;
+
+/// <summary>What the model is trained for.</summary>
+[JsonConverter(typeof(JsonStringEnumConverter<TrainingTask>))]
+public enum TrainingTask
+{
+    /// <summary>Causal language modelling on the model's own logits.</summary>
+    Lm,
+    /// <summary>Sequence classification by a new head on the last non-padding position.</summary>
+    Cls,
+}
+
+/// <summary>How a classification head is trained.</summary>
+public enum HeadMode
+{
+    /// <summary>The head weight [d, classes] is trained fully (PEFT's modules_to_save).</summary>
+    Full,
+    /// <summary>The head weight is frozen at its seeded init and gets a LoRA branch (A [d, r], B [r, classes]).</summary>
+    Lora,
+}
+
+/// <summary>Options of <see cref="TrainingArtifacts.Build"/>.</summary>
+public sealed record ArtifactOptions
+{
+    public TrainingTask Task { get; init; } = TrainingTask.Lm;
+    /// <summary>Number of classes for <see cref="TrainingTask.Cls"/> (≥ 2).</summary>
+    public int Classes { get; init; }
+    public HeadMode HeadMode { get; init; } = HeadMode.Full;
+    public OptimizerKind Optimizer { get; init; } = OptimizerKind.AdamW;
+    public double Beta1 { get; init; } = 0.9;
+    public double Beta2 { get; init; } = 0.999;
+    public double Epsilon { get; init; } = 1e-8;
+    /// <summary>
+    /// When true the train model adds its gradients to <c>p.grad.in</c> unless <c>reset_grad</c> is true (micro-batch
+    /// accumulation in the same graph; see README.md); when false it outputs each step's gradients alone.
+    /// </summary>
+    public bool AccumulateGradients { get; init; } = true;
+    /// <summary>Seed of the classification head's initial weight (normal, std <see cref="HeadInitStd"/>).</summary>
+    public int HeadSeed { get; init; }
+    /// <summary>Standard deviation of the head's initial weight; 0 starts it at zero.</summary>
+    public double HeadInitStd { get; init; } = 0.02;
+    /// <summary>The token input of the training view.</summary>
+    public string InputIds { get; init; } = "input_ids";
+    /// <summary>The logits output of the training view.</summary>
+    public string Logits { get; init; } = "logits";
+}
+
+/// <summary>
+/// Training artifacts built from a LoRA training view (see <see cref="InjectLora"/>): the train model (forward, loss,
+/// backward; outputs the loss and gradients), the eval model (loss and logits, no backward), the optimizer model
+/// (<see cref="Optimizers"/>) and the trainable parameters' initial values. <see cref="Save"/> writes them with an
+/// artifacts.json (<see cref="ArtifactsSpec"/>) that names every input and output and its role.
+/// </summary>
+public sealed class TrainingArtifacts
+{
+    public const string SpecFile = "artifacts.json", TrainFile = "train.onnx", EvalFile = "eval.onnx",
+                        OptimizerFile = "optimizer.onnx", InitialParamsFile = "initial_params.onnx";
+    public const string Labels = "labels", Lengths = "lengths", Loss = "loss", ClassLogits = "class_logits", ResetGrad = "reset_grad";
+    public const string HeadWeight = "cls_head.weight", HeadLoraA = "cls_head.lora_A", HeadLoraB = "cls_head.lora_B";
+    public static string GradIn(string p) => p + ".grad.in";
+
+    TrainingArtifacts(ModelProto train, ModelProto eval, ModelProto optimizer, ModelProto initialParams, ArtifactsSpec spec)
+    {
+        TrainModel = train; EvalModel = eval; OptimizerModel = optimizer; InitialParams = initialParams; Spec = spec;
+    }
+
+    public ModelProto TrainModel { get; }
+    public ModelProto EvalModel { get; }
+    public ModelProto OptimizerModel { get; }
+    /// <summary>A model with no inputs whose outputs are the trainable parameters' initial values (and frozen head weights).</summary>
+    public ModelProto InitialParams { get; }
+    public ArtifactsSpec Spec { get; }
+
+    /// <summary>Builds the artifacts. <paramref name="trainingView"/> is not changed.</summary>
+    public static TrainingArtifacts Build(ModelProto trainingView, LoraManifest manifest, ArtifactOptions? options = null)
+    {
+        ArgumentNullException.ThrowIfNull(trainingView);
+        ArgumentNullException.ThrowIfNull(manifest);
+        options ??= new ArtifactOptions();
+        if (options.Task == TrainingTask.Cls && options.Classes < 2)
+            throw new ArgumentException($"{nameof(ArtifactOptions.Classes)} must be ≥ 2 for the classification task, got {options.Classes}", nameof(options));
+        return new Builder(trainingView, manifest, options).Run();
+    }
+
+    /// <summary>Writes the four models and artifacts.json into <paramref name="dir"/> (created if needed), each file atomically.</summary>
+    public void Save(string dir)
+    {
+        Directory.CreateDirectory(dir);
+        OnnxFile.Save(TrainModel, Path.Combine(dir, TrainFile));
+        OnnxFile.Save(EvalModel, Path.Combine(dir, EvalFile));
+        OnnxFile.Save(OptimizerModel, Path.Combine(dir, OptimizerFile));
+        OnnxFile.Save(InitialParams, Path.Combine(dir, InitialParamsFile));
+        AtomicFile.WriteAllText(Path.Combine(dir, SpecFile), JsonSerializer.Serialize(Spec, ArtifactsSpec.Json));
+    }
+
+    /// <summary>Reads artifacts.json from an artifacts folder, checking its format tag.</summary>
+    public static ArtifactsSpec LoadSpec(string dir)
+    {
+        var path = Path.Combine(dir, SpecFile);
+        if (!File.Exists(path)) throw new FileNotFoundException($"{path}: no such file; build the training artifacts first", path);
+        ArtifactsSpec? spec;
+        try { spec = JsonSerializer.Deserialize<ArtifactsSpec>(File.ReadAllText(path), ArtifactsSpec.Json); }
+        catch (JsonException e) { throw new InvalidDataException($"{path}: not a valid {SpecFile} ({e.Message})", e); }
+        if (spec is null || spec.Format != ArtifactsSpec.CurrentFormat)
+            throw new InvalidDataException($"{path}: format '{spec?.Format}' is not '{ArtifactsSpec.CurrentFormat}'; rebuild the artifacts");
+        return spec;
+    }
+
+    sealed class Builder(ModelProto view, LoraManifest manifest, ArtifactOptions options)
+    {
+        readonly List<ParamSpec> _params = new();
+        readonly Dictionary<string, TensorProto> _initial = new();
+        readonly Dictionary<string, (string Role, string? Param)> _roles = new();
+        readonly List<TensorProto> _frozenExtras = new();
+
+        public TrainingArtifacts Run()
+        {
+            var g = new GraphEditor(view);
+            if (!g.IsGraphInput(options.InputIds)) throw new ArgumentException($"the training view has no input '{options.InputIds}'; re-run 'onnxlora rewrite'");
+            if (!g.IsGraphOutput(options.Logits)) throw new ArgumentException($"the training view has no output '{options.Logits}'; re-run 'onnxlora rewrite'");
+            foreach (var t in manifest.Targets)
+                foreach (var (name, kind) in new[] { (t.LoraA, "lora_a"), (t.LoraB, "lora_b") })
+                {
+                    if (!g.IsGraphInput(name) || g.Initializer(name) is not { } init)
+                        throw new ArgumentException($"'{name}' ({t.Module}) from {LoraManifest.FileName} is not an input with an initializer of the training view; re-run 'onnxlora rewrite'");
+                    AddParam(name, kind, t.Module, init.Clone());
+                }
+            if (options.Task == TrainingTask.Cls) AddHeadParams(g);
+            _roles[options.InputIds] = ("input_ids", null);
+            if (manifest.DropoutTrainingModeInput is { } dropout) _roles[dropout] = ("dropout_training_mode", null);
+
+            var train = Compose(train: true);
+            var eval = Compose(train: false);
+            var infos = _params.Select(p => new ParamInfo(p.Name, (int)DataType.Float, p.Shape)).ToList();
+            var optimizer = Optimizers.Build(options.Optimizer, infos, options.Beta1, options.Beta2, options.Epsilon);
+            foreach (var p in _params)
+            {
+                _roles[p.Name] = ("param", p.Name);
+                _roles[Optimizers.Grad(p.Name)] = ("grad", p.Name);
+                _roles[Optimizers.Updated(p.Name)] = ("updated_param", p.Name);
+                foreach (var m in Optimizers.Moments(options.Optimizer, p.Name)) { _roles[m] = ("moment", p.Name); _roles[Optimizers.Updated(m)] = ("updated_moment", p.Name); }
+            }
+            foreach (var s in new[] { Optimizers.LearningRate, Optimizers.Step, Optimizers.WeightDecay, Optimizers.GradScale, Optimizers.MaxGradNorm, Optimizers.GradNorm })
+                _roles[s] = (s, null);
+            var spec = new ArtifactsSpec
+            {
+                Task = options.Task == TrainingTask.Lm ? "lm" : "cls",
+                Classes = options.Task == TrainingTask.Cls ? options.Classes : null,
+                HeadMode = options.Task == TrainingTask.Cls ? options.HeadMode.ToString().ToLowerInvariant() : null,
+                Optimizer = options.Optimizer == OptimizerKind.AdamW ? "adamw" : "sgd",
+                Beta1 = options.Beta1, Beta2 = options.Beta2, Epsilon = options.Epsilon,
+                AccumulateGradients = options.AccumulateGradients,
+                Params = _params,
+                FrozenExtras = _frozenExtras.Select(t => t.Name).ToList(),
+                Train = Describe(train), Eval = Describe(eval), OptimizerModel = Describe(optimizer),
+            };
+            return new TrainingArtifacts(train, eval, optimizer, InitialParamsModel(), spec);
+        }
+
+        void AddParam(string name, string kind, string module, TensorProto init)
+        {
+            if (init.DataType != (int)DataType.Float)
+                throw new NotSupportedException($"trainable '{name}' is {(DataType)init.DataType}; training artifacts keep parameters in float32");
+            _params.Add(new ParamSpec { Name = name, Kind = kind, Module = module, Shape = init.Dims.ToArray(), Moments = Optimizers.Moments(options.Optimizer, name) });
+            _initial[name] = init;
+        }
+
+        // the task head: W [d, classes] trained fully, or frozen W plus A [d, r]·B [r, classes]
+        void AddHeadParams(GraphEditor g)
+        {
+            var (hidden, _) = HeadInput(g);
+            var d = ShapeInference.Infer(view)[hidden].Dims?[^1].Value
+                ?? throw new ArgumentException($"the width of the hidden state '{hidden}' under the output head is unknown; declare its shape");
+            var w = Tensors.Float(HeadWeight, [d, options.Classes], SeededNormal(d * options.Classes, options.HeadSeed, options.HeadInitStd));
+            if (options.HeadMode == HeadMode.Full) { AddParam(HeadWeight, "head", "score", w); return; }
+            _frozenExtras.Add(w);
+            int r = manifest.Rank;
+            var a = LoraInitialValues.A(d, r, LoraInit.Kaiming, manifest.Seed, "score");
+            AddParam(HeadLoraA, "head_lora_a", "score", Tensors.FromDoubles(HeadLoraA, DataType.Float, [d, r], a));
+            AddParam(HeadLoraB, "head_lora_b", "score", Tensors.Float(HeadLoraB, [r, options.Classes], new float[r * options.Classes]));
+        }
+
+        static float[] SeededNormal(long count, int seed, double std)
+        {
+            var rng = new Random(seed);
+            var v = new float[count];
+            for (long i = 0; i < count; i++)
+            {
+                double u1 = 1 - rng.NextDouble(), u2 = rng.NextDouble();
+                v[i] = (float)(std * Math.Sqrt(-2 * Math.Log(u1)) * Math.Cos(2 * Math.PI * u2));
+            }
+            return v;
+        }
+
+        // the value entering the output head (the hidden state) and the head's weight, found from the logits output
+        (string Hidden, string Weight) HeadInput(GraphEditor g)
+        {
+            var v = options.Logits;
+            for (int guard = 0; guard < 64; guard++)
+            {
+                var p = g.Producer(v) ?? throw new ArgumentException($"'{options.Logits}' is not computed by a MatMul/Gemm head");
+                switch (p.OpType)
+                {
+                    case "Reshape" or "Identity" or "Cast": v = p.Input[0]; continue;
+                    case "MatMul" or "Gemm" or "FusedMatMul": return (p.Input[0], p.Input[1]);
+                    case "Add":
+                        v = p.Input.FirstOrDefault(i => g.Producer(i) is { OpType: "MatMul" or "Gemm" or "FusedMatMul" } mm && g.IsInitializer(mm.Input[1]))
+                            ?? p.Input.First(i => g.Producer(i) is not null);
+                        continue;
+                    default: throw new ArgumentException($"cannot find the output head behind '{options.Logits}': stopped at {p.Describe()}");
+                }
+            }
+            throw new ArgumentException($"cannot find the output head behind '{options.Logits}'");
+        }
+
+        ModelProto Compose(bool train)
+        {
+            var m = view.Clone();
+            m.Graph.Output.Clear();
+            var g = new GraphEditor(m);
+            foreach (var p in _params) g.RemoveInitializer(p.Name);
+            if (train && manifest.DropoutTrainingModeInput is { } dm && g.Initializer(dm) is not null)
+            {
+                g.RemoveInitializer(dm);
+                g.AddInitializer(Tensors.Bool(dm, [], [true]));   // train: dropout on unless fed false
+            }
+            var inputIdsDims = ValueInfos.Dims(m.Graph.Input.First(i => i.Name == options.InputIds)) ?? [new Dim(null, "batch"), new Dim(null, "seq")];
+            Losses.CrossEntropy ce;
+            string logitsOut;
+            if (options.Task == TrainingTask.Lm)
+            {
+                g.AddInput(ValueInfos.Tensor(Labels, DataType.Int64, inputIdsDims));
+                _roles[Labels] = ("labels", null);
+                ce = Losses.CausalLm(Losses.Emitter(m, "loss/"), options.Logits, Labels);
+                logitsOut = options.Logits;
+            }
+            else
+            {
+                g.AddInput(ValueInfos.Tensor(Labels, DataType.Int64, inputIdsDims[0]));
+                g.AddInput(ValueInfos.Tensor(Lengths, DataType.Int64, inputIdsDims[0]));
+                _roles[Labels] = ("labels", null); _roles[Lengths] = ("lengths", null);
+                AddClassHead(m, g, inputIdsDims[0]);
+                ce = Losses.Classification(Losses.Emitter(m, "loss/"), ClassLogits, Labels);
+                logitsOut = ClassLogits;
+            }
+            var editor = new GraphEditor(m);
+            editor.AddNode("Identity", [ce.Loss], [Loss], Loss);
+            editor.AddOutput(ValueInfos.Tensor(Loss, DataType.Float));
+            _roles[Loss] = ("loss", null);
+            var logitsDims = ShapeInference.Infer(m).GetValueOrDefault(logitsOut)?.Dims;
+            if (!train || options.Task == TrainingTask.Cls)
+            {
+                editor.AddOutput(ValueInfos.Tensor(logitsOut, (int)DataType.Float, logitsDims));
+                _roles[logitsOut] = ("logits", null);
+            }
+            // LoRA parameters are inputs of the view already; a head's parameters are new
+            foreach (var p in _params.Where(p => !editor.IsGraphInput(p.Name)))
+                editor.AddInput(ValueInfos.Tensor(p.Name, DataType.Float, p.Shape.Select(d => new Dim(d)).ToArray()));
+            if (train) AddBackward(m, ce);
+            var final = new GraphEditor(m);
+            final.RemoveDeadNodes();
+            final.SortTopologically();
+            m.Graph.Name = train ? "train_step" : "eval_step";
+            return m;
+        }
+
+        void AddBackward(ModelProto m, Losses.CrossEntropy ce)
+        {
+            var e = Losses.Emitter(m, "loss_grad/");
+            var dz = Losses.LogitsGradient(e, ce);
+            var grads = GradientBuilder.Build(m, new Dictionary<string, string> { [ce.Logits] = dz }, _params.Select(p => p.Name).ToList());
+            var g = new GraphEditor(m);
+            if (options.AccumulateGradients)
+            {
+                g.AddInput(ValueInfos.Tensor(ResetGrad, DataType.Bool));
+                _roles[ResetGrad] = ("reset_grad", null);
+            }
+            foreach (var p in _params)
+            {
+                var dims = p.Shape.Select(d => new Dim(d)).ToArray();
+                var grad = grads[p.Name];
+                if (options.AccumulateGradients)
+                {
+                    g.AddInput(ValueInfos.Tensor(GradIn(p.Name), DataType.Float, dims));
+                    _roles[GradIn(p.Name)] = ("grad_in", p.Name);
+                    grad = g.Add("Where", [ResetGrad, grad, g.Add("Add", [grad, GradIn(p.Name)], "grad/accumulate")], "grad/accumulate");
+                }
+                g.AddNode("Identity", [grad], [Optimizers.Grad(p.Name)], Optimizers.Grad(p.Name));
+                g.AddOutput(ValueInfos.Tensor(Optimizers.Grad(p.Name), DataType.Float, dims));
+            }
+        }
+
+        // class_logits [batch, classes] from the hidden state at position lengths−1 (the last non-padding token)
+        void AddClassHead(ModelProto m, GraphEditor g, Dim batch)
+        {
+            var (hidden, _) = HeadInput(g);
+            var shapes = ShapeInference.Infer(m);
+            var h = hidden;
+            if (shapes[hidden].Rank == 2)   // Gemm heads run on a [batch·seq, d] view
+                h = g.Add("Reshape", [hidden, g.Add("Concat", [g.Add("Shape", [options.InputIds], "head/shape"), g.AddConstant("head/minus1", Tensors.Int64Vector("", -1))], "head/shape3", attributes: Attr.Int("axis", 0))], "head/hidden3");
+            var seqLen = g.Add("Gather", [g.Add("Shape", [options.InputIds], "head/ids_shape"), g.AddConstant("head/one", Tensors.Int64("", [], [1]))], "head/seq");
+            var positions = g.Add("Range", [g.AddConstant("head/zero", Tensors.Int64("", [], [0])), seqLen, g.AddConstant("head/step", Tensors.Int64("", [], [1]))], "head/positions");
+            var last = g.Add("Unsqueeze", [g.Add("Sub", [Lengths, g.AddConstant("head/one_i", Tensors.Int64("", [], [1]))], "head/last"), g.AddConstant("head/axis1", Tensors.Int64Vector("", 1))], "head/last2");  // [batch, 1]
+            var select = g.Add("Cast", [g.Add("Equal", [g.Add("Unsqueeze", [positions, g.AddConstant("head/axis0", Tensors.Int64Vector("", 0))], "head/pos2"), last], "head/is_last")], "head/select", attributes: Attr.Int("to", (int)DataType.Float));
+            var select3 = g.Add("Unsqueeze", [select, g.AddConstant("head/axism1", Tensors.Int64Vector("", -1))], "head/select3");   // [batch, seq, 1]
+            var lastHidden = g.Add("ReduceSum", [g.Add("Mul", [h, select3], "head/masked"), g.AddConstant("head/axes", Tensors.Int64Vector("", 1))], "head/last_hidden", attributes: Attr.Int("keepdims", 0)); // [batch, d]
+            string logits;
+            if (options.HeadMode == HeadMode.Full) logits = g.Add("MatMul", [lastHidden, HeadWeight], "head/logits");
+            else
+            {
+                g.AddInitializer(_frozenExtras[0].Clone());
+                var scale = LoraManifest.ScaleFor(manifest.Scaling, manifest.Alpha, manifest.Rank);
+                var branch = g.Add("MatMul", [g.Add("MatMul", [lastHidden, HeadLoraA], "head/lora_h"), HeadLoraB], "head/lora");
+                if (scale != 1) branch = g.Add("Mul", [branch, g.AddConstant("head/lora_scale", Tensors.Scalar("", DataType.Float, scale))], "head/lora_scaled");
+                logits = g.Add("Add", [g.Add("MatMul", [lastHidden, HeadWeight], "head/base"), branch], "head/logits");
+            }
+            g.AddNode("Identity", [logits], [ClassLogits], ClassLogits);
+            m.Graph.ValueInfo.Add(ValueInfos.Tensor(ClassLogits, DataType.Float, batch, new Dim(options.Classes)));
+        }
+
+        ModelProto InitialParamsModel()
+        {
+            var m = new ModelProto { IrVersion = 8, ProducerName = "onnxlora", Graph = new GraphProto { Name = "initial_params" } };
+            m.OpsetImport.Add(new OperatorSetIdProto { Domain = "", Version = 17 });
+            var g = new GraphEditor(m);
+            foreach (var t in _params.Select(p => _initial[p.Name]).Concat(_frozenExtras))
+            {
+                var init = t.Clone(); init.Name = t.Name + ".init";
+                g.AddInitializer(init);
+                g.AddNode("Identity", [init.Name], [t.Name], t.Name);
+                g.AddOutput(ValueInfos.Tensor(t.Name, t.DataType, t.Dims.Select(d => new Dim(d)).ToArray()));
+            }
+            return m;
+        }
+
+        ModelSpec Describe(ModelProto m) => new()
+        {
+            Inputs = m.Graph.Input.Select(Io).ToList(),
+            Outputs = m.Graph.Output.Select(Io).ToList(),
+        };
+
+        IoSpec Io(ValueInfoProto v)
+        {
+            var (role, param) = _roles.TryGetValue(v.Name, out var r) ? r : ("other", null);
+            return new IoSpec
+            {
+                Name = v.Name, Role = role, Param = param,
+                ElemType = ((DataType)ValueInfos.ElemType(v)).ToString().ToLowerInvariant(),
+                Shape = ValueInfos.Dims(v)?.Select(d => d.ToString()).ToList(),
+            };
+        }
+    }
+}
+
+/// <summary>
+/// artifacts.json: the contract between the artifact builder and the training session. Every input and output of
+/// the three models is listed with its role; see graph-rewrite/Autodiff/README.md for the roles.
+/// </summary>
+public sealed record ArtifactsSpec
+{
+    public const string CurrentFormat = "onnxlora.artifacts/1";
+    public string Format { get; init; } = CurrentFormat;
+    /// <summary>"lm" or "cls".</summary>
+    public required string Task { get; init; }
+    public int? Classes { get; init; }
+    /// <summary>"full" or "lora" (cls only).</summary>
+    public string? HeadMode { get; init; }
+    /// <summary>"adamw" or "sgd".</summary>
+    public required string Optimizer { get; init; }
+    public double Beta1 { get; init; }
+    public double Beta2 { get; init; }
+    public double Epsilon { get; init; }
+    public bool AccumulateGradients { get; init; }
+    public Dictionary<string, string> Files { get; init; } = new()
+    {
+        ["train"] = TrainingArtifacts.TrainFile, ["eval"] = TrainingArtifacts.EvalFile,
+        ["optimizer"] = TrainingArtifacts.OptimizerFile, ["initial_params"] = TrainingArtifacts.InitialParamsFile,
+    };
+    /// <summary>Trainable tensors, in the order the models list them.</summary>
+    public required IReadOnlyList<ParamSpec> Params { get; init; }
+    /// <summary>Frozen tensors that belong to the adapter (a LoRA-adapted head's seeded weight), values in initial_params.onnx.</summary>
+    public IReadOnlyList<string> FrozenExtras { get; init; } = [];
+    public required ModelSpec Train { get; init; }
+    public required ModelSpec Eval { get; init; }
+    [JsonPropertyName("optimizer_model")]
+    public required ModelSpec OptimizerModel { get; init; }
+
+    internal static readonly JsonSerializerOptions Json = new()
+    {
+        WriteIndented = true,
+        PropertyNamingPolicy = JsonNamingPolicy.SnakeCaseLower,
+        DefaultIgnoreCondition = JsonIgnoreCondition.WhenWritingNull,
+    };
+}
+
+/// <summary>One trainable tensor: kind is lora_a, lora_b, head, head_lora_a or head_lora_b.</summary>
+public sealed record ParamSpec
+{
+    public required string Name { get; init; }
+    public required string Kind { get; init; }
+    public required string Module { get; init; }
+    public required long[] Shape { get; init; }
+    /// <summary>Optimizer state tensor names (exp_avg, exp_avg_sq for AdamW).</summary>
+    public required IReadOnlyList<string> Moments { get; init; }
+}
+
+/// <summary>Inputs and outputs of one model.</summary>
+public sealed record ModelSpec
+{
+    public required IReadOnlyList<IoSpec> Inputs { get; init; }
+    public required IReadOnlyList<IoSpec> Outputs { get; init; }
+}
+
+/// <summary>One input or output: its name, role, the parameter it belongs to, element type and dims (numbers or symbols).</summary>
+public sealed record IoSpec
+{
+    public required string Name { get; init; }
+    public required string Role { get; init; }
+    public string? Param { get; init; }
+    public required string ElemType { get; init; }
+    public IReadOnlyList<string>? Shape { get; init; }
+}

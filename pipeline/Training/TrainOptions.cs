@@ -1,0 +1,94 @@
+using System.Security.Cryptography;
+using System.Text;
+using System.Text.Json;
+using System.Text.Json.Serialization;
+using OnnxLora.GraphRewrite.Onnx;
+using OnnxLora.Pipeline.Data;
+
+namespace OnnxLora.Pipeline.Training;
+
+/// <summary>Everything one training run needs; saved as RUN_DIR/train_config.json so that --resume continues it.</summary>
+public sealed record TrainOptions
+{
+    public const string FileName = "train_config.json";
+
+    /// <summary>An 'onnxlora rewrite' output folder (model.onnx, deploy.onnx, lora_config.json).</summary>
+    public required string ModelDir { get; init; }
+    public required string DataPath { get; init; }
+    public DataFormat Format { get; init; } = DataFormat.Text;
+    public TaskKind Task { get; init; } = TaskKind.Lm;
+    public int Classes { get; init; }
+    /// <summary>Label names for tsv classification data (index order); null = the file's sorted labels.</summary>
+    public IReadOnlyList<string>? ClassNames { get; init; }
+    /// <summary>"full" trains the classification head (PEFT's modules_to_save); "lora" adapts a frozen random head.</summary>
+    public string HeadMode { get; init; } = "full";
+    public required string OutDir { get; init; }
+    public int Epochs { get; init; } = 1;
+    /// <summary>Optimizer steps; overrides <see cref="Epochs"/> when &gt; 0.</summary>
+    public int MaxSteps { get; init; }
+    public int BatchSize { get; init; } = 8;
+    public int SeqLength { get; init; } = 128;
+    public string Optimizer { get; init; } = "adamw";
+    public double Lr { get; init; } = 2e-4;
+    public double WeightDecay { get; init; } = 0.01;
+    public int WarmupSteps { get; init; }
+    public ScheduleKind Schedule { get; init; } = ScheduleKind.Linear;
+    public int GradAccum { get; init; } = 1;
+    /// <summary>Global-norm clipping threshold; 0 = off.</summary>
+    public double Clip { get; init; }
+    public string? EvalDataPath { get; init; }
+    /// <summary>Evaluate every N optimizer steps (0 = at each epoch's end only).</summary>
+    public int EvalEvery { get; init; }
+    /// <summary>Stop when eval loss has not improved for this many evaluations (0 = never).</summary>
+    public int EarlyStoppingPatience { get; init; }
+    public string Device { get; init; } = "cpu";
+    public int Threads { get; init; }
+    public int Seed { get; init; } = 42;
+    public bool Shuffle { get; init; } = true;
+    public string? InitAdapter { get; init; }
+    public int CheckpointEvery { get; init; } = 50;
+    public bool SkipBadRows { get; init; }
+
+    internal static readonly JsonSerializerOptions Json = new()
+    {
+        WriteIndented = true,
+        PropertyNamingPolicy = JsonNamingPolicy.SnakeCaseLower,
+        Converters = { new JsonStringEnumConverter(JsonNamingPolicy.SnakeCaseLower) },
+    };
+
+    /// <summary>Checks the values once, with messages that name the flag.</summary>
+    public void Validate()
+    {
+        void Require(bool ok, string message) { if (!ok) throw new ArgumentException(message); }
+        Require(BatchSize >= 1, $"--batch must be ≥ 1 (got {BatchSize})");
+        Require(SeqLength >= 2, $"--seq must be ≥ 2 (got {SeqLength})");
+        Require(Epochs >= 1 || MaxSteps > 0, "--epochs must be ≥ 1, or give --max-steps");
+        Require(Lr > 0, $"--lr must be > 0 (got {Lr})");
+        Require(WeightDecay >= 0, $"--weight-decay must be ≥ 0 (got {WeightDecay})");
+        Require(GradAccum >= 1, $"--grad-accum must be ≥ 1 (got {GradAccum})");
+        Require(Clip >= 0, $"--clip must be ≥ 0 (got {Clip})");
+        Require(Optimizer is "adamw" or "sgd", $"--optimizer must be adamw or sgd (got '{Optimizer}')");
+        Require(HeadMode is "full" or "lora", $"--head must be full or lora (got '{HeadMode}')");
+        Require(Task != TaskKind.Cls || Classes >= 2 || ClassNames is { Count: >= 2 } || Format == DataFormat.Tsv, "--task cls needs --classes N (≥ 2)");
+        Require(CheckpointEvery >= 0 && EvalEvery >= 0 && WarmupSteps >= 0, "--checkpoint-every, --eval-every and --warmup must be ≥ 0");
+    }
+
+    public string ToJson() => JsonSerializer.Serialize(this, Json);
+
+    public static TrainOptions Load(string runDir)
+    {
+        var path = Path.Combine(runDir, FileName);
+        if (!File.Exists(path)) throw new FileNotFoundException($"{runDir}: not a training run folder (no {FileName})", path);
+        return JsonSerializer.Deserialize<TrainOptions>(File.ReadAllText(path), Json)
+            ?? throw new InvalidDataException($"{path}: empty");
+    }
+
+    public void Save() => AtomicFile.WriteAllText(Path.Combine(OutDir, FileName), ToJson());
+
+    /// <summary>Hash of what determines the numbers (not output-only settings), to refuse resuming a different run.</summary>
+    public string NumericsHash()
+    {
+        var key = this with { OutDir = "", CheckpointEvery = 0, EvalEvery = 0, EarlyStoppingPatience = 0, Threads = 0, InitAdapter = null };
+        return Convert.ToHexString(SHA256.HashData(Encoding.UTF8.GetBytes(key.ToJson())))[..16];
+    }
+}

@@ -1,0 +1,269 @@
+using System.Diagnostics;
+using OnnxLora.GraphRewrite.Autodiff;
+using OnnxLora.GraphRewrite.Lora;
+using OnnxLora.GraphRewrite.Onnx;
+using OnnxLora.Models;
+using OnnxLora.Pipeline.Adapters;
+using OnnxLora.Pipeline.Data;
+using OnnxLora.Pipeline.Runtime;
+
+namespace OnnxLora.Pipeline.Training;
+
+/// <summary>Progress of a run, reported after every optimizer step.</summary>
+public sealed record TrainProgress(int Step, int TotalSteps, int Epoch, double Loss, double Lr, double TokensPerSecond, TimeSpan Elapsed, double? EvalLoss);
+
+/// <summary>What a finished (or stopped) run produced.</summary>
+public sealed record TrainResult(string RunDir, int Steps, double FirstLoss, double LastLoss, double? BestEvalLoss, double? EvalAccuracy,
+                                 TimeSpan Elapsed, double TokensPerSecond, long PeakMemoryBytes, string AdapterPath, bool EarlyStopped);
+
+/// <summary>
+/// The training loop: builds (or reuses) the artifacts in RUN_DIR, streams batches through a <see cref="TrainingSession"/>,
+/// schedules the learning rate, evaluates, checkpoints atomically, logs metrics.jsonl, draws loss.png and writes the
+/// final adapter. RUN_DIR layout: train_config.json, artifacts/, checkpoint.safetensors, metrics.jsonl, loss.png,
+/// lora_config.json (copied from the rewrite), adapter.safetensors (OnnxLora layout) and adapter.onnx_adapter.
+/// </summary>
+public static class Trainer
+{
+    public const string ArtifactsDir = "artifacts", CheckpointFile = "checkpoint.safetensors", MetricsFile = "metrics.jsonl",
+                        PlotFile = "loss.png", AdapterFile = "adapter.safetensors", OnnxAdapterFileName = "adapter.onnx_adapter";
+
+    /// <summary>Starts a new run in <c>options.OutDir</c> (which must not hold another run).</summary>
+    public static TrainResult Train(TrainOptions options, IProgress<TrainProgress>? progress = null, CancellationToken cancel = default)
+    {
+        options.Validate();
+        if (File.Exists(Path.Combine(options.OutDir, TrainOptions.FileName)))
+            throw new IOException($"{options.OutDir}: holds a training run already; continue it with --resume {options.OutDir}, or choose another --out");
+        Directory.CreateDirectory(options.OutDir);
+        options.Save();
+        return Run(options, resume: false, progress, cancel);
+    }
+
+    /// <summary>Continues the run in <paramref name="runDir"/> from its last checkpoint.</summary>
+    public static TrainResult Resume(string runDir, IProgress<TrainProgress>? progress = null, CancellationToken cancel = default) =>
+        Run(TrainOptions.Load(runDir) with { OutDir = runDir }, resume: true, progress, cancel);
+
+    static TrainResult Run(TrainOptions o, bool resume, IProgress<TrainProgress>? progress, CancellationToken cancel)
+    {
+        var manifestPath = Path.Combine(o.ModelDir, LoraManifest.FileName);
+        var manifest = LoraManifest.Load(manifestPath);
+        File.Copy(manifestPath, Path.Combine(o.OutDir, LoraManifest.FileName), overwrite: true);
+        var device = ExecutionDevice.Parse(o.Device);
+
+        var view = OnnxFile.Load(Path.Combine(o.ModelDir, LoraManifest.TrainingModelFile));
+        int vocab = VocabSize(view);
+        var train = LoadData(o, o.DataPath, vocab);
+        var eval = o.EvalDataPath is null ? null : LoadData(o, o.EvalDataPath, vocab, train.ClassNames);
+        int classes = o.Task == TaskKind.Cls ? Math.Max(o.Classes, train.ClassNames.Count) : 0;
+        var artifacts = EnsureArtifacts(o, view, manifest, classes);
+
+        using var session = TrainingSession.Create(artifacts, device, o.Threads);
+        session.WeightDecay = o.WeightDecay;
+        session.MaxGradNorm = o.Clip > 0 ? o.Clip : double.PositiveInfinity;
+
+        // padding sits right of every sequence, so causal attention never lets it reach a counted position and its
+        // labels are −100: any valid token id works; GPT-2's <|endoftext|> where the vocabulary has it
+        int padId = vocab > TextTokenizer.Gpt2.EndOfText ? TextTokenizer.Gpt2.EndOfText : 0;
+        var batcher = new Batcher(train, o.BatchSize, padId, o.Shuffle, (ulong)o.Seed);
+        int stepsPerEpoch = Math.Max(1, (batcher.BatchesPerEpoch + o.GradAccum - 1) / o.GradAccum);
+        int totalSteps = o.MaxSteps > 0 ? o.MaxSteps : stepsPerEpoch * o.Epochs;
+        var schedule = new LrSchedule(o.Lr, o.WarmupSteps, totalSteps, o.Schedule);
+
+        int step = 0, epoch = 0, batchIndex = 0, evalsWithoutImprovement = 0;
+        double best = double.PositiveInfinity;
+        var hash = o.NumericsHash();
+        var checkpointPath = Path.Combine(o.OutDir, CheckpointFile);
+        if (resume)
+        {
+            if (!File.Exists(checkpointPath)) throw new FileNotFoundException($"{o.OutDir}: no {CheckpointFile} to resume from (the run stopped before its first checkpoint); start it again", checkpointPath);
+            var c = Checkpoint.Load(checkpointPath);
+            if (c.ConfigHash != hash) throw new InvalidDataException($"{checkpointPath}: was written by a run with different settings than {TrainOptions.FileName}; refusing to resume");
+            foreach (var (name, t) in c.Tensors) session.SetState(name, t.ToFloats());
+            (step, epoch, batchIndex, best, evalsWithoutImprovement) = (c.Step, c.Epoch, c.BatchInEpoch, c.BestEvalLoss, c.EvalsWithoutImprovement);
+            session.Step = step;
+        }
+        else if (o.InitAdapter is not null) LoadInitAdapter(session, o.InitAdapter, manifest);
+
+        using var metrics = new MetricsLog(Path.Combine(o.OutDir, MetricsFile), resumeFromStep: resume ? step : 0);
+        var clock = Stopwatch.StartNew();
+        long tokens = 0;
+        double firstLoss = double.NaN, lastLoss = double.NaN;
+        double? lastEval = null, lastAccuracy = null;
+        bool earlyStopped = false;
+        var order = batcher.Order(epoch);
+
+        void SaveCheckpoint() => new Checkpoint
+        {
+            Step = step, Epoch = epoch, BatchInEpoch = batchIndex, ConfigHash = hash, BestEvalLoss = best, EvalsWithoutImprovement = evalsWithoutImprovement,
+            Tensors = session.GetState(withMoments: true).ToDictionary(kv => kv.Key, kv => SafeTensor.FromFloats(kv.Value.Shape, kv.Value.Data)),
+        }.Save(checkpointPath);
+
+        while (step < totalSteps)
+        {
+            session.SetLearningRate(schedule.At(step));
+            session.LazyResetGrad();
+            double loss = 0;
+            int micro = 0;
+            long stepTokens = 0;
+            var stepClock = Stopwatch.StartNew();
+            for (; micro < o.GradAccum; micro++)
+            {
+                if (batchIndex >= batcher.BatchesPerEpoch)
+                {
+                    epoch++; batchIndex = 0; order = batcher.Order(epoch);
+                    if (micro > 0) break;   // an epoch's last partial accumulation still makes a step
+                }
+                var batch = batcher.Get(epoch, batchIndex++, order);
+                loss += session.TrainStep(batch).Loss;
+                stepTokens += batch.TokenCount;
+            }
+            session.OptimizerStep();
+            step++;
+            loss /= micro;
+            tokens += stepTokens;
+            if (double.IsNaN(firstLoss)) firstLoss = loss;
+            lastLoss = loss;
+            double tps = stepTokens / Math.Max(1e-9, stepClock.Elapsed.TotalSeconds);
+            metrics.Add(new MetricsRow("train", step, epoch, loss, session.LearningRate, tps));
+
+            bool epochEnd = batchIndex >= batcher.BatchesPerEpoch;
+            if (eval is not null && ((o.EvalEvery > 0 && step % o.EvalEvery == 0) || (o.EvalEvery == 0 && epochEnd) || step == totalSteps))
+            {
+                var (evalLoss, accuracy) = Evaluate(session, eval, o, padId);
+                lastEval = evalLoss; lastAccuracy = accuracy;
+                metrics.Add(new MetricsRow("eval", step, epoch, evalLoss, Accuracy: accuracy));
+                if (evalLoss < best - 1e-6) { best = evalLoss; evalsWithoutImprovement = 0; }
+                else evalsWithoutImprovement++;
+                if (o.EarlyStoppingPatience > 0 && evalsWithoutImprovement >= o.EarlyStoppingPatience) earlyStopped = true;
+            }
+            progress?.Report(new TrainProgress(step, totalSteps, epoch, loss, session.LearningRate, tokens / clock.Elapsed.TotalSeconds, clock.Elapsed, lastEval));
+
+            bool last = step == totalSteps || earlyStopped;
+            if (last || cancel.IsCancellationRequested || (o.CheckpointEvery > 0 && step % o.CheckpointEvery == 0)) SaveCheckpoint();
+            if (cancel.IsCancellationRequested)
+            {
+                LossPlot.Save(metrics.Rows, Path.Combine(o.OutDir, PlotFile));
+                throw new OperationCanceledException($"interrupted after step {step}; the checkpoint is saved: continue with 'onnxlora train --resume {o.OutDir}'");
+            }
+            if (earlyStopped) break;
+        }
+
+        LossPlot.Save(metrics.Rows, Path.Combine(o.OutDir, PlotFile));
+        var adapterPath = WriteAdapter(session, manifest, o);
+        return new TrainResult(o.OutDir, step, firstLoss, lastLoss, double.IsInfinity(best) ? lastEval : best, lastAccuracy, clock.Elapsed,
+            tokens / Math.Max(1e-9, clock.Elapsed.TotalSeconds), PeakMemoryBytes(), adapterPath, earlyStopped);
+    }
+
+    static Dataset LoadData(TrainOptions o, string path, int vocab, IReadOnlyList<string>? classNames = null)
+    {
+        var ds = DatasetLoader.Load(path, new DatasetOptions
+        {
+            Format = o.Format, Task = o.Task, SeqLength = o.SeqLength, VocabSize = vocab, SkipBadRows = o.SkipBadRows,
+            ClassNames = classNames ?? o.ClassNames,
+        });
+        if (o.Task == TaskKind.Cls && o.Classes > 0 && ds.ClassNames.Count > o.Classes)
+            throw new InvalidDataException($"{path}: has {ds.ClassNames.Count} labels ({string.Join(", ", ds.ClassNames)}) but --classes is {o.Classes}");
+        return ds;
+    }
+
+    /// <summary>The vocabulary size from the training view's logits (its last dim), so data is checked against the model.</summary>
+    static int VocabSize(Onnx.ModelProto model)
+    {
+        var logits = model.Graph.Output.FirstOrDefault(v => v.Name == "logits") ?? model.Graph.Output[0];
+        var dims = ValueInfos.Dims(logits);
+        return dims is { Length: > 0 } && dims[^1].Value is long v ? (int)v : int.MaxValue;
+    }
+
+    static string EnsureArtifacts(TrainOptions o, Onnx.ModelProto view, LoraManifest manifest, int classes)
+    {
+        var dir = Path.Combine(o.OutDir, ArtifactsDir);
+        if (File.Exists(Path.Combine(dir, TrainingArtifacts.SpecFile))) return dir;   // built by this run before (resume)
+        var artifacts = TrainingArtifacts.Build(view, manifest, new ArtifactOptions
+        {
+            Task = o.Task == TaskKind.Cls ? TrainingTask.Cls : TrainingTask.Lm,
+            Classes = classes,
+            HeadMode = o.HeadMode == "lora" ? HeadMode.Lora : HeadMode.Full,
+            Optimizer = o.Optimizer == "sgd" ? OptimizerKind.Sgd : OptimizerKind.AdamW,
+            HeadSeed = o.Seed,
+        });
+        var tmp = dir + ".tmp-" + Guid.NewGuid().ToString("N")[..8];
+        artifacts.Save(tmp);
+        if (Directory.Exists(dir)) Directory.Delete(dir, recursive: true);
+        Directory.Move(tmp, dir);
+        return dir;
+    }
+
+    static void LoadInitAdapter(TrainingSession session, string path, LoraManifest manifest)
+    {
+        var adapter = path.EndsWith(".safetensors", StringComparison.OrdinalIgnoreCase) && !PeftAdapter.IsPeftDirectory(Path.GetDirectoryName(path) ?? ".")
+            ? AdapterFiles.ReadSafeTensors(path, manifest)
+            : AdapterFiles.Read(path, manifest);
+        foreach (var (name, t) in adapter.LoraTensors.Concat(adapter.Extras))
+        {
+            if (!session.HasState(name)) throw new InvalidDataException($"{path}: tensor '{name}' is not a trainable parameter of this run");
+            session.SetState(name, t.Data);
+        }
+    }
+
+    static (double Loss, double? Accuracy) Evaluate(TrainingSession session, Dataset eval, TrainOptions o, int padId)
+    {
+        var batcher = new Batcher(eval, o.BatchSize, padId, shuffle: false, 0);
+        double weighted = 0, weight = 0;
+        int correct = 0, seen = 0;
+        for (int i = 0; i < batcher.BatchesPerEpoch; i++)
+        {
+            var batch = batcher.Get(0, i);
+            var r = session.EvalStep(batch);
+            // LM loss is a mean over counted positions, classification a mean over rows: weight batches alike
+            double w = o.Task == TaskKind.Lm ? CountedPositions(batch) : batch.BatchSize;
+            weighted += r.Loss * w; weight += w;
+            if (r.ClassLogits is { } logits)
+            {
+                int classes = logits.Length / batch.BatchSize;
+                for (int row = 0; row < batch.BatchSize; row++)
+                {
+                    var span = logits.AsSpan(row * classes, classes);
+                    int argmax = 0;
+                    for (int c = 1; c < classes; c++) if (span[c] > span[argmax]) argmax = c;
+                    if (argmax == batch.ClassLabels[row]) correct++;
+                    seen++;
+                }
+            }
+        }
+        return (weighted / Math.Max(1e-9, weight), seen > 0 ? (double)correct / seen : null);
+    }
+
+    static long CountedPositions(Batch b)
+    {
+        long n = 0;
+        for (int r = 0; r < b.BatchSize; r++)
+            for (int t = 1; t < b.SeqLength; t++)
+                if (b.Labels[r * b.SeqLength + t] != Example.Ignore) n++;
+        return Math.Max(1, n);
+    }
+
+    /// <summary>Writes the trained adapter in OnnxLora's layout and as an .onnx_adapter for the deployable model.</summary>
+    static string WriteAdapter(TrainingSession session, LoraManifest manifest, TrainOptions o)
+    {
+        var state = session.GetState(withMoments: false);
+        var path = Path.Combine(o.OutDir, AdapterFile);
+        SafeTensorsFile.Write(path, state.OrderBy(kv => kv.Key, StringComparer.Ordinal)
+            .Select(kv => KeyValuePair.Create(kv.Key, SafeTensor.FromFloats(kv.Value.Shape, kv.Value.Data))),
+            new Dictionary<string, string> { ["format"] = "onnxlora.adapter/1", ["task"] = o.Task.ToString().ToLowerInvariant() });
+        var adapter = AdapterFiles.ReadSafeTensors(path, manifest);
+        if (o.Task == TaskKind.Lm) AdapterFiles.Write(adapter, AdapterFormat.OnnxAdapter, Path.Combine(o.OutDir, OnnxAdapterFileName), o.ModelDir);
+        return path;
+    }
+
+    /// <summary>The process's peak resident memory (VmHWM on Linux; the working-set peak elsewhere).</summary>
+    public static long PeakMemoryBytes()
+    {
+        try
+        {
+            foreach (var line in File.ReadLines("/proc/self/status"))
+                if (line.StartsWith("VmHWM:", StringComparison.Ordinal))
+                    return long.Parse(line[6..].Trim().Split(' ')[0]) * 1024;
+        }
+        catch (IOException) { }
+        return Process.GetCurrentProcess().PeakWorkingSet64;
+    }
+}

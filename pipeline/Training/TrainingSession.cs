@@ -1,0 +1,242 @@
+using Microsoft.ML.OnnxRuntime;
+using Microsoft.ML.OnnxRuntime.Tensors;
+using OnnxLora.GraphRewrite.Autodiff;
+using OnnxLora.GraphRewrite.Onnx;
+using OnnxLora.Pipeline.Data;
+using OnnxLora.Pipeline.Runtime;
+
+namespace OnnxLora.Pipeline.Training;
+
+/// <summary>
+/// An ONNX Runtime training session over the artifacts that <see cref="TrainingArtifacts"/> writes, shaped like ORT's
+/// on-device training API: <see cref="TrainStep"/>, <see cref="EvalStep"/>, <see cref="OptimizerStep"/>,
+/// <see cref="LazyResetGrad"/>, <see cref="SetLearningRate"/>, and parameter export.
+/// <para>
+/// Ownership: the session owns three InferenceSessions (train, eval, optimizer) and every OrtValue that holds a
+/// parameter, gradient or moment. Those values live in the execution device's memory for the session's whole life;
+/// each step binds them with IOBinding and writes results into a second, preallocated set that is then swapped in,
+/// so per step only the batch goes in and the loss (and class logits) come back to the host. Dispose the session to
+/// free them all. Not thread-safe: one training loop drives one session.
+/// </para>
+/// </summary>
+public sealed class TrainingSession : IDisposable
+{
+    readonly ArtifactsSpec _spec;
+    readonly ExecutionDevice _device;
+    readonly SessionOptions _options;
+    readonly InferenceSession _train, _eval, _optimizer;
+    readonly OrtIoBinding _trainBinding, _evalBinding, _optimizerBinding;
+    readonly RunOptions _run = new();
+    readonly DeviceBuffers _buffers;
+    readonly OrtMemoryInfo _host = OrtMemoryInfo.DefaultInstance;
+    bool _resetGrad = true;
+    int _microBatches;
+
+    TrainingSession(string dir, ArtifactsSpec spec, ExecutionDevice device, int threads)
+    {
+        _spec = spec;
+        _device = device;
+        _options = device.CreateSessionOptions(threads);
+        try
+        {
+            _train = new InferenceSession(Path.Combine(dir, spec.Files["train"]), _options);
+            _eval = new InferenceSession(Path.Combine(dir, spec.Files["eval"]), _options);
+            _optimizer = new InferenceSession(Path.Combine(dir, spec.Files["optimizer"]), _options);
+        }
+        catch (OnnxRuntimeException e)
+        {
+            throw new InvalidDataException($"{dir}: ONNX Runtime cannot load the training artifacts ({e.Message}); rebuild them", e);
+        }
+        _trainBinding = _train.CreateIoBinding();
+        _evalBinding = _eval.CreateIoBinding();
+        _optimizerBinding = _optimizer.CreateIoBinding();
+        _buffers = new DeviceBuffers(spec, device, _train);
+        var initial = OnnxFile.Load(Path.Combine(dir, spec.Files["initial_params"]));
+        foreach (var t in initial.Graph.Initializer)
+        {
+            var name = t.Name.EndsWith(".init", StringComparison.Ordinal) ? t.Name[..^5] : t.Name;
+            if (_buffers.Has(name)) _buffers.Upload(name, Tensors.ToFloats(t));
+        }
+    }
+
+    /// <summary>Opens the artifacts in <paramref name="artifactsDir"/> on <paramref name="device"/> (threads 0 = all cores).</summary>
+    public static TrainingSession Create(string artifactsDir, ExecutionDevice device, int threads = 0) =>
+        new(artifactsDir, TrainingArtifacts.LoadSpec(artifactsDir), device, threads);
+
+    public ArtifactsSpec Spec => _spec;
+    public ExecutionDevice Device => _device;
+    public double LearningRate { get; private set; } = 1e-3;
+    public double WeightDecay { get; set; }
+    /// <summary>Global-norm clipping threshold; +∞ turns clipping off.</summary>
+    public double MaxGradNorm { get; set; } = double.PositiveInfinity;
+    /// <summary>Optimizer steps taken (AdamW's bias correction counts them).</summary>
+    public int Step { get; set; }
+
+    public void SetLearningRate(double lr) => LearningRate = lr;
+
+    /// <summary>Forward + backward on one micro-batch; gradients add up until <see cref="LazyResetGrad"/>. Returns the loss (and class logits for cls).</summary>
+    public StepResult TrainStep(Batch batch)
+    {
+        var b = _trainBinding;
+        b.ClearBoundInputs(); b.ClearBoundOutputs();
+        using var feeds = BindBatch(b, _spec.Train, batch);
+        using var reset = OrtValue.CreateTensorValueFromMemory(new[] { _resetGrad }, []);
+        foreach (var io in _spec.Train.Inputs)
+        {
+            switch (io.Role)
+            {
+                case "param": b.BindInput(io.Name, _buffers.Param(io.Param!)); break;
+                case "grad_in": b.BindInput(io.Name, _buffers.Grad(io.Param!)); break;
+                case "reset_grad": b.BindInput(io.Name, reset); break;
+            }
+        }
+        foreach (var io in _spec.Train.Outputs)
+        {
+            if (io.Role == "grad") b.BindOutput(io.Name, _buffers.NextGrad(io.Param!));
+            else b.BindOutputToDevice(io.Name, _host);
+        }
+        var result = Run(_train, b, "train step");
+        _buffers.SwapGrads();
+        _resetGrad = false;
+        _microBatches++;
+        return result;
+    }
+
+    /// <summary>Forward only: the loss (and class logits for cls) with the current parameters.</summary>
+    public StepResult EvalStep(Batch batch)
+    {
+        var b = _evalBinding;
+        b.ClearBoundInputs(); b.ClearBoundOutputs();
+        using var feeds = BindBatch(b, _spec.Eval, batch);
+        foreach (var io in _spec.Eval.Inputs.Where(i => i.Role == "param")) b.BindInput(io.Name, _buffers.Param(io.Param!));
+        foreach (var io in _spec.Eval.Outputs.Where(o => o.Role == "loss" || (o.Role == "logits" && _spec.Task == "cls")))
+            b.BindOutputToDevice(io.Name, _host);
+        return Run(_eval, b, "eval step");
+    }
+
+    /// <summary>Applies the optimizer to the accumulated gradients (averaged over the micro-batches since the last reset). Returns the gradient norm before clipping.</summary>
+    public double OptimizerStep()
+    {
+        if (_microBatches == 0) throw new InvalidOperationException("OptimizerStep before any TrainStep: there are no gradients");
+        Step++;
+        var b = _optimizerBinding;
+        b.ClearBoundInputs(); b.ClearBoundOutputs();
+        using var lr = Scalar((float)LearningRate);
+        using var wd = Scalar((float)WeightDecay);
+        using var scale = Scalar(1f / _microBatches);
+        using var clip = Scalar(double.IsPositiveInfinity(MaxGradNorm) ? float.PositiveInfinity : (float)MaxGradNorm);
+        using var step = OrtValue.CreateTensorValueFromMemory(new long[] { Step }, []);
+        foreach (var io in _spec.OptimizerModel.Inputs)
+        {
+            var value = io.Role switch
+            {
+                Optimizers.LearningRate => lr,
+                Optimizers.WeightDecay => wd,
+                Optimizers.GradScale => scale,
+                Optimizers.MaxGradNorm => clip,
+                Optimizers.Step => step,
+                "param" => _buffers.Param(io.Param!),
+                "grad" => _buffers.Grad(io.Param!),
+                "moment" => _buffers.Value(io.Name),
+                _ => throw new InvalidDataException($"optimizer input '{io.Name}' has role '{io.Role}', which this session does not know; rebuild the artifacts"),
+            };
+            b.BindInput(io.Name, value);
+        }
+        foreach (var io in _spec.OptimizerModel.Outputs)
+        {
+            switch (io.Role)
+            {
+                case "updated_param": b.BindOutput(io.Name, _buffers.NextParam(io.Param!)); break;
+                case "updated_moment": b.BindOutput(io.Name, _buffers.NextValue(io.Name[..^".updated".Length])); break;
+                default: b.BindOutputToDevice(io.Name, _host); break;
+            }
+        }
+        using var outputs = RunRaw(_optimizer, b, "optimizer step");
+        _buffers.SwapParamsAndMoments();
+        var names = b.GetOutputNames();
+        int normIndex = Array.IndexOf(names, Optimizers.GradNorm);
+        return normIndex >= 0 ? outputs[normIndex].GetTensorDataAsSpan<float>()[0] : double.NaN;
+    }
+
+    /// <summary>The next <see cref="TrainStep"/> starts a fresh gradient sum (ORT's LazyResetGrad).</summary>
+    public void LazyResetGrad()
+    {
+        _resetGrad = true;
+        _microBatches = 0;
+    }
+
+    /// <summary>Copies every trainable parameter (and, with <paramref name="withMoments"/>, optimizer moment) to the host.</summary>
+    public Dictionary<string, (long[] Shape, float[] Data)> GetState(bool withMoments) => _buffers.Download(withMoments);
+
+    /// <summary>Overwrites parameters or moments by name (from a checkpoint or an initial adapter).</summary>
+    public void SetState(string name, float[] data) => _buffers.Upload(name, data);
+
+    public bool HasState(string name) => _buffers.Has(name);
+
+    OrtValueBag BindBatch(OrtIoBinding b, ModelSpec model, Batch batch)
+    {
+        var bag = new OrtValueBag();
+        foreach (var io in model.Inputs)
+        {
+            OrtValue? v = io.Role switch
+            {
+                "input_ids" => OrtValue.CreateTensorValueFromMemory(batch.InputIds, [batch.BatchSize, batch.SeqLength]),
+                "labels" when _spec.Task == "lm" => OrtValue.CreateTensorValueFromMemory(batch.Labels, [batch.BatchSize, batch.SeqLength]),
+                "labels" => OrtValue.CreateTensorValueFromMemory(batch.ClassLabels, [batch.BatchSize]),
+                "lengths" => OrtValue.CreateTensorValueFromMemory(batch.Lengths, [batch.BatchSize]),
+                _ => null,
+            };
+            if (v is null) continue;
+            bag.Add(v);
+            b.BindInput(io.Name, v);
+        }
+        return bag;
+    }
+
+    StepResult Run(InferenceSession session, OrtIoBinding b, string what)
+    {
+        using var outputs = RunRaw(session, b, what);
+        var names = b.GetOutputNames();
+        double loss = double.NaN;
+        float[]? logits = null;
+        for (int i = 0; i < names.Length; i++)
+        {
+            if (names[i] == TrainingArtifacts.Loss) loss = outputs[i].GetTensorDataAsSpan<float>()[0];
+            else if (names[i] == TrainingArtifacts.ClassLogits) logits = outputs[i].GetTensorDataAsSpan<float>().ToArray();
+        }
+        if (double.IsNaN(loss)) throw new InvalidOperationException($"{what}: the loss is NaN (learning rate too high, or bad data?)");
+        return new StepResult(loss, logits);
+    }
+
+    IDisposableReadOnlyCollection<OrtValue> RunRaw(InferenceSession session, OrtIoBinding b, string what)
+    {
+        try
+        {
+            session.RunWithBinding(_run, b);
+            return b.GetOutputValues();
+        }
+        catch (OnnxRuntimeException e)
+        {
+            throw new InvalidOperationException($"{what} failed in ONNX Runtime: {e.Message}", e);
+        }
+    }
+
+    static OrtValue Scalar(float v) => OrtValue.CreateTensorValueFromMemory(new[] { v }, []);
+
+    public void Dispose()
+    {
+        _buffers.Dispose();
+        _trainBinding.Dispose(); _evalBinding.Dispose(); _optimizerBinding.Dispose();
+        _train.Dispose(); _eval.Dispose(); _optimizer.Dispose();
+        _run.Dispose();
+        _options.Dispose();
+    }
+
+    sealed class OrtValueBag : List<OrtValue>, IDisposable
+    {
+        public void Dispose() { foreach (var v in this) v.Dispose(); }
+    }
+}
+
+/// <summary>What a train or eval step returns: the mean loss, and for classification the class logits [batch, classes].</summary>
+public sealed record StepResult(double Loss, float[]? ClassLogits);

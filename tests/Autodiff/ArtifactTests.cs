@@ -1,0 +1,120 @@
+using Google.Protobuf;
+using Microsoft.ML.OnnxRuntime;
+using Onnx;
+using OnnxLora.GraphRewrite.Autodiff;
+using OnnxLora.GraphRewrite.Lora;
+using OnnxLora.GraphRewrite.Onnx;
+using DataType = Onnx.TensorProto.Types.DataType;
+
+namespace OnnxLora.Tests.Autodiff;
+
+/// <summary>
+/// Whole-model checks: LoRA-rewritten exports (torch opsets 14 and 17, HF Conv1D/Gemm) → training artifacts → ORT.
+/// The train model's LoRA gradients are compared with central finite differences of the eval model's loss along
+/// random unit directions, one per parameter tensor checked (float32 models: h = 1e-2; loss rounding ≈ 3e-7/h ≈ 3e-5
+/// and O(h²) truncation stay well inside the tolerance 2e-3·|d| + 2e-4).
+/// </summary>
+public class ArtifactTests
+{
+    static string Fixture(string name) => Path.Combine(TestContext.CurrentContext.TestDirectory, "fixtures", "torch", name);
+
+    static (ModelProto View, LoraManifest Manifest) Rewrite(string file, int rank = 4)
+    {
+        var model = OnnxFile.Load(Fixture(file));
+        var r = LoraRewrite.Rewrite(model, new LoraConfig { Rank = rank, Alpha = 8, Seed = 3 }, file, "0");
+        return (r.TrainingModel, r.Manifest);
+    }
+
+    /// <summary>Runs a model by name → (values, shape) feeds; float, long and bool arrays.</summary>
+    internal static Dictionary<string, float[]> Run(InferenceSession s, Dictionary<string, (Array Values, long[] Shape)> feeds, params string[] outputs)
+    {
+        var values = new List<OrtValue>();
+        try
+        {
+            foreach (var (_, (v, shape)) in feeds)
+                values.Add(v switch
+                {
+                    float[] f => OrtValue.CreateTensorValueFromMemory(f, shape),
+                    long[] l => OrtValue.CreateTensorValueFromMemory(l, shape),
+                    bool[] b => OrtValue.CreateTensorValueFromMemory(b, shape),
+                    _ => throw new ArgumentException(v.GetType().Name),
+                });
+            using var ro = new RunOptions();
+            using var res = s.Run(ro, feeds.Keys.ToList(), values, outputs);
+            return outputs.Zip(res).ToDictionary(p => p.First, p => p.Second.GetTensorDataAsSpan<float>().ToArray());
+        }
+        finally { foreach (var v in values) v.Dispose(); }
+    }
+
+    static float[] Normal(Random rng, long n, double std) =>
+        Enumerable.Range(0, (int)n).Select(_ => (float)(std * Math.Sqrt(-2 * Math.Log(1 - rng.NextDouble())) * Math.Cos(2 * Math.PI * rng.NextDouble()))).ToArray();
+
+    [TestCase("gpt_opset14_decomposed_ln_erf_gelu_qkvbias.onnx", TrainingTask.Lm)]
+    [TestCase("gpt_opset17_fused_ln_tanh_gelu_noqkvbias.onnx", TrainingTask.Lm)]
+    [TestCase("gpt_opset17_custom_ln_tanh_gelu.onnx", TrainingTask.Lm)]
+    [TestCase("hf_gpt2_conv1d_opset14.onnx", TrainingTask.Lm)]
+    [TestCase("gpt_opset17_fused_ln_tanh_gelu_noqkvbias.onnx", TrainingTask.Cls)]
+    [TestCase("hf_gpt2_conv1d_opset14.onnx", TrainingTask.Cls)]
+    public void LoraGradientsMatchFiniteDifferences(string file, TrainingTask task)
+    {
+        var (view, manifest) = Rewrite(file);
+        var art = TrainingArtifacts.Build(view, manifest, new ArtifactOptions { Task = task, Classes = 3, HeadSeed = 5 });
+        var rng = new Random(11);
+        long vocab = ValueInfos.Dims(view.Graph.Output[0])![^1].Value ?? 96;
+        const int batch = 2, seq = 7;
+        var ids = Enumerable.Range(0, batch * seq).Select(_ => (long)rng.Next((int)vocab)).ToArray();
+        var feeds = new Dictionary<string, (Array, long[])> { ["input_ids"] = (ids, [batch, seq]) };
+        if (task == TrainingTask.Lm)
+        {
+            var labels = (long[])ids.Clone();
+            labels[3] = Losses.IgnoreIndex; labels[seq + 5] = Losses.IgnoreIndex;   // ignored positions
+            feeds["labels"] = (labels, [batch, seq]);
+        }
+        else
+        {
+            feeds["labels"] = (new long[] { 2, 0 }, [batch]);
+            feeds["lengths"] = (new long[] { seq, 4 }, [batch]);
+        }
+        // B is zero at init, which would hide every A gradient: use random values for all parameters
+        foreach (var p in art.Spec.Params) feeds[p.Name] = (Normal(rng, p.Shape.Aggregate(1L, (a, b) => a * b), 0.2), p.Shape);
+
+        using var train = new InferenceSession(art.TrainModel.ToByteArray());
+        using var eval = new InferenceSession(art.EvalModel.ToByteArray());
+        var trainFeeds = new Dictionary<string, (Array, long[])>(feeds) { [TrainingArtifacts.ResetGrad] = (new[] { true }, []) };
+        foreach (var p in art.Spec.Params) trainFeeds[TrainingArtifacts.GradIn(p.Name)] = (new float[p.Shape.Aggregate(1L, (a, b) => a * b)], p.Shape);
+        var gradNames = art.Spec.Params.Select(p => Optimizers.Grad(p.Name)).ToArray();
+        var got = Run(train, trainFeeds, [TrainingArtifacts.Loss, .. gradNames]);
+        double loss = Run(eval, feeds, TrainingArtifacts.Loss)[TrainingArtifacts.Loss][0];
+        Assert.That(got[TrainingArtifacts.Loss][0], Is.EqualTo(loss).Within(1e-5 * Math.Abs(loss)), "train and eval models compute the same loss");
+
+        // first and last A and B, plus the head; each along its own random unit direction
+        var checkedParams = art.Spec.Params.Where((p, i) => i < 2 || i >= art.Spec.Params.Count - 2).ToList();
+        const double h = 1e-2;
+        foreach (var p in checkedParams)
+        {
+            var x = (float[])feeds[p.Name].Item1;
+            var v = Normal(rng, x.Length, 1);
+            var norm = Math.Sqrt(v.Sum(a => (double)a * a));
+            double analytic = 0;
+            var grad = got[Optimizers.Grad(p.Name)];
+            for (int i = 0; i < x.Length; i++) analytic += grad[i] * v[i] / norm;
+            double Shifted(double s)
+            {
+                var y = x.Select((a, i) => (float)(a + s * v[i] / norm)).ToArray();
+                var f = new Dictionary<string, (Array, long[])>(feeds) { [p.Name] = (y, p.Shape) };
+                return Run(eval, f, TrainingArtifacts.Loss)[TrainingArtifacts.Loss][0];
+            }
+            double numeric = (Shifted(h) - Shifted(-h)) / (2 * h);
+            Assert.That(analytic, Is.EqualTo(numeric).Within(2e-3 * Math.Abs(numeric) + 2e-4),
+                $"{file} {task}: d loss / d {p.Name} along a random direction: graph {analytic:G6}, finite difference {numeric:G6}");
+        }
+
+        // accumulation: reset_grad=false adds the step's gradients to grad.in
+        var again = new Dictionary<string, (Array, long[])>(trainFeeds) { [TrainingArtifacts.ResetGrad] = (new[] { false }, []) };
+        foreach (var p in art.Spec.Params) again[TrainingArtifacts.GradIn(p.Name)] = (got[Optimizers.Grad(p.Name)], p.Shape);
+        var doubled = Run(train, again, gradNames);
+        var first = gradNames[0];
+        for (int i = 0; i < doubled[first].Length; i++)
+            Assert.That(doubled[first][i], Is.EqualTo(2 * got[first][i]).Within(1e-6 + 1e-6 * Math.Abs(got[first][i])), $"accumulated {first}[{i}]");
+    }
+}

@@ -1,0 +1,280 @@
+using System.ComponentModel;
+using System.Globalization;
+using OnnxLora.GraphRewrite.Lora;
+using OnnxLora.Pipeline.Adapters;
+using OnnxLora.Pipeline.Deployment;
+using OnnxLora.Pipeline.Runtime;
+using Spectre.Console;
+using Spectre.Console.Cli;
+using DataType = Onnx.TensorProto.Types.DataType;
+
+namespace OnnxLora.Tools.Commands;
+
+/// <summary>`onnxlora export SOURCE --format onnx-adapter|peft|merged --out PATH [--model DIR]`.</summary>
+public sealed class ExportCommand(IAnsiConsole console) : Command<ExportCommand.Settings>
+{
+    public sealed class Settings : CommandSettings
+    {
+        [CommandArgument(0, "<SOURCE>")]
+        [Description("The adapter: an .onnx_adapter file or a PEFT folder (adapter_model.safetensors + adapter_config.json).")]
+        public string Source { get; init; } = "";
+
+        [CommandOption("-m|--model <DIR>")]
+        [Description("The 'onnxlora rewrite' output the adapter belongs to (lora_config.json, model.onnx, deploy.onnx); default: SOURCE's folder.")]
+        public string? Model { get; init; }
+
+        [CommandOption("-f|--format <FORMAT>")]
+        [Description("onnx-adapter (ONNX Runtime, A and scale·B), peft (Hugging Face folder) or merged (a plain .onnx with the adapter folded in).")]
+        public string Format { get; init; } = "onnx-adapter";
+
+        [CommandOption("-o|--out <PATH>")]
+        [Description("Output file (a folder for peft); never the input.")]
+        public string? Out { get; init; }
+
+        [CommandOption("--dtype <TYPE>")]
+        [Description("onnx-adapter parameter type: fp32 (default), fp16 or bf16 (only where deploy.onnx takes that type).")]
+        public string DType { get; init; } = "fp32";
+
+        [CommandOption("--base-model <NAME>")]
+        [Description("peft: base_model_name_or_path (e.g. gpt2); default: the rewrite's base model path.")]
+        public string? BaseModel { get; init; }
+
+        [CommandOption("--task-type <TYPE>")]
+        [Description("peft: CAUSAL_LM or SEQ_CLS; default: SEQ_CLS when the adapter carries a head.")]
+        public string? TaskType { get; init; }
+    }
+
+    public override int Execute(CommandContext context, Settings s, CancellationToken cancellationToken)
+    {
+        if (string.IsNullOrEmpty(s.Out)) throw new ArgumentException("--out PATH is required");
+        var format = AdapterFiles.ParseFormat(s.Format);
+        var (adapter, rewriteDir) = AdapterFiles.ReadSource(s.Source, s.Model);
+        if (Path.GetFullPath(s.Out) == Path.GetFullPath(s.Source)) throw new IOException($"{s.Out}: is the input adapter; choose another --out");
+        AdapterFiles.Write(adapter, format, s.Out, rewriteDir, ParseDType(s.DType),
+            new PeftExportOptions { BaseModelNameOrPath = s.BaseModel, TaskType = s.TaskType?.ToUpperInvariant() });
+        long parameters = adapter.LoraTensors.Values.Sum(t => t.ElementCount) + adapter.Extras.Values.Sum(t => t.ElementCount);
+        console.WriteLine(string.Create(CultureInfo.InvariantCulture,
+            $"wrote {s.Out} ({s.Format}): {adapter.Manifest.Targets.Count} LoRA targets, {adapter.Extras.Count} extra tensors, {parameters:N0} parameters"));
+        return 0;
+    }
+
+    static DataType ParseDType(string text) => text.ToLowerInvariant() switch
+    {
+        "fp32" or "float32" or "float" => DataType.Float,
+        "fp16" or "float16" => DataType.Float16,
+        "bf16" or "bfloat16" => DataType.Bfloat16,
+        _ => throw new ArgumentException($"--dtype '{text}' is not one of fp32, fp16, bf16"),
+    };
+}
+
+/// <summary>`onnxlora merge --model DIR --adapter A --out M.onnx`.</summary>
+public sealed class MergeCommand(IAnsiConsole console) : Command<MergeCommand.Settings>
+{
+    public sealed class Settings : CommandSettings
+    {
+        [CommandOption("-m|--model <DIR>")]
+        [Description("The 'onnxlora rewrite' output folder (lora_config.json and model.onnx or deploy.onnx).")]
+        public string? Model { get; init; }
+
+        [CommandOption("-a|--adapter <ADAPTER>")]
+        [Description("An .onnx_adapter file or a PEFT folder.")]
+        public string? Adapter { get; init; }
+
+        [CommandOption("-o|--out <FILE>")]
+        [Description("The merged model: plain ONNX, no LoRA inputs, runs in any ONNX Runtime.")]
+        public string? Out { get; init; }
+    }
+
+    public override int Execute(CommandContext context, Settings s, CancellationToken cancellationToken)
+    {
+        if (string.IsNullOrEmpty(s.Model)) throw new ArgumentException("--model DIR is required (the 'onnxlora rewrite' output folder)");
+        if (string.IsNullOrEmpty(s.Adapter)) throw new ArgumentException("--adapter is required (an .onnx_adapter file or a PEFT folder)");
+        if (string.IsNullOrEmpty(s.Out)) throw new ArgumentException("--out FILE is required");
+        var (adapter, rewriteDir) = AdapterFiles.ReadSource(s.Adapter, s.Model);
+        AdapterFiles.Write(adapter, AdapterFormat.Merged, s.Out, rewriteDir);
+        console.WriteLine($"wrote {s.Out}: {adapter.Manifest.Targets.Count} LoRA targets merged into {AdapterFiles.BaseModelOf(rewriteDir)}");
+        return 0;
+    }
+}
+
+/// <summary>Options shared by the verbs that serve a deployable model.</summary>
+public class ServeSettings : CommandSettings
+{
+    [CommandOption("-m|--model <MODEL>")]
+    [Description("The deployable model (deploy.onnx) or the 'onnxlora rewrite' folder holding it.")]
+    public string? Model { get; init; }
+
+    [CommandOption("-a|--adapter <ADAPTER>")]
+    [Description("Adapters to load, each PATH or NAME=PATH (.onnx_adapter, or a PEFT folder when --model is a rewrite folder); repeatable. None = the base model.")]
+    public string[] Adapters { get; init; } = [];
+
+    [CommandOption("--ids <IDS>")]
+    [Description("Token ids instead of text, comma-separated (for models whose vocabulary is not GPT-2's).")]
+    public string? Ids { get; init; }
+
+    [CommandOption("--device <DEVICE>")]
+    [Description("cpu (default), cuda or cuda:ID; CUDA that cannot load is an error, never a silent CPU fallback.")]
+    public string Device { get; init; } = "cpu";
+
+    /// <summary>The host with every adapter loaded, and the names to run (null = base model).</summary>
+    internal (AdapterHost Host, IReadOnlyList<string?> Runs) OpenHost()
+    {
+        if (string.IsNullOrEmpty(Model)) throw new ArgumentException("--model is required (deploy.onnx or the rewrite folder)");
+        string deploy = Directory.Exists(Model) ? Path.Combine(Model, LoraManifest.DeployableModelFile) : Model;
+        var manifestPath = Path.Combine(Path.GetDirectoryName(Path.GetFullPath(deploy))!, LoraManifest.FileName);
+        var manifest = File.Exists(manifestPath) ? LoraManifest.Load(manifestPath) : null;
+        var host = AdapterHost.Create(deploy, new AdapterHostOptions { Device = ExecutionDevice.Parse(Device) });
+        try
+        {
+            var names = new List<string?>();
+            foreach (var spec in Adapters)
+            {
+                int eq = spec.IndexOf('=');
+                var path = eq > 0 ? spec[(eq + 1)..] : spec;
+                var name = eq > 0 ? spec[..eq] : Path.GetFileNameWithoutExtension(Path.TrimEndingDirectorySeparator(path));
+                host.AddAdapter(name, AdapterFiles.DeployableBytes(path, manifest), path);
+                names.Add(name);
+            }
+            if (names.Count == 0) names.Add(null);
+            return (host, names);
+        }
+        catch
+        {
+            host.Dispose();
+            throw;
+        }
+    }
+
+    internal IReadOnlyList<int>? ParseIds() => Ids?.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries)
+        .Select(t => int.TryParse(t, NumberStyles.Integer, CultureInfo.InvariantCulture, out var id) ? id : throw new FormatException($"--ids: '{t}' is not a token id"))
+        .ToList();
+
+    /// <summary>GPT-2's tokenizer when the model's vocabulary is GPT-2's; otherwise token ids are required.</summary>
+    internal static Microsoft.ML.Tokenizers.Tokenizer? TokenizerFor(AdapterHost host, bool needed)
+    {
+        var logits = host.Outputs.TryGetValue("logits", out var l) ? l : host.Outputs.Values.First();
+        int width = logits.Dimensions[^1];
+        if (width == 50257 || width <= 0) return TextGenerator.Gpt2Tokenizer();
+        if (needed) throw new ArgumentException($"{host.ModelPath}: the vocabulary has {width} tokens, not GPT-2's 50,257; pass --ids instead of text");
+        return null;
+    }
+}
+
+/// <summary>`onnxlora generate --model DEPLOY.onnx [--adapter A …] --prompt TEXT`.</summary>
+public sealed class GenerateCommand(IAnsiConsole console) : Command<GenerateCommand.Settings>
+{
+    public sealed class Settings : ServeSettings
+    {
+        [CommandOption("-p|--prompt <TEXT>")]
+        [Description("The prompt (GPT-2 BPE).")]
+        public string? Prompt { get; init; }
+
+        [CommandOption("-n|--max-new-tokens <N>")]
+        [Description("Tokens to generate at most (default 50). No KV cache: each token re-runs the whole context, O(n²) in the length.")]
+        public int MaxNewTokens { get; init; } = 50;
+
+        [CommandOption("-t|--temperature <T>")]
+        [Description("0 = greedy (default); > 0 samples from softmax(logits / T).")]
+        public double Temperature { get; init; }
+
+        [CommandOption("--top-k <K>")]
+        [Description("Sample from the K most likely tokens only (0 = off).")]
+        public int TopK { get; init; }
+
+        [CommandOption("--top-p <P>")]
+        [Description("Sample from the smallest set of tokens whose probability reaches P (1 = off).")]
+        public double TopP { get; init; } = 1.0;
+
+        [CommandOption("--seed <N>")]
+        [Description("Seed for sampling: the same seed gives the same text.")]
+        public int? Seed { get; init; }
+
+        [CommandOption("--stop <TEXT>")]
+        [Description("Stop when the output contains TEXT (repeatable); <|endoftext|> always stops GPT-2 text.")]
+        public string[] Stop { get; init; } = [];
+
+        [CommandOption("--context <N>")]
+        [Description("Most tokens the model sees (its position-table size); longer contexts keep the last N.")]
+        public int? Context { get; init; }
+    }
+
+    public override int Execute(CommandContext context, Settings s, CancellationToken cancellationToken)
+    {
+        var ids = s.ParseIds();
+        if ((ids is null) == (s.Prompt is null)) throw new ArgumentException("give either --prompt TEXT or --ids 1,2,3");
+        var (host, runs) = s.OpenHost();
+        using (host)
+        {
+            var tokenizer = ServeSettings.TokenizerFor(host, needed: ids is null);
+            var generator = new TextGenerator(host, tokenizer);
+            var options = new GenerationOptions
+            {
+                MaxNewTokens = s.MaxNewTokens,
+                Sampling = new SamplingOptions { Temperature = s.Temperature, TopK = s.TopK, TopP = s.TopP, Seed = s.Seed },
+                StopSequences = s.Stop,
+                StopTokenIds = tokenizer is null ? [] : [TextGenerator.Gpt2EndOfText],
+                ContextLength = s.Context,
+            };
+            foreach (var name in runs)
+            {
+                cancellationToken.ThrowIfCancellationRequested();
+                var result = ids is null ? generator.Generate(s.Prompt!, options, name) : generator.Generate(ids, options, name);
+                if (runs.Count > 1 || name is not null) console.MarkupLine($"[bold]{Markup.Escape(name ?? "base")}[/]");
+                console.WriteLine(result.Text is null ? string.Join(",", result.TokenIds) : s.Prompt + result.Text);
+            }
+        }
+        return 0;
+    }
+}
+
+/// <summary>`onnxlora classify --model DEPLOY.onnx [--adapter A] --text TEXT …`.</summary>
+public sealed class ClassifyCommand(IAnsiConsole console) : Command<ClassifyCommand.Settings>
+{
+    public sealed class Settings : ServeSettings
+    {
+        [CommandOption("--text <TEXT>")]
+        [Description("Text to classify (repeatable; classified as one batch).")]
+        public string[] Text { get; init; } = [];
+
+        [CommandOption("--labels <LIST>")]
+        [Description("Class names in output order, comma-separated (default 0, 1, …).")]
+        public string? Labels { get; init; }
+
+        [CommandOption("--label-tokens <LIST>")]
+        [Description("For a language-model head: the words whose next-token logits are the classes, comma-separated (e.g. \" no, yes\" → ' no', ' yes').")]
+        public string? LabelTokens { get; init; }
+    }
+
+    public override int Execute(CommandContext context, Settings s, CancellationToken cancellationToken)
+    {
+        var ids = s.ParseIds();
+        if ((ids is null) == (s.Text.Length == 0)) throw new ArgumentException("give either --text TEXT (repeatable) or --ids 1,2,3");
+        var (host, runs) = s.OpenHost();
+        using (host)
+        {
+            var tokenizer = ServeSettings.TokenizerFor(host, needed: ids is null || s.LabelTokens is not null);
+            IReadOnlyList<int>? labelTokens = s.LabelTokens?.Split(',').Select(w =>
+            {
+                var t = tokenizer!.EncodeToIds(w);
+                return t.Count == 1 ? t[0] : throw new ArgumentException($"--label-tokens: '{w}' is {t.Count} tokens; each label must be one GPT-2 token");
+            }).ToList();
+            var classifier = new Classifier(host, tokenizer, new ClassifierOptions
+            {
+                Labels = s.Labels?.Split(',', StringSplitOptions.TrimEntries),
+                LabelTokenIds = labelTokens,
+            });
+            IReadOnlyList<IReadOnlyList<int>> rows = ids is not null ? [ids] : s.Text.Select(t => tokenizer!.EncodeToIds(t)).ToList();
+            var inputs = ids is not null ? [s.Ids!] : s.Text;
+            foreach (var name in runs)
+            {
+                var results = classifier.ClassifyBatch(rows, name);
+                var table = new Table().Title(Markup.Escape(name ?? "base")).AddColumns("input", "label", "probabilities");
+                for (int i = 0; i < results.Count; i++)
+                    table.AddRow(Markup.Escape(inputs[i]), Markup.Escape(results[i].LabelName),
+                        string.Join(" ", results[i].Probabilities.Select(p => p.ToString("F4", CultureInfo.InvariantCulture))));
+                console.Write(table);
+            }
+        }
+        return 0;
+    }
+}
