@@ -16,7 +16,7 @@ public sealed partial class GptWeights
     /// With a <paramref name="config"/> every shape must match it. Every expected tensor's name, dtype (F32, F16,
     /// BF16 or F64, converted to float32) and shape is checked before anything is copied; errors name the file and
     /// the tensor. The causal-mask buffers (<c>attn.bias</c>, <c>attn.masked_bias</c>) are skipped, and a
-    /// <c>lm_head.weight</c> is accepted only as a tied copy of <c>wte</c>.
+    /// <c>lm_head.weight</c> is accepted only as a tied copy of <c>wte</c> (or in its place when <c>wte</c> is left out).
     /// </summary>
     /// <exception cref="FileNotFoundException">No file at <paramref name="path"/>.</exception>
     /// <exception cref="InvalidDataException">Not a safetensors file, or not a GPT-2 checkpoint of the expected shape.</exception>
@@ -46,6 +46,13 @@ public sealed partial class GptWeights
             }
             if (!byName.TryAdd(GptLayout.Prefix + local, (key, tensor)))
                 throw Error($"tensors '{byName[GptLayout.Prefix + local].Key}' and '{key}' are the same parameter");
+        }
+
+        // a tied checkpoint may keep the head and drop the embedding: they are one tensor
+        if (!byName.ContainsKey(GptLayout.TokenEmbedding) && lmHead is { } onlyHead)
+        {
+            byName[GptLayout.TokenEmbedding] = onlyHead;
+            lmHead = null;
         }
 
         // 2. Shape: from the embeddings and the block count, unless a config was given.

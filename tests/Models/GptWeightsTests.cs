@@ -162,6 +162,16 @@ public class GptWeightsTests
         Assert.That(GptWeights.FromSafeTensors(dir.File("model.safetensors"), fourHeads).Config, Is.EqualTo(fourHeads));
     }
 
+    [Test]
+    public void TiedHeadStandsInForAMissingEmbedding()
+    {
+        using var dir = new TempDir();
+        var weights = GptWeights.Random(Tiny, 16);
+        var tensors = HfTensors(weights, extras: true).Where(kv => kv.Key != "transformer.wte.weight");
+        SafeTensorsFile.Write(dir.File("model.safetensors"), tensors);
+        AssertSameWeights(GptWeights.FromSafeTensors(dir.File("model.safetensors")), weights);
+    }
+
     [TestCase("F16")]
     [TestCase("BF16")]
     public void ConvertsHalfPrecisionToFloat(string dtype)
@@ -250,6 +260,26 @@ public class GptWeightsTests
         Assert.That(message, Does.Contain("'transformer.wte.weight' has shape [512, 32]").And.Contain("needs [50257, 128]"));
         message = ImportError(_ => { }, Tiny with { Layers = 3 });
         Assert.That(message, Does.Contain("missing tensor 'transformer.h.2.ln_1.weight'"));
+    }
+
+    [Test]
+    public void HeadCountComesFromThePresetOfTheSameWidth()
+    {
+        using var dir = new TempDir();
+        var distil = new GptConfig(64, 8, 768, 12, 1);   // gpt2's width: 12 heads
+        GptWeights.Random(distil with { Heads = 1 }).SaveSafeTensors(dir.File("model.safetensors"));
+        Assert.That(GptWeights.FromSafeTensors(dir.File("model.safetensors")).Config, Is.EqualTo(distil));
+    }
+
+    [Test]
+    public void CreateChecksNamesAndShapes()
+    {
+        var tensors = GptLayout.Tensors(Tiny).ToDictionary(t => t.Name, t => new WeightTensor(t.Shape, new float[t.Shape.Aggregate(1L, (a, b) => a * b)]));
+        Assert.That(GptWeights.Create(Tiny, tensors).ParameterCount, Is.EqualTo(Tiny.ParameterCount));
+        tensors["transformer.ln_f.bias"] = new WeightTensor([33], new float[33]);
+        Assert.That(() => GptWeights.Create(Tiny, tensors), Throws.ArgumentException.With.Message.Contains("'transformer.ln_f.bias' has shape [33]"));
+        tensors.Remove("transformer.ln_f.bias");
+        Assert.That(() => GptWeights.Create(Tiny, tensors), Throws.ArgumentException.With.Message.Contains("missing tensor 'transformer.ln_f.bias'"));
     }
 
     [Test]

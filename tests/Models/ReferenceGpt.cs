@@ -12,17 +12,18 @@ static class ReferenceGpt
     public static double[] Forward(GptWeights w, int heads, double epsilon, long[,] inputIds)
     {
         int batch = inputIds.GetLength(0), seq = inputIds.GetLength(1);
-        var wte = w["transformer.wte.weight"];
-        int vocab = (int)wte.Shape[0], d = (int)wte.Shape[1];
+        var wte = w["transformer.wte.weight"].Values;   // [vocab, d]
+        var wpe = w["transformer.wpe.weight"].Values;   // [context, d]
+        int vocab = (int)w["transformer.wte.weight"].Shape[0], d = (int)w["transformer.wte.weight"].Shape[1];
         int layers = 0;
         while (w.Contains($"transformer.h.{layers}.ln_1.weight")) layers++;
         var logits = new double[batch * seq * vocab];
         for (int b = 0; b < batch; b++)
         {
-            var x = new double[seq, d];
+            var x = Rows(seq, d);
             for (int t = 0; t < seq; t++)
                 for (int c = 0; c < d; c++)
-                    x[t, c] = wte.Values[inputIds[b, t] * d + c] + w["transformer.wpe.weight"].Values[t * d + c];
+                    x[t][c] = wte[inputIds[b, t] * d + c] + wpe[t * d + c];
             for (int l = 0; l < layers; l++)
             {
                 string p = $"transformer.h.{l}.";
@@ -36,64 +37,68 @@ static class ReferenceGpt
                 for (int t = 0; t < seq; t++)
                     for (int j = 0; j < 4 * d; j++)
                     {
-                        double v = h[t, j];
-                        h[t, j] = 0.5 * v * (1 + Math.Tanh(Math.Sqrt(2 / Math.PI) * (v + 0.044715 * v * v * v)));
+                        double v = h[t][j];
+                        h[t][j] = 0.5 * v * (1 + Math.Tanh(Math.Sqrt(2 / Math.PI) * (v + 0.044715 * v * v * v)));
                     }
                 AddInPlace(x, Linear(h, w[p + "mlp.c_proj.weight"].Values, w[p + "mlp.c_proj.bias"].Values, d));
             }
             var f = LayerNorm(x, w["transformer.ln_f.weight"].Values, w["transformer.ln_f.bias"].Values, epsilon);
-            for (int t = 0; t < seq; t++)
-                for (int v = 0; v < vocab; v++)
+            // tied head: logit v = f · (row v of wte); tokens inside, so each wte row is read from memory once
+            for (int v = 0; v < vocab; v++)
+                for (int t = 0; t < seq; t++)
                 {
                     double sum = 0;
-                    for (int c = 0; c < d; c++) sum += f[t, c] * wte.Values[v * d + c];   // tied head: wte row v
+                    var row = f[t];
+                    for (int c = 0; c < d; c++) sum += row[c] * wte[v * d + c];
                     logits[(b * seq + t) * vocab + v] = sum;
                 }
         }
         return logits;
     }
 
-    static double[,] LayerNorm(double[,] x, float[] gamma, float[] beta, double epsilon)
+    static double[][] Rows(int count, int width) => Enumerable.Range(0, count).Select(_ => new double[width]).ToArray();
+
+    static double[][] LayerNorm(double[][] x, float[] gamma, float[] beta, double epsilon)
     {
-        int seq = x.GetLength(0), d = x.GetLength(1);
-        var y = new double[seq, d];
+        int seq = x.Length, d = x[0].Length;
+        var y = Rows(seq, d);
         for (int t = 0; t < seq; t++)
         {
             double mean = 0, variance = 0;
-            for (int c = 0; c < d; c++) mean += x[t, c];
+            for (int c = 0; c < d; c++) mean += x[t][c];
             mean /= d;
-            for (int c = 0; c < d; c++) variance += (x[t, c] - mean) * (x[t, c] - mean);
+            for (int c = 0; c < d; c++) variance += (x[t][c] - mean) * (x[t][c] - mean);
             variance /= d;
-            for (int c = 0; c < d; c++) y[t, c] = (x[t, c] - mean) / Math.Sqrt(variance + epsilon) * gamma[c] + beta[c];
+            for (int c = 0; c < d; c++) y[t][c] = (x[t][c] - mean) / Math.Sqrt(variance + epsilon) * gamma[c] + beta[c];
         }
         return y;
     }
 
-    // y = x · W + b with W stored [in, out] (Conv1D)
-    static double[,] Linear(double[,] x, float[] weight, float[] bias, int outDim)
+    // y = x · W + b with W stored [in, out] (Conv1D); tokens inside, so each weight row is read from memory once
+    static double[][] Linear(double[][] x, float[] weight, float[] bias, int outDim)
     {
-        int seq = x.GetLength(0), inDim = x.GetLength(1);
-        var y = new double[seq, outDim];
-        var row = new double[outDim];
+        int seq = x.Length, inDim = x[0].Length;
+        var y = Rows(seq, outDim);
         for (int t = 0; t < seq; t++)
+            for (int o = 0; o < outDim; o++) y[t][o] = bias[o];
+        for (int i = 0; i < inDim; i++)
         {
-            for (int o = 0; o < outDim; o++) row[o] = bias[o];
-            for (int i = 0; i < inDim; i++)
+            int offset = i * outDim;
+            for (int t = 0; t < seq; t++)
             {
-                double xi = x[t, i];
-                int offset = i * outDim;
+                double xi = x[t][i];
+                var row = y[t];
                 for (int o = 0; o < outDim; o++) row[o] += xi * weight[offset + o];
             }
-            for (int o = 0; o < outDim; o++) y[t, o] = row[o];
         }
         return y;
     }
 
     // qkv [seq, 3d] = q | k | v; each head attends to positions ≤ its own
-    static double[,] CausalSelfAttention(double[,] qkv, int heads, int d)
+    static double[][] CausalSelfAttention(double[][] qkv, int heads, int d)
     {
-        int seq = qkv.GetLength(0), hd = d / heads;
-        var context = new double[seq, d];
+        int seq = qkv.Length, hd = d / heads;
+        var context = Rows(seq, d);
         var weights = new double[seq];
         for (int h = 0; h < heads; h++)
             for (int t = 0; t < seq; t++)
@@ -102,7 +107,7 @@ static class ReferenceGpt
                 for (int u = 0; u <= t; u++)
                 {
                     double dot = 0;
-                    for (int j = 0; j < hd; j++) dot += qkv[t, h * hd + j] * qkv[u, d + h * hd + j];
+                    for (int j = 0; j < hd; j++) dot += qkv[t][h * hd + j] * qkv[u][d + h * hd + j];
                     weights[u] = dot / Math.Sqrt(hd);
                     max = Math.Max(max, weights[u]);
                 }
@@ -111,16 +116,16 @@ static class ReferenceGpt
                 for (int j = 0; j < hd; j++)
                 {
                     double sum = 0;
-                    for (int u = 0; u <= t; u++) sum += weights[u] / total * qkv[u, 2 * d + h * hd + j];
-                    context[t, h * hd + j] = sum;
+                    for (int u = 0; u <= t; u++) sum += weights[u] / total * qkv[u][2 * d + h * hd + j];
+                    context[t][h * hd + j] = sum;
                 }
             }
         return context;
     }
 
-    static void AddInPlace(double[,] x, double[,] y)
+    static void AddInPlace(double[][] x, double[][] y)
     {
-        for (int t = 0; t < x.GetLength(0); t++)
-            for (int c = 0; c < x.GetLength(1); c++) x[t, c] += y[t, c];
+        for (int t = 0; t < x.Length; t++)
+            for (int c = 0; c < x[t].Length; c++) x[t][c] += y[t][c];
     }
 }

@@ -65,9 +65,10 @@ public sealed class ModelBuildCommand(IAnsiConsole console) : Command<ModelBuild
         GptBuilder.Save(weights.Config, weights, outPath);
 
         long bytes = new FileInfo(outPath).Length + (File.Exists(dataPath) ? new FileInfo(dataPath).Length : 0);
-        var source = settings.Weights is null ? $"random weights, seed {settings.Seed ?? 0}" : $"weights from {settings.Weights}";
-        console.WriteLine($"wrote {settings.Out}: GPT-2 {weights.Config}, {source}");
-        console.WriteLine($"  {weights.ParameterCount:N0} parameters, {bytes:N0} bytes{(File.Exists(dataPath) ? $" (external data in {Path.GetFileName(dataPath)})" : "")}, {clock.Elapsed.TotalSeconds:F1} s");
+        bool external = File.Exists(dataPath);
+        console.WriteLine($"wrote {settings.Out}: {bytes:N0} bytes{(external ? $" with {Path.GetFileName(dataPath)}" : "")}, {weights.ParameterCount:N0} parameters");
+        console.WriteLine($"  model: GPT-2 {weights.Config}");
+        console.WriteLine($"  weights: {(settings.Weights is null ? $"random, seed {settings.Seed ?? 0}" : settings.Weights)} ({clock.Elapsed.TotalSeconds:F1} s)");
         return 0;
     }
 }
