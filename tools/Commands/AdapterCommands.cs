@@ -16,11 +16,11 @@ public sealed class ExportCommand(IAnsiConsole console) : Command<ExportCommand.
     public sealed class Settings : CommandSettings
     {
         [CommandArgument(0, "<SOURCE>")]
-        [Description("The adapter: an .onnx_adapter file or a PEFT folder (adapter_model.safetensors + adapter_config.json).")]
+        [Description("A training run folder (RUN_DIR), an .onnx_adapter file, a PEFT folder (adapter_model.safetensors + adapter_config.json) or an OnnxLora adapter.safetensors.")]
         public string Source { get; init; } = "";
 
         [CommandOption("-m|--model <DIR>")]
-        [Description("The 'onnxlora rewrite' output the adapter belongs to (lora_config.json, model.onnx, deploy.onnx); default: SOURCE's folder.")]
+        [Description("The 'onnxlora rewrite' output the adapter belongs to (lora_config.json, model.onnx, deploy.onnx); default: the run's model_dir, or SOURCE's folder.")]
         public string? Model { get; init; }
 
         [CommandOption("-f|--format <FORMAT>")]
