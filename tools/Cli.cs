@@ -27,6 +27,7 @@ public static class Cli
             c.AddCommand<Commands.MergeCommand>("merge").WithDescription("Fold an adapter into the base weights: a plain .onnx for any ONNX Runtime.");
             c.AddCommand<Commands.GenerateCommand>("generate").WithDescription("Generate text with the deployable model and adapters (no KV cache: O(n²) in the length).");
             c.AddCommand<Commands.ClassifyCommand>("classify").WithDescription("Classify text with the deployable model and adapters: label and probabilities.");
+            c.AddCommand<Commands.EvalCommand>("eval").WithDescription("Evaluate the deployable model with adapters: perplexity (lm) or accuracy, precision, recall, F1 and a confusion matrix (cls).");
         });
         return app.Run(args);
     }

@@ -70,21 +70,47 @@ public static class AdapterFiles
         return LoraAdapter.Create(manifest, lora, extras, path);
     }
 
+    /// <summary>The adapter files a training run folder (RUN_DIR) holds, in the order they are preferred.</summary>
+    public static readonly IReadOnlyList<string> RunDirAdapterFiles = ["adapter.safetensors", "adapter.onnx_adapter"];
+
     /// <summary>
-    /// The one place that turns what a user points at into an adapter and its rewrite folder: SOURCE is an
-    /// <c>.onnx_adapter</c> file or a PEFT folder, and <paramref name="rewriteDir"/> (--model) the 'onnxlora rewrite' output
-    /// it belongs to (lora_config.json, model.onnx, deploy.onnx). When <paramref name="rewriteDir"/> is null, SOURCE's own
-    /// folder is used if it holds lora_config.json. (Training run folders will be read here too.)
+    /// The one place that turns what a user points at into an adapter and its rewrite folder. SOURCE is
+    /// <list type="bullet">
+    /// <item>a training run folder (lora_config.json + adapter.safetensors or adapter.onnx_adapter; its rewrite folder is
+    /// --model or train_config.json's model_dir),</item>
+    /// <item>an <c>.onnx_adapter</c> file, a PEFT folder, or a safetensors file in OnnxLora's layout, with
+    /// <paramref name="rewriteDir"/> (--model) the 'onnxlora rewrite' output it belongs to (lora_config.json, model.onnx,
+    /// deploy.onnx); when null, SOURCE's own folder is used if it holds lora_config.json.</item>
+    /// </list>
     /// </summary>
     public static (LoraAdapter Adapter, string RewriteDir) ReadSource(string source, string? rewriteDir)
     {
         ArgumentNullException.ThrowIfNull(source);
         if (!File.Exists(source) && !Directory.Exists(source)) throw new FileNotFoundException($"{source}: no such adapter file or folder", source);
+        if (Directory.Exists(source) && File.Exists(Path.Combine(source, LoraManifest.FileName)) && !PeftAdapter.IsPeftDirectory(source))
+        {
+            var runManifest = LoraManifest.Load(Path.Combine(source, LoraManifest.FileName));
+            var file = RunDirAdapterFiles.Select(f => Path.Combine(source, f)).FirstOrDefault(File.Exists)
+                ?? throw new FileNotFoundException($"{source}: a run folder without {string.Join(" or ", RunDirAdapterFiles)}; has training finished?");
+            return (Read(file, runManifest), rewriteDir ?? RunModelDir(source) ?? source);
+        }
         rewriteDir ??= new[] { source, Path.GetDirectoryName(Path.GetFullPath(source)) }
             .FirstOrDefault(d => d is not null && File.Exists(Path.Combine(d, LoraManifest.FileName)))
             ?? throw new ArgumentException($"{source}: which model does this adapter belong to? Give --model DIR, the 'onnxlora rewrite' output folder (with {LoraManifest.FileName})");
         var manifest = LoraManifest.Load(Path.Combine(rewriteDir, LoraManifest.FileName));
         return (Read(source, manifest), rewriteDir);
+    }
+
+    /// <summary>The rewrite folder a training run was made from (train_config.json's model_dir), when it still exists.</summary>
+    static string? RunModelDir(string runDir)
+    {
+        var config = Path.Combine(runDir, "train_config.json");
+        if (!File.Exists(config)) return null;
+        string? dir;
+        try { dir = System.Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(config))?["model_dir"]?.GetValue<string>(); }
+        catch (System.Text.Json.JsonException e) { throw new InvalidDataException($"{config}: not valid JSON ({e.Message})", e); }
+        if (dir is null) return null;
+        return new[] { dir, Path.Combine(runDir, dir) }.FirstOrDefault(d => File.Exists(Path.Combine(d, LoraManifest.FileName)));
     }
 
     /// <summary>

@@ -91,6 +91,9 @@ public sealed class AdapterHost : IDisposable
     public IReadOnlyDictionary<string, NodeMetadata> Inputs => _session.InputMetadata;
     public IReadOnlyDictionary<string, NodeMetadata> Outputs => _session.OutputMetadata;
 
+    /// <summary>The model's metadata_props (e.g. the builder's "onnxlora.gpt_config").</summary>
+    public IReadOnlyDictionary<string, string> ModelMetadata => _session.ModelMetadata.CustomMetadataMap;
+
     /// <summary>The inputs an adapter may feed (LoRA factors with defaults, heads), with their types and dims.</summary>
     public IReadOnlyDictionary<string, ParameterSlot> Slots { get; }
 

@@ -20,6 +20,8 @@ internal sealed class ModelSignature
     /// <summary>A fixed token count the model declares for its ids input (inputs are padded to it), or null.</summary>
     public int? FixedTokens { get; init; }
     public required TensorElementType IdsType { get; init; }
+    /// <summary>The most tokens the model takes: its fixed token count, or n_positions from the builder's metadata; null = unknown.</summary>
+    public int? ContextLength { get; init; }
 
     public static ModelSignature Of(AdapterHost host)
     {
@@ -44,7 +46,16 @@ internal sealed class ModelSignature
             InputIds = ids, AttentionMask = mask, PositionIds = positions, Logits = logits, LogitsRank = dims.Length,
             LogitsWidth = dims[^1] > 0 ? dims[^1] : null, FixedTokens = seq > 0 ? seq : null,
             IdsType = inputs[ids].ElementDataType,
+            ContextLength = seq > 0 ? seq : PositionsFromMetadata(host),
         };
+    }
+
+    /// <summary>n_positions from the OnnxLora builder's "onnxlora.gpt_config" metadata (kept by rewrites), if present.</summary>
+    static int? PositionsFromMetadata(AdapterHost host)
+    {
+        if (!host.ModelMetadata.TryGetValue("onnxlora.gpt_config", out var json)) return null;
+        try { return System.Text.Json.Nodes.JsonNode.Parse(json)?["n_positions"]?.GetValue<int>(); }
+        catch (Exception e) when (e is System.Text.Json.JsonException or InvalidOperationException or FormatException) { return null; }
     }
 
     /// <summary>Builds the feeds for a right-padded batch of rows (each at most <paramref name="width"/> tokens).</summary>

@@ -23,7 +23,8 @@ public sealed record GenerationOptions
 
     /// <summary>
     /// The most tokens the model sees at once; longer contexts keep their last tokens. Default: the model's declared
-    /// token count, else unlimited (a GPT's position table limits it: give its context length).
+    /// token count, or n_positions from OnnxLora's builder metadata, else unlimited (a GPT's position table limits it:
+    /// give its context length).
     /// </summary>
     public int? ContextLength { get; init; }
 }
@@ -80,7 +81,7 @@ public sealed class TextGenerator
         ArgumentNullException.ThrowIfNull(options);
         if (promptIds.Count == 0) throw new ArgumentException("the prompt has no tokens", nameof(promptIds));
         _signature.CheckIds(promptIds, nameof(promptIds));
-        int? context = options.ContextLength ?? _signature.FixedTokens;
+        int? context = options.ContextLength ?? _signature.ContextLength;
         var sampler = new Sampler(options.Sampling);
         var all = new List<int>(promptIds);
         var generated = new List<int>();

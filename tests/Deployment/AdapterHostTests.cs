@@ -137,6 +137,31 @@ public class AdapterHostTests
     }
 
     [Test]
+    public void Half_precision_adapter_for_a_model_whose_inputs_are_float16()
+    {
+        using var dir = new TempDir();
+        var half = TinyDeployable.Write(Directory.CreateDirectory(dir.File("fp16")).FullName, parameterType: Onnx.TensorProto.Types.DataType.Float16);
+        var full = TinyDeployable.Write(Directory.CreateDirectory(dir.File("fp32")).FullName);
+        var adapter = LoraAdapter.CreateRandom(half.Manifest, 51, 0.5);
+        var model = OnnxLora.GraphRewrite.Onnx.OnnxFile.Load(half.Deploy);
+        OnnxAdapterFile.Write(dir.File("h.onnx_adapter"), adapter, new() { ElementType = Onnx.TensorProto.Types.DataType.Float16, DeployableModel = model });
+        var bf16 = Assert.Throws<InvalidDataException>(() => OnnxAdapterFile.Write(dir.File("b.onnx_adapter"), adapter,
+            new() { ElementType = Onnx.TensorProto.Types.DataType.Bfloat16, DeployableModel = model }))!;
+        Assert.That(bf16.Message, Does.Contain("Bfloat16").And.Contain("Float16"));
+
+        using var host = AdapterHost.Create(half.Deploy);
+        host.AddAdapter("h", dir.File("h.onnx_adapter"));
+        var x = TinyDeployable.Input(Batch, seed: 8);
+        // the same fp16-rounded values fed as float32 to the float model
+        var rounded = OnnxAdapterFile.Read(dir.File("h.onnx_adapter")).Parameters.ToDictionary(p => p.Name, p => (p.Dims, p.ToFloats()));
+        Assert.That(TinyDeployable.MaxAbsDiff(Run(host, "h", x), TinyDeployable.RunPlain(full.Deploy, x, Batch, rounded)), Is.LessThanOrEqualTo(1e-5));
+        Assert.That(TinyDeployable.MaxAbsDiff(Run(host, "h", x), TinyDeployable.RunPlain(full.Deploy, x, Batch, DirectFeeds(adapter))), Is.LessThanOrEqualTo(1e-2));
+        // and a float32 adapter is refused by the float16 model, naming the type
+        var e = Assert.Throws<InvalidDataException>(() => host.AddAdapter("f", OnnxAdapterFile.Serialize(OnnxAdapterFile.DeployableParameters(adapter)), "f32.onnx_adapter"))!;
+        Assert.That(e.Message, Does.Contain("f32.onnx_adapter").And.Contain("Float16"));
+    }
+
+    [Test]
     public void Host_and_adapters_are_created_and_disposed()
     {
         using var dir = new TempDir();

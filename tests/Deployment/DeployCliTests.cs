@@ -67,6 +67,30 @@ public class DeployCliTests
     }
 
     [Test]
+    public void Export_reads_a_training_run_folder()
+    {
+        using var dir = new TempDir();
+        var (rw, adapter, _) = Setup(dir);
+        // a run folder as the trainer leaves it: the manifest copy, the adapter in OnnxLora's layout, train_config.json
+        var run = Directory.CreateDirectory(dir.File("run")).FullName;
+        File.Copy(Path.Combine(rw, LoraManifest.FileName), Path.Combine(run, LoraManifest.FileName));
+        OnnxLora.Models.SafeTensorsFile.Write(Path.Combine(run, "adapter.safetensors"),
+            adapter.LoraTensors.Select(kv => KeyValuePair.Create(kv.Key, OnnxLora.Models.SafeTensor.FromFloats(kv.Value.Shape, kv.Value.Data))));
+        File.WriteAllText(Path.Combine(run, "train_config.json"), $$"""{"model_dir": "{{rw}}", "out_dir": "{{run}}"}""");
+
+        var (code, _, err) = Cli("export", run, "--format", "merged", "--out", dir.File("merged.onnx"));
+        Assert.That((code, err), Is.EqualTo((0, "")));
+        (code, _, err) = Cli("merge", "--model", rw, "--adapter", Path.Combine(run, "adapter.safetensors"), "--out", dir.File("merged2.onnx"));
+        Assert.That((code, err), Is.EqualTo((0, "")));
+        Assert.That(File.ReadAllBytes(dir.File("merged.onnx")), Is.EqualTo(File.ReadAllBytes(dir.File("merged2.onnx"))));
+        (code, _, err) = Cli("export", run, "--format", "onnx-adapter", "--out", dir.File("run.onnx_adapter"));
+        Assert.That((code, err), Is.EqualTo((0, "")));
+        var written = OnnxAdapterFile.Read(dir.File("run.onnx_adapter")).Parameters.ToDictionary(p => p.Name);
+        foreach (var t in adapter.Manifest.Targets)
+            Assert.That(written[t.LoraB].ToFloats(), Is.EqualTo(adapter.B(t).Data.Select(v => (float)(v * t.Scale))).Within(1e-6));
+    }
+
+    [Test]
     public void Generate_runs_each_adapter_and_matches_the_library()
     {
         using var dir = new TempDir();

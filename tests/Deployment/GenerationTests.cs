@@ -62,6 +62,19 @@ public class GenerationTests
     }
 
     [Test]
+    public void The_builders_position_count_bounds_the_context_by_default()
+    {
+        // tiny (vocab 512, 64 positions; the builder records n_positions in the model's metadata)
+        using var host = AdapterHost.Create(Path.Combine(TestContext.CurrentContext.TestDirectory, "fixtures", "tiny.onnx"));
+        var generator = new TextGenerator(host);
+        var prompt = Enumerable.Range(0, 60).Select(i => i * 7 % 512).ToArray();
+        var result = generator.Generate(prompt, new GenerationOptions { MaxNewTokens = 10 });
+        Assert.That(result.TokenIds, Has.Count.EqualTo(10), "70 tokens through a 64-position model: the window slides");
+        var unbounded = Assert.Throws<InvalidOperationException>(() => generator.Generate(prompt, new GenerationOptions { MaxNewTokens = 10, ContextLength = 100 }))!;
+        Assert.That(unbounded.Message, Does.Contain("tiny.onnx"));
+    }
+
+    [Test]
     public void Text_generation_with_the_gpt2_tokenizer_stops_at_a_stop_sequence()
     {
         using var dir = new TempDir();

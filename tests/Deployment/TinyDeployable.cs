@@ -39,7 +39,8 @@ static class TinyDeployable
         Scale = LoraManifest.ScaleFor(scaling, Alpha, Rank), LoraA = $"lora_A.{module}", LoraB = $"lora_B.{module}",
     };
 
-    public static Files Write(string dir, LoraScaling scaling = LoraScaling.Peft, int seed = 1)
+    /// <param name="parameterType">element type of the LoRA inputs (cast to float inside the graph when not Float)</param>
+    public static Files Write(string dir, LoraScaling scaling = LoraScaling.Peft, int seed = 1, DataType parameterType = DataType.Float)
     {
         var manifest = Manifest(scaling);
         var rng = new Random(seed);
@@ -47,13 +48,13 @@ static class TinyDeployable
         var w1 = Enumerable.Range(0, Hidden * Out).Select(_ => (float)(rng.NextDouble() - 0.5)).ToArray();
         var deploy = Path.Combine(dir, "deploy.onnx");
         var @base = Path.Combine(dir, "base.onnx");
-        OnnxFile.Save(Build(manifest, w0, w1, withBranches: true), deploy);
-        OnnxFile.Save(Build(manifest, w0, w1, withBranches: false), @base);
+        OnnxFile.Save(Build(manifest, w0, w1, withBranches: true, parameterType), deploy);
+        OnnxFile.Save(Build(manifest, w0, w1, withBranches: false, parameterType), @base);
         manifest.Save(Path.Combine(dir, LoraManifest.FileName));
         return new Files(deploy, @base, manifest, w0, w1);
     }
 
-    static ModelProto Build(LoraManifest manifest, float[] w0, float[] w1, bool withBranches)
+    static ModelProto Build(LoraManifest manifest, float[] w0, float[] w1, bool withBranches, DataType parameterType)
     {
         var model = new ModelProto { IrVersion = 8, ProducerName = "test", Graph = new GraphProto { Name = "tiny" } };
         model.OpsetImport.Add(new OperatorSetIdProto { Domain = "", Version = 17 });
@@ -61,23 +62,29 @@ static class TinyDeployable
         g.AddInput(ValueInfos.Tensor("x", DataType.Float, "batch", In));     // [batch, in]
         g.AddInitializer(Tensors.Float("W0", [In, Hidden], w0));
         g.AddInitializer(Tensors.Float("W1", [Hidden, Out], w1));
-        var h = Layer(g, "x", manifest.Targets[0], withBranches);
-        var y = Layer(g, h, manifest.Targets[1], withBranches);
+        var h = Layer(g, "x", manifest.Targets[0], withBranches, parameterType);
+        var y = Layer(g, h, manifest.Targets[1], withBranches, parameterType);
         g.AddNode("Identity", [y], ["y"]);
         g.AddOutput(ValueInfos.Tensor("y", DataType.Float, "batch", Out));   // [batch, out]
         return model;
     }
 
-    static string Layer(GraphEditor g, string x, LoraTarget t, bool withBranches)
+    static string Layer(GraphEditor g, string x, LoraTarget t, bool withBranches, DataType type)
     {
         var y = g.Add("MatMul", [x, t.Weight], t.Module + "/y");
         if (!withBranches) return y;
-        g.AddInput(ValueInfos.Tensor(t.LoraA, DataType.Float, t.In, "rank"));
-        g.AddInput(ValueInfos.Tensor(t.LoraB, DataType.Float, "rank", t.Out));
-        g.AddInitializer(Tensors.Float(t.LoraA, [t.In, 0], []));
-        g.AddInitializer(Tensors.Float(t.LoraB, [0, t.Out], []));
-        var xa = g.Add("MatMul", [x, t.LoraA], t.Module + "/xa");
-        var xab = g.Add("MatMul", [xa, t.LoraB], t.Module + "/xab");
+        g.AddInput(ValueInfos.Tensor(t.LoraA, type, t.In, "rank"));
+        g.AddInput(ValueInfos.Tensor(t.LoraB, type, "rank", t.Out));
+        g.AddInitializer(Tensors.Raw(t.LoraA, type, [t.In, 0], []));
+        g.AddInitializer(Tensors.Raw(t.LoraB, type, [0, t.Out], []));
+        string a = t.LoraA, b = t.LoraB;
+        if (type != DataType.Float)
+        {
+            a = g.Add("Cast", [a], t.Module + "/a32", "", Attr.Int("to", (long)DataType.Float));
+            b = g.Add("Cast", [b], t.Module + "/b32", "", Attr.Int("to", (long)DataType.Float));
+        }
+        var xa = g.Add("MatMul", [x, a], t.Module + "/xa");
+        var xab = g.Add("MatMul", [xa, b], t.Module + "/xab");
         return g.Add("Add", [y, xab], t.Module + "/out");
     }
 

@@ -16,11 +16,11 @@ public sealed class ExportCommand(IAnsiConsole console) : Command<ExportCommand.
     public sealed class Settings : CommandSettings
     {
         [CommandArgument(0, "<SOURCE>")]
-        [Description("The adapter: an .onnx_adapter file or a PEFT folder (adapter_model.safetensors + adapter_config.json).")]
+        [Description("A training run folder (RUN_DIR), an .onnx_adapter file, a PEFT folder (adapter_model.safetensors + adapter_config.json) or an OnnxLora adapter.safetensors.")]
         public string Source { get; init; } = "";
 
         [CommandOption("-m|--model <DIR>")]
-        [Description("The 'onnxlora rewrite' output the adapter belongs to (lora_config.json, model.onnx, deploy.onnx); default: SOURCE's folder.")]
+        [Description("The 'onnxlora rewrite' output the adapter belongs to (lora_config.json, model.onnx, deploy.onnx); default: the run's model_dir, or SOURCE's folder.")]
         public string? Model { get; init; }
 
         [CommandOption("-f|--format <FORMAT>")]
@@ -273,6 +273,104 @@ public sealed class ClassifyCommand(IAnsiConsole console) : Command<ClassifyComm
                     table.AddRow(Markup.Escape(inputs[i]), Markup.Escape(results[i].LabelName),
                         string.Join(" ", results[i].Probabilities.Select(p => p.ToString("F4", CultureInfo.InvariantCulture))));
                 console.Write(table);
+            }
+        }
+        return 0;
+    }
+}
+
+/// <summary>`onnxlora eval --model M [--adapter A] --data FILE --task lm|cls`: perplexity, or accuracy/P/R/F1 and a confusion matrix.</summary>
+public sealed class EvalCommand(IAnsiConsole console) : Command<EvalCommand.Settings>
+{
+    public sealed class Settings : ServeSettings
+    {
+        [CommandOption("-d|--data <FILE>")]
+        [Description("Evaluation data (the formats of 'onnxlora train').")]
+        public string? Data { get; init; }
+
+        [CommandOption("--task <TASK>")]
+        [Description("lm (perplexity, default) or cls (accuracy, precision, recall, F1, confusion matrix).")]
+        public string Task { get; init; } = "lm";
+
+        [CommandOption("--format <FORMAT>")]
+        [Description("text, jsonl, tokens or tsv (label<TAB>text); default: tsv for cls, text for lm.")]
+        public string? Format { get; init; }
+
+        [CommandOption("--seq <N>")]
+        [Description("Longest sequence; longer examples are cut (default 128).")]
+        public int Seq { get; init; } = 128;
+
+        [CommandOption("--batch <N>")]
+        [Description("Examples per run (default 8).")]
+        public int Batch { get; init; } = 8;
+
+        [CommandOption("--labels <LIST>")]
+        [Description("cls: class names in class-index order (default: the sorted labels of the file).")]
+        public string? Labels { get; init; }
+
+        [CommandOption("--label-tokens <LIST>")]
+        [Description("cls with a language-model head: one word per class whose next-token logit scores it.")]
+        public string? LabelTokens { get; init; }
+    }
+
+    public override int Execute(CommandContext context, Settings s, CancellationToken cancellationToken)
+    {
+        if (string.IsNullOrEmpty(s.Data)) throw new ArgumentException("--data FILE is required");
+        var task = s.Task.ToLowerInvariant() switch
+        {
+            "lm" => Pipeline.Data.TaskKind.Lm,
+            "cls" => Pipeline.Data.TaskKind.Cls,
+            _ => throw new ArgumentException($"--task '{s.Task}' is not one of lm, cls"),
+        };
+        var format = (s.Format ?? (task == Pipeline.Data.TaskKind.Cls ? "tsv" : "text")).ToLowerInvariant() switch
+        {
+            "text" => Pipeline.Data.DataFormat.Text,
+            "jsonl" => Pipeline.Data.DataFormat.Jsonl,
+            "tokens" => Pipeline.Data.DataFormat.Tokens,
+            "tsv" or "csv" => Pipeline.Data.DataFormat.Tsv,
+            _ => throw new ArgumentException($"--format '{s.Format}' is not one of text, jsonl, tokens, tsv"),
+        };
+        var (host, runs) = s.OpenHost();
+        using (host)
+        {
+            var logits = host.Outputs.TryGetValue("logits", out var l) ? l : host.Outputs.Values.First();
+            int width = logits.Dimensions[^1];
+            var data = Pipeline.Data.DatasetLoader.Load(s.Data, new Pipeline.Data.DatasetOptions
+            {
+                Format = format, Task = task, SeqLength = s.Seq, ClassNames = Pipeline.Data.DatasetLoader.ParseClassNames(s.Labels),
+                VocabSize = task == Pipeline.Data.TaskKind.Lm && width > 0 ? width : 50257,
+            });
+            console.WriteLine(string.Create(CultureInfo.InvariantCulture, $"{s.Data}: {data.Examples.Count:N0} examples, {data.TokenCount:N0} tokens ({data.Truncated} cut to {s.Seq})"));
+            foreach (var name in runs)
+            {
+                cancellationToken.ThrowIfCancellationRequested();
+                var who = Markup.Escape(name ?? "base");
+                if (task == Pipeline.Data.TaskKind.Lm)
+                {
+                    var r = Evaluator.LanguageModel(host, name, data, s.Batch, padId: width == 50257 ? TextGenerator.Gpt2EndOfText : 0);
+                    console.MarkupLine(string.Create(CultureInfo.InvariantCulture, $"[bold]{who}[/]: loss {r.MeanLoss:F4}, perplexity {r.Perplexity:F3} over {r.Tokens:N0} tokens"));
+                    continue;
+                }
+                var tokenizer = s.LabelTokens is null ? null : ServeSettings.TokenizerFor(host, needed: true);
+                var classifier = new Classifier(host, tokenizer, new ClassifierOptions
+                {
+                    Labels = data.ClassNames.Count > 0 ? data.ClassNames : null,
+                    LabelTokenIds = s.LabelTokens?.Split(',').Select(w => tokenizer!.EncodeToIds(w) is { Count: 1 } t ? t[0]
+                        : throw new ArgumentException($"--label-tokens: '{w}' is not one GPT-2 token")).ToList(),
+                    PadTokenId = width == 50257 || s.LabelTokens is not null ? TextGenerator.Gpt2EndOfText : 0,
+                });
+                var e = Evaluator.Classification(classifier, name, data, s.Batch);
+                console.MarkupLine(string.Create(CultureInfo.InvariantCulture, $"[bold]{who}[/]: accuracy {e.Accuracy:P2}, macro F1 {e.MacroF1:F4} over {e.Count:N0} examples"));
+                var table = new Table().AddColumns("class", "precision", "recall", "F1");
+                for (int c = 0; c < e.Classes.Count; c++)
+                    table.AddRow(Markup.Escape(e.Classes[c]), e.Precision(c).ToString("F4", CultureInfo.InvariantCulture),
+                        e.Recall(c).ToString("F4", CultureInfo.InvariantCulture), e.F1(c).ToString("F4", CultureInfo.InvariantCulture));
+                console.Write(table);
+                var confusion = new Table().Title("confusion (rows: true, columns: predicted)").AddColumn("");
+                foreach (var c in e.Classes) confusion.AddColumn(Markup.Escape(c));
+                for (int i = 0; i < e.Classes.Count; i++)
+                    confusion.AddRow([Markup.Escape(e.Classes[i]), .. Enumerable.Range(0, e.Classes.Count).Select(j => e.Confusion[i, j].ToString(CultureInfo.InvariantCulture))]);
+                console.Write(confusion);
             }
         }
         return 0;
