@@ -16,7 +16,7 @@ public class ArtifactProfile
     {
         var config = GptConfig.Preset("gpt2") with { Layers = 2 };
         var r = LoraRewrite.Rewrite(GptBuilder.Build(config, GptWeights.Random(config, 0)), new LoraConfig { Rank = 16, Alpha = 16 }, "gpt2", "0");
-        var art = TrainingArtifacts.Build(r.TrainingModel, r.Manifest, new ArtifactOptions { Task = TrainingTask.Cls, Classes = 2, AccumulateGradients = false });
+        var art = TrainingArtifacts.Build(r.TrainingModel, r.Manifest, new ArtifactOptions { Task = TrainingTask.Cls, Classes = 2, AccumulateGradients = true });
         TestContext.Out.WriteLine(string.Join(", ", art.TrainModel.Graph.Node.GroupBy(n => n.OpType).OrderByDescending(g => g.Count()).Take(25).Select(g => $"{g.Key} {g.Count()}")));
         int batch = 8, seq = 120;
         var feeds = new Dictionary<string, (Array, long[])>
@@ -25,6 +25,8 @@ public class ArtifactProfile
             ["labels"] = (new long[batch], [batch]), ["lengths"] = (Enumerable.Repeat((long)seq, batch).ToArray(), [batch]),
         };
         foreach (var p in art.Spec.Params) feeds[p.Name] = (new float[p.Shape.Aggregate(1L, (a, b) => a * b)].Select(_ => 0.01f).ToArray(), p.Shape);
+        var trainFeeds = new Dictionary<string, (Array, long[])>(feeds) { [TrainingArtifacts.ResetGrad] = (new[] { false }, []) };
+        foreach (var p in art.Spec.Params) trainFeeds[TrainingArtifacts.GradIn(p.Name)] = (new float[p.Shape.Aggregate(1L, (a, b) => a * b)], p.Shape);
         foreach (var (name, model) in new[] { ("eval", art.EvalModel), ("train", art.TrainModel) })
         {
             using var so = new SessionOptions();
@@ -32,8 +34,8 @@ public class ArtifactProfile
             so.ProfileOutputPathPrefix = Path.Combine(Path.GetTempPath(), "onnxlora-profile-" + name);
             using var s = new InferenceSession(model.ToByteArray(), so);
             var outs = name == "eval" ? new[] { TrainingArtifacts.Loss } : art.Spec.Params.Select(p => Optimizers.Grad(p.Name)).Prepend(TrainingArtifacts.Loss).ToArray();
-            ArtifactTests.Run(s, feeds, outs);
-            ArtifactTests.Run(s, feeds, outs);
+            ArtifactTests.Run(s, name == "eval" ? feeds : trainFeeds, outs);
+            ArtifactTests.Run(s, name == "eval" ? feeds : trainFeeds, outs);
             var file = s.EndProfiling();
             using var doc = JsonDocument.Parse(File.ReadAllText(file));
             var nodes = doc.RootElement.EnumerateArray().Where(e => e.GetProperty("cat").GetString() == "Node" && e.GetProperty("name").GetString()!.EndsWith("_kernel_time"))
@@ -43,6 +45,7 @@ public class ArtifactProfile
                 TestContext.Out.WriteLine($"  {g.Key,-24} {g.Sum(n => n.Us) / 2e6:F3} s  ({g.Count() / 2} nodes)");
             foreach (var n in nodes.GroupBy(n => n.Name).OrderByDescending(g => g.Sum(x => x.Us)).Take(8))
                 TestContext.Out.WriteLine($"    {n.Key} {n.Sum(x => x.Us) / 2e6:F3} s");
+            TestContext.Out.WriteLine($"  gradient accumulation nodes: {nodes.Where(n => n.Name.Contains("accumulate")).Sum(n => n.Us) / 2e6:F4} s");
             File.Delete(file);
         }
     }

@@ -55,10 +55,18 @@ public class ArtifactTests
     [TestCase("hf_gpt2_conv1d_opset14.onnx", TrainingTask.Lm)]
     [TestCase("gpt_opset17_fused_ln_tanh_gelu_noqkvbias.onnx", TrainingTask.Cls)]
     [TestCase("hf_gpt2_conv1d_opset14.onnx", TrainingTask.Cls)]
-    public void LoraGradientsMatchFiniteDifferences(string file, TrainingTask task)
+    [TestCase("../tiny.onnx", TrainingTask.Lm)]
+    [TestCase("../tiny.onnx", TrainingTask.Cls, HeadMode.Lora)]
+    public void LoraGradientsMatchFiniteDifferences(string file, TrainingTask task, HeadMode head = HeadMode.Full)
     {
         var (view, manifest) = Rewrite(file);
-        var art = TrainingArtifacts.Build(view, manifest, new ArtifactOptions { Task = task, Classes = 3, HeadSeed = 5 });
+        var art = TrainingArtifacts.Build(view, manifest, new ArtifactOptions { Task = task, Classes = 3, HeadSeed = 5, HeadMode = head });
+        if (head == HeadMode.Lora)
+        {
+            Assert.That(art.Spec.Params.Select(p => p.Name), Does.Contain(TrainingArtifacts.HeadLoraA).And.Contain(TrainingArtifacts.HeadLoraB).And.Not.Contain(TrainingArtifacts.HeadWeight));
+            Assert.That(art.Spec.FrozenExtras, Is.EqualTo(new[] { TrainingArtifacts.HeadWeight }));
+            Assert.That(art.InitialParams.Graph.Output.Select(o => o.Name), Does.Contain(TrainingArtifacts.HeadWeight));
+        }
         var rng = new Random(11);
         long vocab = ValueInfos.Dims(view.Graph.Output[0])![^1].Value ?? 96;
         const int batch = 2, seq = 7;
