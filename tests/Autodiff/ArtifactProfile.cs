@@ -43,8 +43,11 @@ public class ArtifactProfile
             TestContext.Out.WriteLine($"{name}: total {nodes.Sum(n => n.Us) / 2e6:F3} s per step");
             foreach (var g in nodes.GroupBy(n => n.Op).OrderByDescending(g => g.Sum(n => n.Us)).Take(12))
                 TestContext.Out.WriteLine($"  {g.Key,-24} {g.Sum(n => n.Us) / 2e6:F3} s  ({g.Count() / 2} nodes)");
-            foreach (var n in nodes.GroupBy(n => n.Name).OrderByDescending(g => g.Sum(x => x.Us)).Take(8))
-                TestContext.Out.WriteLine($"    {n.Key} {n.Sum(x => x.Us) / 2e6:F3} s");
+            foreach (var n in nodes.GroupBy(n => n.Name).OrderByDescending(g => g.Sum(x => x.Us)).Take(16))
+            {
+                var node = model.Graph.Node.FirstOrDefault(x => x.Name + "_kernel_time" == n.Key);
+                TestContext.Out.WriteLine($"    {n.Key} {n.Sum(x => x.Us) / 2e6:F3} s {string.Join(" ", node?.Attribute.Select(a => a.Name + "=" + (a.I != 0 ? a.I.ToString() : a.F.ToString())) ?? [])} {string.Join(",", node?.Input ?? [])}");
+            }
             TestContext.Out.WriteLine($"  gradient accumulation nodes: {nodes.Where(n => n.Name.Contains("accumulate")).Sum(n => n.Us) / 2e6:F4} s");
             File.Delete(file);
         }
