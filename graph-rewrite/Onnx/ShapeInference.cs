@@ -53,11 +53,19 @@ public sealed class ShapeInference
                 var name = n.Output[k];
                 if (name.Length == 0) continue;
                 var inferred = k < outs.Length ? outs[k] : null;
-                s._shapes[name] = Merge(inferred, declared.GetValueOrDefault(name));
+                s._shapes[name] = s.NameUnknowns(Merge(inferred, declared.GetValueOrDefault(name)));
             }
         }
         return s;
     }
+
+    int _unknowns;
+
+    // An unknown dim gets a fresh symbol, so that values derived from it (elementwise ops, reshapes that copy it)
+    // are known to share it; two different symbols say nothing either way.
+    ValueShape NameUnknowns(ValueShape s) =>
+        s.Dims is null || s.Dims.All(d => d.IsKnown || d.Param is not null) ? s
+            : s with { Dims = s.Dims.Select(d => d.IsKnown || d.Param is not null ? d : new Dim(null, $"unk__{++_unknowns}")).ToArray() };
 
     public IReadOnlyDictionary<string, ValueShape> Shapes => _shapes;
     public ValueShape? ShapeOf(string value) => _shapes.GetValueOrDefault(value);
@@ -233,6 +241,7 @@ public sealed class ShapeInference
             {
                 if (Ints(n, 0) is [var s] && Ints(n, 1) is [var e] && Ints(n, 2) is [var st] && st != 0)
                     return One(Shape(t0, [new Dim(Math.Max(0, (e - s + st - (st > 0 ? 1 : -1)) / st))]));
+                if (Ints(n, 0) is [0] && Ints(n, 2) is [1] && Val(n, 1) is [var limit]) return One(Shape(t0, [limit]));   // arange(seq)
                 return One(Shape(t0, [Unknown]));
             }
             case "NonZero": return One(Shape((int)DataType.Int64, [x?.Rank is int r ? new Dim(r) : Unknown, Unknown]));

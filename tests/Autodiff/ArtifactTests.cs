@@ -55,10 +55,18 @@ public class ArtifactTests
     [TestCase("hf_gpt2_conv1d_opset14.onnx", TrainingTask.Lm)]
     [TestCase("gpt_opset17_fused_ln_tanh_gelu_noqkvbias.onnx", TrainingTask.Cls)]
     [TestCase("hf_gpt2_conv1d_opset14.onnx", TrainingTask.Cls)]
-    public void LoraGradientsMatchFiniteDifferences(string file, TrainingTask task)
+    [TestCase("../tiny.onnx", TrainingTask.Lm)]
+    [TestCase("../tiny.onnx", TrainingTask.Cls, HeadMode.Lora)]
+    public void LoraGradientsMatchFiniteDifferences(string file, TrainingTask task, HeadMode head = HeadMode.Full)
     {
         var (view, manifest) = Rewrite(file);
-        var art = TrainingArtifacts.Build(view, manifest, new ArtifactOptions { Task = task, Classes = 3, HeadSeed = 5 });
+        var art = TrainingArtifacts.Build(view, manifest, new ArtifactOptions { Task = task, Classes = 3, HeadSeed = 5, HeadMode = head });
+        if (head == HeadMode.Lora)
+        {
+            Assert.That(art.Spec.Params.Select(p => p.Name), Does.Contain(TrainingArtifacts.HeadLoraA).And.Contain(TrainingArtifacts.HeadLoraB).And.Not.Contain(TrainingArtifacts.HeadWeight));
+            Assert.That(art.Spec.FrozenExtras, Is.EqualTo(new[] { TrainingArtifacts.HeadWeight }));
+            Assert.That(art.InitialParams.Graph.Output.Select(o => o.Name), Does.Contain(TrainingArtifacts.HeadWeight));
+        }
         var rng = new Random(11);
         long vocab = ValueInfos.Dims(view.Graph.Output[0])![^1].Value ?? 96;
         const int batch = 2, seq = 7;
@@ -116,5 +124,33 @@ public class ArtifactTests
         var first = gradNames[0];
         for (int i = 0; i < doubled[first].Length; i++)
             Assert.That(doubled[first][i], Is.EqualTo(2 * got[first][i]).Within(1e-6 + 1e-6 * Math.Abs(got[first][i])), $"accumulated {first}[{i}]");
+    }
+}
+
+/// <summary>Save → files ORT loads, and an artifacts.json that round-trips and gives every input and output a role.</summary>
+public class ArtifactFileTests
+{
+    [Test]
+    public void SaveWritesLoadableModelsAndACompleteSpec()
+    {
+        var file = Path.Combine(TestContext.CurrentContext.TestDirectory, "fixtures", "tiny.onnx");
+        var r = LoraRewrite.Rewrite(OnnxFile.Load(file), new LoraConfig { Rank = 4, Alpha = 8 }, file, "0");
+        var art = TrainingArtifacts.Build(r.TrainingModel, r.Manifest, new ArtifactOptions { Task = TrainingTask.Cls, Classes = 2 });
+        using var dir = new TempDir();
+        art.Save(dir.Path);
+        var spec = TrainingArtifacts.LoadSpec(dir.Path);
+        Assert.That(spec, Is.EqualTo(art.Spec).Using<ArtifactsSpec>((a, b) => System.Text.Json.JsonSerializer.Serialize(a) == System.Text.Json.JsonSerializer.Serialize(b)));
+        Assert.That(spec.Task, Is.EqualTo("cls"));
+        Assert.That(spec.Params.Select(p => p.Name), Does.Contain(TrainingArtifacts.HeadWeight));
+        foreach (var (kind, model) in new[] { ("train", spec.Train), ("eval", spec.Eval), ("optimizer", spec.OptimizerModel) })
+        {
+            Assert.That(model.Inputs.Concat(model.Outputs).Where(io => io.Role == "other").Select(io => io.Name), Is.Empty, $"{kind}: every input and output has a role");
+            using var session = new InferenceSession(Path.Combine(dir.Path, spec.Files[kind]));
+            Assert.That(session.InputMetadata.Keys, Is.SupersetOf(model.Inputs.Where(i => i.Role != "dropout_training_mode").Select(i => i.Name)));
+            Assert.That(session.OutputMetadata.Keys, Is.EquivalentTo(model.Outputs.Select(o => o.Name)));
+        }
+        using var init = new InferenceSession(Path.Combine(dir.Path, spec.Files["initial_params"]));
+        Assert.That(init.OutputMetadata.Keys, Is.EquivalentTo(spec.Params.Select(p => p.Name)));
+        Assert.That(spec.Train.Inputs.Where(i => i.Role == "param").Select(i => i.Name), Is.EqualTo(spec.Params.Select(p => p.Name)).AsCollection.Or.EquivalentTo(spec.Params.Select(p => p.Name)));
     }
 }
