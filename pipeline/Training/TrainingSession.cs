@@ -29,6 +29,7 @@ public sealed class TrainingSession : IDisposable
     readonly RunOptions _run = new();
     readonly DeviceBuffers _buffers;
     readonly OrtMemoryInfo _host = OrtMemoryInfo.DefaultInstance;
+    readonly HashSet<string> _logitsOutputs;
     bool _resetGrad = true;
     int _microBatches;
 
@@ -36,6 +37,7 @@ public sealed class TrainingSession : IDisposable
     {
         _spec = spec;
         _device = device;
+        _logitsOutputs = spec.Train.Outputs.Concat(spec.Eval.Outputs).Where(o => o.Role == "logits").Select(o => o.Name).ToHashSet();
         _options = device.CreateSessionOptions(threads);
         try
         {
@@ -102,14 +104,17 @@ public sealed class TrainingSession : IDisposable
         return result;
     }
 
-    /// <summary>Forward only: the loss (and class logits for cls) with the current parameters.</summary>
-    public StepResult EvalStep(Batch batch)
+    /// <summary>
+    /// Forward only: the loss (and class logits for cls) with the current parameters; with <paramref name="withLogits"/>
+    /// an LM's logits [batch, seq, vocab] come back too (a vocabulary-sized copy to the host, so only when asked).
+    /// </summary>
+    public StepResult EvalStep(Batch batch, bool withLogits = false)
     {
         var b = _evalBinding;
         b.ClearBoundInputs(); b.ClearBoundOutputs();
         using var feeds = BindBatch(b, _spec.Eval, batch);
         foreach (var io in _spec.Eval.Inputs.Where(i => i.Role == "param")) b.BindInput(io.Name, _buffers.Param(io.Param!));
-        foreach (var io in _spec.Eval.Outputs.Where(o => o.Role == "loss" || (o.Role == "logits" && _spec.Task == "cls")))
+        foreach (var io in _spec.Eval.Outputs.Where(o => o.Role == "loss" || (o.Role == "logits" && (_spec.Task == "cls" || withLogits))))
             b.BindOutputToDevice(io.Name, _host);
         return Run(_eval, b, "eval step");
     }
@@ -202,7 +207,7 @@ public sealed class TrainingSession : IDisposable
         for (int i = 0; i < names.Length; i++)
         {
             if (names[i] == TrainingArtifacts.Loss) loss = outputs[i].GetTensorDataAsSpan<float>()[0];
-            else if (names[i] == TrainingArtifacts.ClassLogits) logits = outputs[i].GetTensorDataAsSpan<float>().ToArray();
+            else if (_logitsOutputs.Contains(names[i])) logits = outputs[i].GetTensorDataAsSpan<float>().ToArray();
         }
         if (double.IsNaN(loss)) throw new InvalidOperationException($"{what}: the loss is NaN (learning rate too high, or bad data?)");
         return new StepResult(loss, logits);
@@ -238,5 +243,12 @@ public sealed class TrainingSession : IDisposable
     }
 }
 
-/// <summary>What a train or eval step returns: the mean loss, and for classification the class logits [batch, classes].</summary>
-public sealed record StepResult(double Loss, float[]? ClassLogits);
+/// <summary>
+/// What a train or eval step returns: the mean loss, and the logits when they came back: class logits [batch, classes]
+/// for classification, LM logits [batch, seq, vocab] from <see cref="TrainingSession.EvalStep"/> when asked.
+/// </summary>
+public sealed record StepResult(double Loss, float[]? Logits)
+{
+    /// <summary>The class logits of a classification step (null for LM).</summary>
+    public float[]? ClassLogits => Logits;
+}
