@@ -12,7 +12,7 @@ public static class CliRunner
         {
             Out = new AnsiConsoleOutput(stdout), Ansi = AnsiSupport.No, ColorSystem = ColorSystemSupport.NoColors, Interactive = InteractionSupport.No,
         });
-        console.Profile.Width = 200;
+        console.Profile.Width = 400;
         var stderr = new StringWriter();
         lock (ConsoleLock)
         {

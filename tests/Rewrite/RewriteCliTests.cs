@@ -9,20 +9,7 @@ namespace OnnxLora.Tests.Rewrite;
 [NonParallelizable]
 public class RewriteCliTests
 {
-    static (int Code, string Out, string Err) Cli(params string[] args)
-    {
-        var stdout = new StringWriter();
-        var console = AnsiConsole.Create(new AnsiConsoleSettings
-        {
-            Out = new AnsiConsoleOutput(stdout), Ansi = AnsiSupport.No, ColorSystem = ColorSystemSupport.NoColors, Interactive = InteractionSupport.No,
-        });
-        console.Profile.Width = 200;
-        var stderr = new StringWriter();
-        var saved = Console.Error;
-        Console.SetError(stderr);
-        try { return (OnnxLora.Tools.Cli.Run(args, console), stdout.ToString(), stderr.ToString()); }
-        finally { Console.SetError(saved); }
-    }
+    static (int Code, string Out, string Err) Cli(params string[] args) => CliRunner.Run(args);
 
     static string SaveMlp(TempDir dir)
     {

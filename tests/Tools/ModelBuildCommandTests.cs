@@ -11,21 +11,7 @@ namespace OnnxLora.Tests.Tools;
 [NonParallelizable]   // redirects Console.Error, where the CLI's failure gate writes
 public class ModelBuildCommandTests
 {
-    /// <summary>Runs <c>onnxlora args…</c> in-process; returns the exit code, stdout and stderr.</summary>
-    static (int Code, string Out, string Error) Run(params string[] args)
-    {
-        var output = new StringWriter();
-        var console = AnsiConsole.Create(new AnsiConsoleSettings
-        {
-            Out = new AnsiConsoleOutput(output), Ansi = AnsiSupport.No, ColorSystem = ColorSystemSupport.NoColors,
-        });
-        console.Profile.Width = 400;
-        var error = new StringWriter();
-        var saved = Console.Error;
-        Console.SetError(error);
-        try { return (Cli.Run(args, console), output.ToString(), error.ToString()); }
-        finally { Console.SetError(saved); }
-    }
+    static (int Code, string Out, string Err) Run(params string[] args) => CliRunner.Run(args);
 
     [Test]
     public void BuildsTinyThatLoadsInOrt()
