@@ -95,3 +95,29 @@ public class TrainerTests
         public void Report(TrainProgress value) => report(value);
     }
 }
+
+/// <summary>--init-adapter: a run can start from a trained adapter, ours or PEFT's.</summary>
+public class InitAdapterTests
+{
+    [Test]
+    public void ARunStartsWhereAPeftExportOfAnotherRunEnded()
+    {
+        using var dir = new TempDir();
+        TrainerTests.WriteSequences(dir.File("train.jsonl"), 32, 1);
+        var rewrite = TrainerTests.RewriteTiny(dir);
+        TrainOptions Options(string run, string? init) => new()
+        {
+            ModelDir = rewrite, DataPath = dir.File("train.jsonl"), Format = DataFormat.Tokens, OutDir = dir.File(run),
+            Epochs = 6, BatchSize = 8, Lr = 1e-2, Threads = 1, Shuffle = false, InitAdapter = init,
+        };
+        var first = Trainer.Train(Options("first", null));
+        var manifest = LoraManifest.Load(Path.Combine(rewrite, LoraManifest.FileName));
+        var peft = dir.File("peft");
+        OnnxLora.Pipeline.Adapters.AdapterFiles.Write(OnnxLora.Pipeline.Adapters.AdapterFiles.ReadSafeTensors(first.AdapterPath, manifest),
+            OnnxLora.Pipeline.Adapters.AdapterFormat.Peft, peft, rewrite);
+
+        var second = Trainer.Train(Options("second", peft) with { Epochs = 1 });
+        Assert.That(second.FirstLoss, Is.LessThan(first.FirstLoss - 1), $"started from the trained adapter: {second.FirstLoss} vs a fresh {first.FirstLoss}");
+        Assert.That(second.FirstLoss, Is.LessThan(first.LastLoss + 0.1), "no worse than where the first run ended");
+    }
+}
