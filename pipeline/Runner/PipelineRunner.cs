@@ -33,6 +33,7 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
     const string StagesFile = "stages.json";
     readonly List<(string, bool, string)> _stages = new();
     JsonObject _done = new();
+    long[] _sampleIds = [];   // a real input from the eval data, for the deploy check
     string _runDir = "";
 
     /// <summary>Checks the config's values before any work starts (unknown keys were refused on parsing).</summary>
@@ -218,6 +219,7 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
         var artifacts = Path.Combine(runDir, Trainer.ArtifactsDir);
         var device = ExecutionDevice.Parse(options.Device);
         var data = DatasetLoader.Load(evalData, new DatasetOptions { Format = options.Format, Task = options.Task, SeqLength = options.SeqLength, ClassNames = options.ClassNames, SkipBadRows = options.SkipBadRows });
+        _sampleIds = data.Examples[0].InputIds.Select(i => (long)i).ToArray();
         using var session = TrainingSession.Create(artifacts, device, options.Threads);
         var before = Score(session, data, options);
         foreach (var (name, t) in adapter.LoraTensors.Concat(adapter.Extras)) if (session.HasState(name)) session.SetState(name, t.Data);
@@ -228,7 +230,7 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
         if (options.Task == TaskKind.Cls)
             for (int i = 0; i < Math.Min(count, before.Predictions.Count); i++)
                 examples.Add(new SideBySide(before.Texts[i], data.ClassNames[data.Examples[i].ClassLabel], before.Predictions[i], after.Predictions[i]));
-        else examples.AddRange(Generations(rewriteDir, data, adapter, count));
+        else examples.AddRange(Generations(rewriteDir, data, adapter, count, showIds: options.Format == DataFormat.Tokens));
         log?.Invoke($"evaluate: loss {before.Loss:F4} → {after.Loss:F4}" + (before.Accuracy is double a ? $", accuracy {a:P1} → {after.Accuracy:P1}" : ""));
         _stages.Add(("evaluate", false, Path.Combine(_runDir, "evaluation.json")));
         AtomicFile.WriteAllText(Path.Combine(_runDir, "evaluation.json"), new JsonObject
@@ -268,7 +270,8 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
         return new Scores(total / weight, data.Task == TaskKind.Cls ? (double)correct / data.Examples.Count : null, predictions, texts);
     }
 
-    static IEnumerable<SideBySide> Generations(string rewriteDir, Dataset data, LoraAdapter adapter, int count)
+    /// <summary>Greedy continuations of eval prompts by the base and the adapted model; token ids are shown as ids when the data was pre-tokenized.</summary>
+    static IEnumerable<SideBySide> Generations(string rewriteDir, Dataset data, LoraAdapter adapter, int count, bool showIds)
     {
         using var host = AdapterHost.Create(Path.Combine(rewriteDir, LoraManifest.DeployableModelFile));
         host.AddAdapter("adapted", OnnxAdapterFile.Serialize(OnnxAdapterFile.DeployableParameters(adapter)));
@@ -279,8 +282,9 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
             int prompt = Array.FindIndex(e.Labels, l => l != Example.Ignore);
             if (prompt <= 0) prompt = Math.Max(1, e.Length / 2);
             var promptIds = e.InputIds[..prompt];
-            yield return new SideBySide(TextTokenizer.Gpt2.Decode(promptIds), TextTokenizer.Gpt2.Decode(e.InputIds[prompt..]),
-                generator.Generate(promptIds, options).Text ?? "", generator.Generate(promptIds, options, "adapted").Text ?? "");
+            string Show(IEnumerable<int> ids) => showIds ? string.Join(" ", ids) : TextTokenizer.Gpt2.Decode(ids);
+            yield return new SideBySide(Show(promptIds), Show(e.InputIds[prompt..]),
+                Show(generator.Generate(promptIds, options).TokenIds), Show(generator.Generate(promptIds, options, "adapted").TokenIds));
         }
     }
 
@@ -310,7 +314,7 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
         if (!outputs.TryGetValue(nameof(AdapterFormat.OnnxAdapter), out var adapterPath) || !outputs.TryGetValue(nameof(AdapterFormat.Merged), out var merged)) return double.NaN;
         using var host = AdapterHost.Create(Path.Combine(rewriteDir, LoraManifest.DeployableModelFile));
         host.AddAdapter("adapted", adapterPath);
-        var ids = TextTokenizer.Gpt2.Encode("The soup was wonderful and the waiter was friendly.").Select(i => (long)i).ToArray();
+        var ids = _sampleIds;
         using var input = OrtValue.CreateTensorValueFromMemory(ids, [1, ids.Length]);
         var feeds = new Dictionary<string, OrtValue> { ["input_ids"] = input };
         using var deployed = host.Run("adapted", feeds, ["logits"]);
