@@ -32,11 +32,12 @@ public sealed class TrainingSession : IDisposable
     bool _resetGrad = true;
     int _microBatches;
 
-    TrainingSession(string dir, ArtifactsSpec spec, ExecutionDevice device, int threads)
+    TrainingSession(string dir, ArtifactsSpec spec, ExecutionDevice device, int threads, Action<SessionOptions>? configure)
     {
         _spec = spec;
         _device = device;
         _options = device.CreateSessionOptions(threads);
+        configure?.Invoke(_options);
         try
         {
             _train = new InferenceSession(Path.Combine(dir, spec.Files["train"]), _options);
@@ -59,9 +60,13 @@ public sealed class TrainingSession : IDisposable
         }
     }
 
-    /// <summary>Opens the artifacts in <paramref name="artifactsDir"/> on <paramref name="device"/> (threads 0 = all cores).</summary>
-    public static TrainingSession Create(string artifactsDir, ExecutionDevice device, int threads = 0) =>
-        new(artifactsDir, TrainingArtifacts.LoadSpec(artifactsDir), device, threads);
+    /// <summary>
+    /// Opens the artifacts in <paramref name="artifactsDir"/> on <paramref name="device"/> (threads 0 = all cores).
+    /// <paramref name="configure"/>, if given, adjusts the session options of all three sessions before they load
+    /// (profiling, session config entries; used by <c>onnxlora bench</c>).
+    /// </summary>
+    public static TrainingSession Create(string artifactsDir, ExecutionDevice device, int threads = 0, Action<SessionOptions>? configure = null) =>
+        new(artifactsDir, TrainingArtifacts.LoadSpec(artifactsDir), device, threads, configure);
 
     public ArtifactsSpec Spec => _spec;
     public ExecutionDevice Device => _device;
