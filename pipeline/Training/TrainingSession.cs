@@ -24,8 +24,12 @@ public sealed class TrainingSession : IDisposable
     readonly ArtifactsSpec _spec;
     readonly ExecutionDevice _device;
     readonly SessionOptions _options;
-    readonly InferenceSession _train, _eval, _optimizer;
-    readonly OrtIoBinding _trainBinding, _evalBinding, _optimizerBinding;
+    readonly InferenceSession _train, _optimizer;
+    readonly OrtIoBinding _trainBinding, _optimizerBinding;
+    // the eval session holds its own copy of the frozen weights (~0.5 GB for GPT-2 124M): opened at the first EvalStep
+    readonly string _evalPath;
+    InferenceSession? _eval;
+    OrtIoBinding? _evalBinding;
     readonly RunOptions _run = new();
     readonly DeviceBuffers _buffers;
     readonly OrtMemoryInfo _host = OrtMemoryInfo.DefaultInstance;
@@ -41,7 +45,8 @@ public sealed class TrainingSession : IDisposable
         try
         {
             _train = new InferenceSession(Path.Combine(dir, spec.Files["train"]), _options);
-            _eval = new InferenceSession(Path.Combine(dir, spec.Files["eval"]), _options);
+            _evalPath = Path.Combine(dir, spec.Files["eval"]);
+            if (!File.Exists(_evalPath)) throw new FileNotFoundException($"{_evalPath}: missing; rebuild the training artifacts", _evalPath);
             _optimizer = new InferenceSession(Path.Combine(dir, spec.Files["optimizer"]), _options);
         }
         catch (OnnxRuntimeException e)
@@ -49,7 +54,6 @@ public sealed class TrainingSession : IDisposable
             throw new InvalidDataException($"{dir}: ONNX Runtime cannot load the training artifacts ({e.Message}); rebuild them", e);
         }
         _trainBinding = _train.CreateIoBinding();
-        _evalBinding = _eval.CreateIoBinding();
         _optimizerBinding = _optimizer.CreateIoBinding();
         _buffers = new DeviceBuffers(spec, device, _train);
         var initial = OnnxFile.Load(Path.Combine(dir, spec.Files["initial_params"]));
@@ -110,7 +114,13 @@ public sealed class TrainingSession : IDisposable
     /// <summary>Forward only: the loss (and class logits for cls) with the current parameters.</summary>
     public StepResult EvalStep(Batch batch)
     {
-        var b = _evalBinding;
+        if (_eval is null)
+        {
+            try { _eval = new InferenceSession(_evalPath, _options); }
+            catch (OnnxRuntimeException e) { throw new InvalidDataException($"{_evalPath}: ONNX Runtime cannot load the eval model ({e.Message}); rebuild the artifacts", e); }
+            _evalBinding = _eval.CreateIoBinding();
+        }
+        var b = _evalBinding!;
         b.ClearBoundInputs(); b.ClearBoundOutputs();
         using var feeds = BindBatch(b, _spec.Eval, batch);
         foreach (var io in _spec.Eval.Inputs.Where(i => i.Role == "param")) b.BindInput(io.Name, _buffers.Param(io.Param!));
@@ -231,8 +241,8 @@ public sealed class TrainingSession : IDisposable
     public void Dispose()
     {
         _buffers.Dispose();
-        _trainBinding.Dispose(); _evalBinding.Dispose(); _optimizerBinding.Dispose();
-        _train.Dispose(); _eval.Dispose(); _optimizer.Dispose();
+        _trainBinding.Dispose(); _evalBinding?.Dispose(); _optimizerBinding.Dispose();
+        _train.Dispose(); _eval?.Dispose(); _optimizer.Dispose();
         _run.Dispose();
         _options.Dispose();
     }

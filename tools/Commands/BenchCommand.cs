@@ -2,6 +2,7 @@ using System.ComponentModel;
 using System.Diagnostics;
 using System.Globalization;
 using System.Text.Json;
+using Microsoft.ML.OnnxRuntime;
 using OnnxLora.GraphRewrite.Onnx;
 using OnnxLora.Models;
 using OnnxLora.Tools.Bench;
@@ -54,11 +55,17 @@ public sealed class BenchCommand(IAnsiConsole console) : Command<BenchCommand.Se
         public string? Json { get; init; }
         [CommandOption("--ort-config <KEY=VALUE>")][Description("ONNX Runtime session config entry for OnnxLora's sessions (repeatable), e.g. session.intra_op.allow_spinning=0.")]
         public string[] OrtConfig { get; init; } = [];
+        [CommandOption("--graph-optimization <LEVEL>")][Description("ONNX Runtime graph optimization level for OnnxLora's sessions: disable, basic, extended or all (default all).")]
+        public string GraphOptimization { get; init; } = "all";
+        [CommandOption("--no-cpu-arena")][Description("Turn off ONNX Runtime's CPU memory arena for OnnxLora's sessions (lower peak memory).")]
+        public bool NoCpuArena { get; init; }
+        [CommandOption("--no-memory-pattern")][Description("Turn off ONNX Runtime's memory pattern planning for OnnxLora's sessions.")]
+        public bool NoMemoryPattern { get; init; }
         [CommandOption("--profile <PREFIX>")][Description("Write ONNX Runtime profiles (PREFIX_*.json) of OnnxLora's sessions.")]
         public string? Profile { get; init; }
         [CommandOption("--self-only")][Description("Run only OnnxLora, in this process, and print one JSON line in the peers' format (what the child run does).")]
         public bool SelfOnly { get; init; }
-        [CommandOption("--artifacts <DIR>")][Description("With --self-only: use artifacts built by an earlier bench (with its bench_counts.json) instead of building them.")]
+        [CommandOption("--artifacts <DIR>")][Description("With --self-only: use the artifacts in DIR (with their bench_counts.json), or build them there and keep them.")]
         public string? Artifacts { get; init; }
 
         public override ValidationResult Validate()
@@ -69,6 +76,7 @@ public sealed class BenchCommand(IAnsiConsole console) : Command<BenchCommand.Se
             foreach (var (name, value, min) in new[] { ("--batch", Batch, 1), ("--seq", Seq, 1), ("--rank", Rank, 1), ("--steps", Steps, 1), ("--warmup", Warmup, 0), ("--threads", Threads, 1), ("--runs", Runs, 1) })
                 if (value < min) return ValidationResult.Error($"{name} must be ≥ {min} (got {value})");
             if (Seq > GptConfig.Preset(Preset).ContextLength) return ValidationResult.Error($"--seq {Seq} is longer than {Preset}'s context ({GptConfig.Preset(Preset).ContextLength})");
+            if (GraphOptimization is not ("disable" or "basic" or "extended" or "all")) return ValidationResult.Error($"--graph-optimization must be disable, basic, extended or all (got '{GraphOptimization}')");
             if (Artifacts is not null && !SelfOnly) return ValidationResult.Error("--artifacts goes with --self-only");
             if (Peers is not null && !Directory.Exists(Peers)) return ValidationResult.Error($"--peers {Peers}: no such folder");
             foreach (var entry in OrtConfig)
@@ -137,9 +145,7 @@ public sealed class BenchCommand(IAnsiConsole console) : Command<BenchCommand.Se
         string dir = s.Artifacts ?? Path.Combine(Path.GetTempPath(), $"onnxlora-bench-self-{Environment.ProcessId}-{Guid.NewGuid():N}"[..50]);
         try
         {
-            if (s.Artifacts is null) BenchWorkload.BuildArtifacts(spec, dir);
-            else if (!File.Exists(Path.Combine(dir, BenchWorkload.CountsFile)))
-                throw new FileNotFoundException($"--artifacts {dir}: no {BenchWorkload.CountsFile}; run 'onnxlora bench --self-only' without --artifacts");
+            if (!File.Exists(Path.Combine(dir, BenchWorkload.CountsFile))) BenchWorkload.BuildArtifacts(spec, dir);
             var result = BenchWorkload.Run(spec, dir, line => Console.Error.WriteLine(line), options =>
             {
                 foreach (var entry in s.OrtConfig)
@@ -147,6 +153,13 @@ public sealed class BenchCommand(IAnsiConsole console) : Command<BenchCommand.Se
                     int eq = entry.IndexOf('=');
                     options.AddSessionConfigEntry(entry[..eq], entry[(eq + 1)..]);
                 }
+                options.GraphOptimizationLevel = s.GraphOptimization switch
+                {
+                    "disable" => GraphOptimizationLevel.ORT_DISABLE_ALL, "basic" => GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                    "extended" => GraphOptimizationLevel.ORT_ENABLE_EXTENDED, _ => GraphOptimizationLevel.ORT_ENABLE_ALL,
+                };
+                if (s.NoCpuArena) options.EnableCpuMemArena = false;
+                if (s.NoMemoryPattern) options.EnableMemoryPattern = false;
                 if (s.Profile is not null) { options.ProfileOutputPathPrefix = s.Profile; options.EnableProfiling = true; }   // the prefix first: enabling reads it
             });
             // the raw writer: a console would wrap the line at its width
@@ -177,6 +190,9 @@ public sealed class BenchCommand(IAnsiConsole console) : Command<BenchCommand.Se
         args.AddRange(["--seed", spec.Seed.ToString(CultureInfo.InvariantCulture)]);
         foreach (var entry in s.OrtConfig) args.AddRange(["--ort-config", entry]);
         if (s.Profile is not null) args.AddRange(["--profile", s.Profile]);
+        if (s.NoCpuArena) args.Add("--no-cpu-arena");
+        if (s.GraphOptimization != "all") args.AddRange(["--graph-optimization", s.GraphOptimization]);
+        if (s.NoMemoryPattern) args.Add("--no-memory-pattern");
         return new BenchProcess("onnxlora", host, args);
     }
 
@@ -235,13 +251,14 @@ public sealed class BenchCommand(IAnsiConsole console) : Command<BenchCommand.Se
     void PrintTable(List<Summary> summary, BenchWorkload.Counts counts)
     {
         var ours = summary[0];
-        var table = new Table().Title("medians").AddColumns("", "runs", "s/step", "tokens/s", "peak MiB", "trainable", "speed ×", "memory ×");
+        var table = new Table().Title("medians").AddColumns("", "runs", "s/step", "tokens/s", "peak MiB", "trainable", "speed ×", "mem ×");
         foreach (var r in summary)
         {
             bool self = ReferenceEquals(r, ours);
             table.AddRow(Markup.Escape(r.Name), $"{r.Runs}", $"{r.StepS:F2}", $"{r.TokensPerS:F1}", $"{r.PeakRssMb:N0}", $"{r.Trainable:N0}",
                          self ? "" : $"{ours.TokensPerS / r.TokensPerS:F2}", self ? "" : $"{ours.PeakRssMb / r.PeakRssMb:F2}");
         }
+        table.Border(TableBorder.Simple);
         console.Write(table);
         foreach (var r in summary) console.MarkupLineInterpolated($"{r.Name}: {r.Peer}, {r.Total:N0} parameters");
         if (ours.TrainS is double t && ours.OptimizerS is double o)
@@ -249,7 +266,7 @@ public sealed class BenchCommand(IAnsiConsole console) : Command<BenchCommand.Se
         foreach (var r in summary.Skip(1).Where(r => r.Trainable != counts.Trainable))
             console.MarkupLineInterpolated($"[yellow]note:[/] {r.Name} trains {r.Trainable:N0} parameters, OnnxLora {counts.Trainable:N0}: not the same workload");
         if (summary.Count > 1)
-            console.MarkupLine("speed × = OnnxLora tokens/s ÷ the peer's (> 1: OnnxLora faster); memory × = OnnxLora peak RSS ÷ the peer's (< 1: OnnxLora smaller).");
+            console.MarkupLine("speed × = OnnxLora tokens/s ÷ the peer's (> 1: OnnxLora faster); mem × = OnnxLora peak RSS ÷ the peer's (< 1: OnnxLora smaller).");
     }
 
     static string Shorten(string line) => line.Length > 90 ? line[..90] + "…" : line;
