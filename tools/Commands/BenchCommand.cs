@@ -59,8 +59,8 @@ public sealed class BenchCommand(IAnsiConsole console) : Command<BenchCommand.Se
         public string GraphOptimization { get; init; } = "all";
         [CommandOption("--no-cpu-arena")][Description("Turn off ONNX Runtime's CPU memory arena for OnnxLora's sessions (lower peak memory).")]
         public bool NoCpuArena { get; init; }
-        [CommandOption("--no-memory-pattern")][Description("Turn off ONNX Runtime's memory pattern planning for OnnxLora's sessions.")]
-        public bool NoMemoryPattern { get; init; }
+        [CommandOption("--memory-pattern")][Description("Turn ONNX Runtime's memory pattern planning back on for OnnxLora's sessions (TrainingSession turns it off).")]
+        public bool MemoryPattern { get; init; }
         [CommandOption("--profile <PREFIX>")][Description("Write ONNX Runtime profiles (PREFIX_*.json) of OnnxLora's sessions.")]
         public string? Profile { get; init; }
         [CommandOption("--self-only")][Description("Run only OnnxLora, in this process, and print one JSON line in the peers' format (what the child run does).")]
@@ -159,7 +159,7 @@ public sealed class BenchCommand(IAnsiConsole console) : Command<BenchCommand.Se
                     "extended" => GraphOptimizationLevel.ORT_ENABLE_EXTENDED, _ => GraphOptimizationLevel.ORT_ENABLE_ALL,
                 };
                 if (s.NoCpuArena) options.EnableCpuMemArena = false;
-                if (s.NoMemoryPattern) options.EnableMemoryPattern = false;
+                if (s.MemoryPattern) options.EnableMemoryPattern = true;
                 if (s.Profile is not null) { options.ProfileOutputPathPrefix = s.Profile; options.EnableProfiling = true; }   // the prefix first: enabling reads it
             });
             // the raw writer: a console would wrap the line at its width
@@ -192,7 +192,7 @@ public sealed class BenchCommand(IAnsiConsole console) : Command<BenchCommand.Se
         if (s.Profile is not null) args.AddRange(["--profile", s.Profile]);
         if (s.NoCpuArena) args.Add("--no-cpu-arena");
         if (s.GraphOptimization != "all") args.AddRange(["--graph-optimization", s.GraphOptimization]);
-        if (s.NoMemoryPattern) args.Add("--no-memory-pattern");
+        if (s.MemoryPattern) args.Add("--memory-pattern");
         return new BenchProcess("onnxlora", host, args);
     }
 
