@@ -115,8 +115,14 @@ public static class GptBuilder
     {
         var s = $"/transformer/h.{layer}/attn";
         int d = config.EmbedDim;
-        var qkv = Linear(g, $"/transformer/h.{layer}/attn/c_attn", GptLayout.Block(layer, "attn.c_attn"), x, config.QkvBias);   // [batch, seq, 3d]
-        var split = g.Nodes(s, "Split", [qkv, g.Constant(s, Tensors.Int64Vector("", d, d, d))], 3, Attr.Int("axis", 2));   // 3 × [batch, seq, d]
+        string[] split;   // q, k, v: 3 × [batch, seq, d]
+        if (config.SplitQkv)
+            split = GptLayout.SplitQkvModules.Select(m => Linear(g, $"{s}/{m[(m.IndexOf('.') + 1)..]}", GptLayout.Block(layer, m), x, config.QkvBias)).ToArray();
+        else
+        {
+            var qkv = Linear(g, $"{s}/c_attn", GptLayout.Block(layer, "attn.c_attn"), x, config.QkvBias);   // [batch, seq, 3d]
+            split = g.Nodes(s, "Split", [qkv, g.Constant(s, Tensors.Int64Vector("", d, d, d))], 3, Attr.Int("axis", 2));
+        }
 
         // [batch, seq, heads, head_dim] from the run-time batch and seq
         var shape = g.Node(s, "Shape", [split[0]]);                                         // [3]
@@ -169,11 +175,16 @@ public static class GptBuilder
         g.Node(scope, "LayerNormalization", [x, module + ".weight", module + ".bias"],
                Attr.Int("axis", -1), Attr.Float("epsilon", (float)config.LayerNormEpsilon));
 
-    static string ConfigJson(GptConfig c) => JsonSerializer.Serialize(new Dictionary<string, object>
+    static string ConfigJson(GptConfig c)
     {
-        ["model_type"] = "gpt2", ["vocab_size"] = c.VocabSize, ["n_positions"] = c.ContextLength, ["n_embd"] = c.EmbedDim,
-        ["n_head"] = c.Heads, ["n_layer"] = c.Layers, ["layer_norm_epsilon"] = c.LayerNormEpsilon, ["qkv_bias"] = c.QkvBias,
-    });
+        var json = new Dictionary<string, object>
+        {
+            ["model_type"] = "gpt2", ["vocab_size"] = c.VocabSize, ["n_positions"] = c.ContextLength, ["n_embd"] = c.EmbedDim,
+            ["n_head"] = c.Heads, ["n_layer"] = c.Layers, ["layer_norm_epsilon"] = c.LayerNormEpsilon, ["qkv_bias"] = c.QkvBias,
+        };
+        if (c.SplitQkv) json["split_qkv"] = true;   // only when set, so the default GPT-2 files stay as they were
+        return JsonSerializer.Serialize(json);
+    }
 
     // The initializer wraps the float array's bytes instead of copying them (Google.Protobuf's UnsafeWrap).
     static TensorProto WeightInitializer(string name, long[] shape, float[] values)

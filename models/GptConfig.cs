@@ -10,9 +10,15 @@ namespace OnnxLora.Models;
 /// <param name="Heads">Attention heads per block; must divide <paramref name="EmbedDim"/>.</param>
 /// <param name="Layers">Transformer blocks.</param>
 /// <param name="LayerNormEpsilon">Epsilon of every LayerNorm (GPT-2: 1e-5).</param>
-/// <param name="QkvBias">Whether the fused q/k/v projection <c>c_attn</c> has a bias (GPT-2: true).</param>
+/// <param name="QkvBias">Whether the q/k/v projection (<c>c_attn</c>, or q_proj/k_proj/v_proj when split) has a bias (GPT-2: true).</param>
+/// <param name="SplitQkv">
+/// Separate q/k/v projections (<c>attn.q_proj</c>, <c>attn.k_proj</c>, <c>attn.v_proj</c>, each [d, d]) instead of GPT-2's
+/// fused <c>attn.c_attn</c> [d, 3d], as models written with one <c>nn.Linear</c> per projection have (and as the benchmark
+/// peers do: LoRA then adapts q, k and v separately). The same function as the fused layout when c_attn's columns are
+/// split q|k|v. Default false: the GPT-2 layout, which Hugging Face checkpoints use.
+/// </param>
 public sealed record GptConfig(int VocabSize, int ContextLength, int EmbedDim, int Heads, int Layers,
-                               double LayerNormEpsilon = 1e-5, bool QkvBias = true)
+                               double LayerNormEpsilon = 1e-5, bool QkvBias = true, bool SplitQkv = false)
 {
     // Presets in the order `--help` and error messages list them. tiny and small are test/demo sizes, the rest are
     // the published GPT-2 shapes (vocabulary 50,257, context 1,024).
@@ -58,7 +64,7 @@ public sealed record GptConfig(int VocabSize, int ContextLength, int EmbedDim, i
         {
             long d = EmbedDim;
             long perBlock = 2 * 2 * d                       // ln_1, ln_2
-                            + d * 3 * d + (QkvBias ? 3 * d : 0) // c_attn
+                            + d * 3 * d + (QkvBias ? 3 * d : 0) // c_attn (or q/k/v_proj: the same count)
                             + d * d + d                     // attn.c_proj
                             + d * 4 * d + 4 * d             // mlp.c_fc
                             + 4 * d * d + d;                // mlp.c_proj
@@ -97,5 +103,5 @@ public sealed record GptConfig(int VocabSize, int ContextLength, int EmbedDim, i
     }
 
     public override string ToString() =>
-        $"{PresetName ?? "custom"} (vocab {VocabSize}, context {ContextLength}, width {EmbedDim}, {Heads} heads, {Layers} layers)";
+        $"{PresetName ?? (this with { SplitQkv = false }).PresetName ?? "custom"}{(SplitQkv ? " split q/k/v" : "")} (vocab {VocabSize}, context {ContextLength}, width {EmbedDim}, {Heads} heads, {Layers} layers)";
 }

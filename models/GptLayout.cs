@@ -23,6 +23,9 @@ public static class GptLayout
     /// </summary>
     public static IReadOnlyList<string> Conv1DWeights { get; } = ["attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"];
 
+    /// <summary>The separate projections of a <see cref="GptConfig.SplitQkv"/> model, relative to a block, in c_attn's column order.</summary>
+    public static IReadOnlyList<string> SplitQkvModules { get; } = ["attn.q_proj", "attn.k_proj", "attn.v_proj"];
+
     /// <summary>Output projections whose init GPT-2 scales by 1/sqrt(2·layers) (residual-path weights).</summary>
     public static IReadOnlyList<string> ResidualProjections { get; } = ["attn.c_proj.weight", "mlp.c_proj.weight"];
 
@@ -48,8 +51,17 @@ public static class GptLayout
         {
             list.Add((Block(i, "ln_1.weight"), [d]));
             list.Add((Block(i, "ln_1.bias"), [d]));
-            list.Add((Block(i, "attn.c_attn.weight"), [d, 3 * d]));   // [in, out], q|k|v side by side
-            if (config.QkvBias) list.Add((Block(i, "attn.c_attn.bias"), [3 * d]));
+            if (config.SplitQkv)
+                foreach (var m in SplitQkvModules)
+                {
+                    list.Add((Block(i, m + ".weight"), [d, d]));          // [in, out]
+                    if (config.QkvBias) list.Add((Block(i, m + ".bias"), [d]));
+                }
+            else
+            {
+                list.Add((Block(i, "attn.c_attn.weight"), [d, 3 * d]));   // [in, out], q|k|v side by side
+                if (config.QkvBias) list.Add((Block(i, "attn.c_attn.bias"), [3 * d]));
+            }
             list.Add((Block(i, "attn.c_proj.weight"), [d, d]));
             list.Add((Block(i, "attn.c_proj.bias"), [d]));
             list.Add((Block(i, "ln_2.weight"), [d]));
@@ -65,5 +77,6 @@ public static class GptLayout
     }
 
     /// <summary>True for a Conv1D weight name (any block).</summary>
-    public static bool IsConv1DWeight(string name) => Conv1DWeights.Any(w => name.EndsWith("." + w, StringComparison.Ordinal));
+    public static bool IsConv1DWeight(string name) =>
+        Conv1DWeights.Concat(SplitQkvModules.Select(m => m + ".weight")).Any(w => name.EndsWith("." + w, StringComparison.Ordinal));
 }

@@ -24,8 +24,12 @@ public sealed class TrainingSession : IDisposable
     readonly ArtifactsSpec _spec;
     readonly ExecutionDevice _device;
     readonly SessionOptions _options;
-    readonly InferenceSession _train, _eval, _optimizer;
-    readonly OrtIoBinding _trainBinding, _evalBinding, _optimizerBinding;
+    readonly InferenceSession _train, _optimizer;
+    readonly OrtIoBinding _trainBinding, _optimizerBinding;
+    // the eval session holds its own copy of the frozen weights (~0.5 GB for GPT-2 124M): opened at the first EvalStep
+    readonly string _evalPath;
+    InferenceSession? _eval;
+    OrtIoBinding? _evalBinding;
     readonly RunOptions _run = new();
     readonly DeviceBuffers _buffers;
     readonly OrtMemoryInfo _host = OrtMemoryInfo.DefaultInstance;
@@ -33,16 +37,22 @@ public sealed class TrainingSession : IDisposable
     bool _resetGrad = true;
     int _microBatches;
 
-    TrainingSession(string dir, ArtifactsSpec spec, ExecutionDevice device, int threads)
+    TrainingSession(string dir, ArtifactsSpec spec, ExecutionDevice device, int threads, Action<SessionOptions>? configure)
     {
         _spec = spec;
         _device = device;
         _logitsOutputs = spec.Train.Outputs.Concat(spec.Eval.Outputs).Where(o => o.Role == "logits").Select(o => o.Name).ToHashSet();
         _options = device.CreateSessionOptions(threads);
+        // No memory pattern: after the first step ORT would plan one block for all of a step's activations on top of
+        // what its arena already holds; for GPT-2 124M (batch 8 × 120) that raised the peak from 4.4 GB to 7.3 GB at
+        // no measurable speed gain (docs/BENCHMARKS.md).
+        _options.EnableMemoryPattern = false;
+        configure?.Invoke(_options);
         try
         {
             _train = new InferenceSession(Path.Combine(dir, spec.Files["train"]), _options);
-            _eval = new InferenceSession(Path.Combine(dir, spec.Files["eval"]), _options);
+            _evalPath = Path.Combine(dir, spec.Files["eval"]);
+            if (!File.Exists(_evalPath)) throw new FileNotFoundException($"{_evalPath}: missing; rebuild the training artifacts", _evalPath);
             _optimizer = new InferenceSession(Path.Combine(dir, spec.Files["optimizer"]), _options);
         }
         catch (OnnxRuntimeException e)
@@ -50,7 +60,6 @@ public sealed class TrainingSession : IDisposable
             throw new InvalidDataException($"{dir}: ONNX Runtime cannot load the training artifacts ({e.Message}); rebuild them", e);
         }
         _trainBinding = _train.CreateIoBinding();
-        _evalBinding = _eval.CreateIoBinding();
         _optimizerBinding = _optimizer.CreateIoBinding();
         _buffers = new DeviceBuffers(spec, device, _train);
         var initial = OnnxFile.Load(Path.Combine(dir, spec.Files["initial_params"]));
@@ -61,9 +70,13 @@ public sealed class TrainingSession : IDisposable
         }
     }
 
-    /// <summary>Opens the artifacts in <paramref name="artifactsDir"/> on <paramref name="device"/> (threads 0 = all cores).</summary>
-    public static TrainingSession Create(string artifactsDir, ExecutionDevice device, int threads = 0) =>
-        new(artifactsDir, TrainingArtifacts.LoadSpec(artifactsDir), device, threads);
+    /// <summary>
+    /// Opens the artifacts in <paramref name="artifactsDir"/> on <paramref name="device"/> (threads 0 = all cores).
+    /// <paramref name="configure"/>, if given, adjusts the session options of all three sessions before they load
+    /// (profiling, session config entries; used by <c>onnxlora bench</c>).
+    /// </summary>
+    public static TrainingSession Create(string artifactsDir, ExecutionDevice device, int threads = 0, Action<SessionOptions>? configure = null) =>
+        new(artifactsDir, TrainingArtifacts.LoadSpec(artifactsDir), device, threads, configure);
 
     public ArtifactsSpec Spec => _spec;
     public ExecutionDevice Device => _device;
@@ -110,7 +123,13 @@ public sealed class TrainingSession : IDisposable
     /// </summary>
     public StepResult EvalStep(Batch batch, bool withLogits = false)
     {
-        var b = _evalBinding;
+        if (_eval is null)
+        {
+            try { _eval = new InferenceSession(_evalPath, _options); }
+            catch (OnnxRuntimeException e) { throw new InvalidDataException($"{_evalPath}: ONNX Runtime cannot load the eval model ({e.Message}); rebuild the artifacts", e); }
+            _evalBinding = _eval.CreateIoBinding();
+        }
+        var b = _evalBinding!;
         b.ClearBoundInputs(); b.ClearBoundOutputs();
         using var feeds = BindBatch(b, _spec.Eval, batch);
         foreach (var io in _spec.Eval.Inputs.Where(i => i.Role == "param")) b.BindInput(io.Name, _buffers.Param(io.Param!));
@@ -231,8 +250,8 @@ public sealed class TrainingSession : IDisposable
     public void Dispose()
     {
         _buffers.Dispose();
-        _trainBinding.Dispose(); _evalBinding.Dispose(); _optimizerBinding.Dispose();
-        _train.Dispose(); _eval.Dispose(); _optimizer.Dispose();
+        _trainBinding.Dispose(); _evalBinding?.Dispose(); _optimizerBinding.Dispose();
+        _train.Dispose(); _eval?.Dispose(); _optimizer.Dispose();
         _run.Dispose();
         _options.Dispose();
     }

@@ -1,0 +1,76 @@
+using System.Text.Json;
+using OnnxLora.Tools.Bench;
+
+namespace OnnxLora.Tests.Tools;
+
+/// <summary>`onnxlora bench` without peers on the tiny preset: the real build, child process and ORT steps, in seconds.</summary>
+[NonParallelizable]   // the CLI's failure gate writes to Console.Error
+public class BenchCommandTests
+{
+    [Test]
+    public void TinyClsRunsOursInAChildProcessAndWritesJson()
+    {
+        using var dir = new TempDir();
+        var json = dir.File("bench.json");
+        var (code, output, error) = CliRunner.Run("bench", "--preset", "tiny", "--seq", "16", "--batch", "2", "--steps", "1", "--warmup", "0",
+                                                 "--threads", "1", "--runs", "2", "--json", json);
+        Assert.That(code, Is.EqualTo(0), error);
+        // tiny (width 32, 2 blocks): 6 linears per block with r=16, plus the LoRA of the 2-class head
+        long perBlock = 4 * 16 * (32 + 32) + 16 * (32 + 128) + 16 * (128 + 32);
+        long trainable = 2 * perBlock + 16 * (32 + 2);
+        Assert.That(output, Does.Contain($"{trainable:N0} trainable").And.Contain("run 2/2: onnxlora").And.Contain("medians"));
+
+        using var doc = JsonDocument.Parse(File.ReadAllText(json));
+        var runs = doc.RootElement.GetProperty("runs").EnumerateArray().ToList();
+        Assert.That(runs, Has.Count.EqualTo(2));
+        var result = runs[0].GetProperty("result").Deserialize<BenchResult>(BenchResult.Json)!;
+        Assert.That(result.Peer, Does.StartWith("onnxlora"));
+        Assert.That(result.Trainable, Is.EqualTo(trainable));
+        Assert.That(result.StepS, Is.GreaterThan(0));
+        Assert.That(result.TokensPerS, Is.EqualTo(2 * 16 / result.StepS).Within(1).Percent);
+        // the child's own peak: an ORT process, far below the test host's
+        Assert.That(result.PeakRssMb, Is.InRange(20, 2000));
+        Assert.That(result.TrainS!.Value + result.OptimizerS!.Value, Is.EqualTo(result.StepS).Within(0.001));
+        Assert.That(doc.RootElement.GetProperty("commands")[0].GetProperty("command").GetString(), Does.Contain("--self-only"));
+    }
+
+    [Test]
+    public void SelfOnlyPrintsOneJsonLineInThePeersFormat()
+    {
+        var (code, output, error) = CliRunner.Run("bench", "--self-only", "--preset", "tiny", "--task", "lm", "--seq", "8", "--batch", "1",
+                                                 "--steps", "1", "--warmup", "0", "--threads", "1");
+        Assert.That(code, Is.EqualTo(0), error);
+        var line = output.Trim();
+        Assert.That(line.Split('\n'), Has.Length.EqualTo(1));
+        using var doc = JsonDocument.Parse(line);
+        foreach (var field in new[] { "peer", "preset", "task", "batch", "seq", "rank", "threads", "step_s", "tokens_per_s", "trainable", "total", "peak_rss_mb" })
+            Assert.That(doc.RootElement.TryGetProperty(field, out _), Is.True, field);
+        // lm: LoRA on the 512-token vocabulary head too
+        long trainable = 2 * (4 * 16 * 64 + 2 * 16 * 160) + 16 * (32 + 512);
+        Assert.That(doc.RootElement.GetProperty("trainable").GetInt64(), Is.EqualTo(trainable));
+        Assert.That(doc.RootElement.GetProperty("task").GetString(), Is.EqualTo("lm"));
+    }
+
+    [TestCase("--task", "mlm", "--task must be cls or lm")]
+    [TestCase("--preset", "gpt3", "--preset must be one of")]
+    [TestCase("--seq", "100", "longer than tiny's context")]
+    [TestCase("--artifacts", "x", "--artifacts goes with --self-only")]
+    public void RejectsBadOptions(string flag, string value, string message)
+    {
+        var (code, _, error) = CliRunner.Run("bench", "--preset", "tiny", "--seq", "16", flag, value);
+        Assert.That(code, Is.Not.EqualTo(0));
+        Assert.That(error, Does.Contain(message));
+    }
+
+    [Test]
+    public void MedianAndPeerLineParsing()
+    {
+        Assert.That(OnnxLora.Tools.Commands.BenchCommand.Median([3, 1, 2]), Is.EqualTo(2));
+        Assert.That(OnnxLora.Tools.Commands.BenchCommand.Median([4, 1, 2, 3]), Is.EqualTo(2.5));
+        // a line as torch_peer.py prints it, after other output
+        var r = BenchResult.FromOutput("warning: x\n{\"peer\": \"pytorch 1.13.0a0\", \"preset\": \"gpt2\", \"task\": \"cls\", \"batch\": 8, \"seq\": 120, \"rank\": 16, " +
+                                       "\"threads\": 2, \"step_s\": 4.8, \"tokens_per_s\": 200.0, \"trainable\": 2666528, \"total\": 126000000, \"peak_rss_mb\": 2250}\n");
+        Assert.That(r, Is.Not.Null);
+        Assert.That((r!.Peer, r.StepS, r.Trainable, r.PeakRssMb, r.TrainS), Is.EqualTo(("pytorch 1.13.0a0", 4.8, 2666528L, 2250L, (double?)null)));
+    }
+}

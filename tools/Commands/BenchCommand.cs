@@ -1,0 +1,273 @@
+using System.ComponentModel;
+using System.Diagnostics;
+using System.Globalization;
+using System.Text.Json;
+using Microsoft.ML.OnnxRuntime;
+using OnnxLora.GraphRewrite.Onnx;
+using OnnxLora.Models;
+using OnnxLora.Tools.Bench;
+using Spectre.Console;
+using Spectre.Console.Cli;
+
+namespace OnnxLora.Tools.Commands;
+
+/// <summary>
+/// `onnxlora bench`: trains the peers' LoRA workload (../shared/bench/) with OnnxLora and, with --peers, with the
+/// PyTorch and TorchSharp peers, alternating runs, and prints medians and ratios measured in the same run. Each
+/// contestant runs as its own child process, so its peak RSS is its own; OnnxLora's child is
+/// <c>onnxlora bench --self-only</c>, which prints one JSON line in the peers' format.
+/// </summary>
+public sealed class BenchCommand(IAnsiConsole console) : Command<BenchCommand.Settings>
+{
+    public const string Description = "Benchmark LoRA training steps (forward + backward + AdamW) against the PyTorch and TorchSharp peers, side by side.";
+
+    public sealed class Settings : CommandSettings
+    {
+        [CommandOption("--preset <NAME>")][Description("Model shape: tiny, small, gpt2 (default), gpt2-medium, … with separate q/k/v projections and random weights. The peers' tiny and small differ from ours; compare gpt2.")]
+        public string Preset { get; init; } = "gpt2";
+        [CommandOption("--task <TASK>")][Description("cls (default: a frozen random head of --classes outputs at the last position, with LoRA) or lm (the full-vocabulary head, with LoRA).")]
+        public string Task { get; init; } = "cls";
+        [CommandOption("--classes <N>")][Description("Classes for --task cls (default 2).")]
+        public int Classes { get; init; } = 2;
+        [CommandOption("--batch <B>")][Description("Sequences per step (default 8).")]
+        public int Batch { get; init; } = 8;
+        [CommandOption("--seq <T>")][Description("Tokens per sequence (default 120).")]
+        public int Seq { get; init; } = 120;
+        [CommandOption("--rank <R>")][Description("LoRA rank on every linear layer, alpha = rank (default 16).")]
+        public int Rank { get; init; } = 16;
+        [CommandOption("--steps <N>")][Description("Timed steps per run (default 3).")]
+        public int Steps { get; init; } = 3;
+        [CommandOption("--warmup <N>")][Description("Untimed steps before them (default 1).")]
+        public int Warmup { get; init; } = 1;
+        [CommandOption("--threads <N>")][Description("Intra-op threads for every contestant (default 2).")]
+        public int Threads { get; init; } = 2;
+        [CommandOption("--seed <N>")][Description("Seed of the weights, LoRA init and token batch (default 123, the peers' default).")]
+        public int Seed { get; init; } = 123;
+        [CommandOption("--runs <N>")][Description("Alternating rounds (ours, pytorch, torchsharp, ours, …); the table shows medians (default 1).")]
+        public int Runs { get; init; } = 1;
+        [CommandOption("--peers <DIR>")][Description("Folder with the peers (torch_peer.py, torchsharp/); without it only OnnxLora runs.")]
+        public string? Peers { get; init; }
+        [CommandOption("--python <PATH>")][Description("Python with torch for torch_peer.py (default /usr/bin/python3, else python3).")]
+        public string? Python { get; init; }
+        [CommandOption("--torchsharp <PATH>")][Description("The built TorchSharpPeer binary (default: DIR/torchsharp/bin/Release/net10.0/linux-x64/TorchSharpPeer when it exists).")]
+        public string? TorchSharp { get; init; }
+        [CommandOption("--json <FILE>")][Description("Also write every run and the summary as JSON.")]
+        public string? Json { get; init; }
+        [CommandOption("--ort-config <KEY=VALUE>")][Description("ONNX Runtime session config entry for OnnxLora's sessions (repeatable), e.g. session.intra_op.allow_spinning=0.")]
+        public string[] OrtConfig { get; init; } = [];
+        [CommandOption("--graph-optimization <LEVEL>")][Description("ONNX Runtime graph optimization level for OnnxLora's sessions: disable, basic, extended or all (default all).")]
+        public string GraphOptimization { get; init; } = "all";
+        [CommandOption("--no-cpu-arena")][Description("Turn off ONNX Runtime's CPU memory arena for OnnxLora's sessions (lower peak memory).")]
+        public bool NoCpuArena { get; init; }
+        [CommandOption("--memory-pattern")][Description("Turn ONNX Runtime's memory pattern planning back on for OnnxLora's sessions (TrainingSession turns it off).")]
+        public bool MemoryPattern { get; init; }
+        [CommandOption("--profile <PREFIX>")][Description("Write ONNX Runtime profiles (PREFIX_*.json) of OnnxLora's sessions.")]
+        public string? Profile { get; init; }
+        [CommandOption("--self-only")][Description("Run only OnnxLora, in this process, and print one JSON line in the peers' format (what the child run does).")]
+        public bool SelfOnly { get; init; }
+        [CommandOption("--artifacts <DIR>")][Description("With --self-only: use the artifacts in DIR (with their bench_counts.json), or build them there and keep them.")]
+        public string? Artifacts { get; init; }
+
+        public override ValidationResult Validate()
+        {
+            if (!GptConfig.PresetNames.Contains(Preset)) return ValidationResult.Error($"--preset must be one of {string.Join(", ", GptConfig.PresetNames)} (got '{Preset}')");
+            if (Task is not ("cls" or "lm")) return ValidationResult.Error($"--task must be cls or lm (got '{Task}')");
+            if (Task == "cls" && Classes < 2) return ValidationResult.Error($"--classes must be ≥ 2 (got {Classes})");
+            foreach (var (name, value, min) in new[] { ("--batch", Batch, 1), ("--seq", Seq, 1), ("--rank", Rank, 1), ("--steps", Steps, 1), ("--warmup", Warmup, 0), ("--threads", Threads, 1), ("--runs", Runs, 1) })
+                if (value < min) return ValidationResult.Error($"{name} must be ≥ {min} (got {value})");
+            if (Seq > GptConfig.Preset(Preset).ContextLength) return ValidationResult.Error($"--seq {Seq} is longer than {Preset}'s context ({GptConfig.Preset(Preset).ContextLength})");
+            if (GraphOptimization is not ("disable" or "basic" or "extended" or "all")) return ValidationResult.Error($"--graph-optimization must be disable, basic, extended or all (got '{GraphOptimization}')");
+            if (Artifacts is not null && !SelfOnly) return ValidationResult.Error("--artifacts goes with --self-only");
+            if (Peers is not null && !Directory.Exists(Peers)) return ValidationResult.Error($"--peers {Peers}: no such folder");
+            foreach (var entry in OrtConfig)
+                if (!entry.Contains('=')) return ValidationResult.Error($"--ort-config '{entry}' is not KEY=VALUE");
+            return ValidationResult.Success();
+        }
+
+        internal BenchSpec Spec => new(Preset, Task, Classes, Batch, Seq, Rank, Steps, Warmup, Threads, Seed);
+    }
+
+    public override int Execute(CommandContext context, Settings s, CancellationToken cancellationToken)
+    {
+        var spec = s.Spec;
+        if (s.SelfOnly) return SelfOnly(s, spec);
+
+        var contestants = Contestants(s, spec, out var notes);
+        console.MarkupLineInterpolated($"[bold]onnxlora bench[/]: {spec.Preset} (separate q/k/v), task {spec.Task}{(spec.Task == "cls" ? $" ({spec.Classes} classes)" : "")}, batch {spec.Batch} × {spec.Seq}, LoRA r={spec.Rank} alpha={spec.Rank} on every linear, AdamW; {spec.Warmup} warmup + {spec.Steps} timed steps, {spec.Threads} threads, {s.Runs} run(s)");
+        foreach (var note in notes) console.MarkupLineInterpolated($"[yellow]note:[/] {note}");
+
+        var dir = Path.Combine(Path.GetTempPath(), $"onnxlora-bench-{Environment.ProcessId}-{Guid.NewGuid():N}"[..48]);
+        try
+        {
+            var build = Stopwatch.StartNew();
+            BenchWorkload.Counts counts = null!;
+            console.Status().Start("building the model, LoRA rewrite and training artifacts…", _ => counts = BenchWorkload.BuildArtifacts(spec, dir));
+            GC.Collect();   // the in-memory model is garbage now; do not hold it while the children run
+            console.MarkupLineInterpolated($"artifacts built in {build.Elapsed.TotalSeconds:F1} s: {counts.Trainable:N0} trainable of {counts.Total:N0} parameters");
+            contestants.Insert(0, SelfProcess(s, spec, dir));
+
+            var runs = new List<(int Round, BenchProcess Who, BenchResult Result)>();
+            for (int round = 1; round <= s.Runs; round++)
+                foreach (var who in contestants)
+                {
+                    cancellationToken.ThrowIfCancellationRequested();
+                    var clock = Stopwatch.StartNew();
+                    BenchResult result = null!;
+                    var label = $"run {round}/{s.Runs}: {who.Name}";
+                    console.Status().Start(label, ctx =>
+                        result = who.Run(line => ctx.Status(Markup.Escape($"{label} ({clock.Elapsed.TotalSeconds:F0} s) {Shorten(line)}")), cancellationToken));
+                    runs.Add((round, who, result));
+                    console.MarkupLineInterpolated($"{label}: {result.StepS:F2} s/step, {result.TokensPerS:F1} tokens/s, peak {result.PeakRssMb:N0} MiB{(result.TrainS is double t ? $" (train {t:F2} s + optimizer {result.OptimizerS:F3} s)" : "")} [grey]({clock.Elapsed.TotalSeconds:F0} s)[/]");
+                }
+
+            var summary = Summarize(runs, contestants);
+            PrintTable(summary, counts);
+            if (s.Json is not null)
+                AtomicFile.WriteAllText(s.Json, JsonSerializer.Serialize(new
+                {
+                    spec,
+                    commands = contestants.Select(c => new { name = c.Name, command = c.CommandLine }),
+                    runs = runs.Select(r => new { round = r.Round, name = r.Who.Name, result = r.Result }),
+                    summary,
+                }, new JsonSerializerOptions(BenchResult.Json) { WriteIndented = true }));
+            return 0;
+        }
+        finally
+        {
+            try { if (Directory.Exists(dir)) Directory.Delete(dir, recursive: true); }
+            catch (IOException) { }
+        }
+    }
+
+    /// <summary>The child's work: build (unless --artifacts) and run in this process; one JSON line on stdout, progress on stderr.</summary>
+    int SelfOnly(Settings s, BenchSpec spec)
+    {
+        string dir = s.Artifacts ?? Path.Combine(Path.GetTempPath(), $"onnxlora-bench-self-{Environment.ProcessId}-{Guid.NewGuid():N}"[..50]);
+        try
+        {
+            if (!File.Exists(Path.Combine(dir, BenchWorkload.CountsFile))) BenchWorkload.BuildArtifacts(spec, dir);
+            var result = BenchWorkload.Run(spec, dir, line => Console.Error.WriteLine(line), options =>
+            {
+                foreach (var entry in s.OrtConfig)
+                {
+                    int eq = entry.IndexOf('=');
+                    options.AddSessionConfigEntry(entry[..eq], entry[(eq + 1)..]);
+                }
+                options.GraphOptimizationLevel = s.GraphOptimization switch
+                {
+                    "disable" => GraphOptimizationLevel.ORT_DISABLE_ALL, "basic" => GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                    "extended" => GraphOptimizationLevel.ORT_ENABLE_EXTENDED, _ => GraphOptimizationLevel.ORT_ENABLE_ALL,
+                };
+                if (s.NoCpuArena) options.EnableCpuMemArena = false;
+                if (s.MemoryPattern) options.EnableMemoryPattern = true;
+                if (s.Profile is not null) { options.ProfileOutputPathPrefix = s.Profile; options.EnableProfiling = true; }   // the prefix first: enabling reads it
+            });
+            // the raw writer: a console would wrap the line at its width
+            console.Profile.Out.Writer.WriteLine(result.ToJsonLine());
+            console.Profile.Out.Writer.Flush();
+            return 0;
+        }
+        finally
+        {
+            if (s.Artifacts is null && Directory.Exists(dir)) Directory.Delete(dir, recursive: true);
+        }
+    }
+
+    /// <summary>OnnxLora's child: this same program (the apphost, or dotnet with onnxlora.dll) with --self-only.</summary>
+    static BenchProcess SelfProcess(Settings s, BenchSpec spec, string artifacts)
+    {
+        var args = new List<string>();
+        string host;
+        var processPath = Environment.ProcessPath;
+        if (processPath is not null && Path.GetFileNameWithoutExtension(processPath) == "onnxlora") host = processPath;
+        else
+        {
+            host = Environment.GetEnvironmentVariable("DOTNET_HOST_PATH") is { Length: > 0 } h ? h : "dotnet";
+            args.Add(typeof(Cli).Assembly.Location);
+        }
+        args.AddRange(["bench", "--self-only", "--artifacts", artifacts]);
+        args.AddRange(CommonArgs(spec));
+        args.AddRange(["--seed", spec.Seed.ToString(CultureInfo.InvariantCulture)]);
+        foreach (var entry in s.OrtConfig) args.AddRange(["--ort-config", entry]);
+        if (s.Profile is not null) args.AddRange(["--profile", s.Profile]);
+        if (s.NoCpuArena) args.Add("--no-cpu-arena");
+        if (s.GraphOptimization != "all") args.AddRange(["--graph-optimization", s.GraphOptimization]);
+        if (s.MemoryPattern) args.Add("--memory-pattern");
+        return new BenchProcess("onnxlora", host, args);
+    }
+
+    static IEnumerable<string> CommonArgs(BenchSpec spec)
+    {
+        string I(int v) => v.ToString(CultureInfo.InvariantCulture);
+        return ["--preset", spec.Preset, "--task", spec.Task, "--classes", I(spec.Classes), "--batch", I(spec.Batch), "--seq", I(spec.Seq),
+                "--rank", I(spec.Rank), "--steps", I(spec.Steps), "--warmup", I(spec.Warmup), "--threads", I(spec.Threads)];
+    }
+
+    /// <summary>The peers found under --peers (PyTorch) and at --torchsharp or its default path (TorchSharp).</summary>
+    static List<BenchProcess> Contestants(Settings s, BenchSpec spec, out List<string> notes)
+    {
+        notes = [];
+        var list = new List<BenchProcess>();
+        var peerArgs = CommonArgs(spec).Concat(["--alpha", spec.Rank.ToString(CultureInfo.InvariantCulture), "--seed", spec.Seed.ToString(CultureInfo.InvariantCulture)]).ToList();
+        if (s.Peers is not null)
+        {
+            var script = Path.Combine(Path.GetFullPath(s.Peers), "torch_peer.py");
+            if (!File.Exists(script)) notes.Add($"no {script}: the PyTorch peer is skipped");
+            else
+            {
+                var python = s.Python ?? (File.Exists("/usr/bin/python3") ? "/usr/bin/python3" : "python3");
+                list.Add(new BenchProcess("pytorch", python, [script, .. peerArgs]));
+            }
+        }
+        var torchSharp = s.TorchSharp ?? (s.Peers is null ? null : Path.Combine(Path.GetFullPath(s.Peers), "torchsharp", "bin", "Release", "net10.0", "linux-x64", "TorchSharpPeer"));
+        if (torchSharp is not null)
+        {
+            if (File.Exists(torchSharp)) list.Add(new BenchProcess("torchsharp", Path.GetFullPath(torchSharp), peerArgs));
+            else notes.Add($"no TorchSharp peer at {torchSharp} (build it as the peers' README says, or pass --torchsharp PATH): skipped");
+        }
+        if (spec.Preset is "tiny" or "small" && list.Count > 0)
+            notes.Add($"the peers' '{spec.Preset}' preset has another width than OnnxLora's: compare gpt2 or larger");
+        return list;
+    }
+
+    /// <summary>Medians per contestant over the rounds.</summary>
+    public sealed record Summary(string Name, string Peer, int Runs, double StepS, double TokensPerS, double PeakRssMb, long Trainable, long Total, double? TrainS, double? OptimizerS);
+
+    static List<Summary> Summarize(List<(int Round, BenchProcess Who, BenchResult Result)> runs, List<BenchProcess> contestants) =>
+        contestants.Select(c =>
+        {
+            var rs = runs.Where(r => r.Who == c).Select(r => r.Result).ToList();
+            double? MedianOrNull(Func<BenchResult, double?> f) => rs.All(r => f(r) is not null) ? Median(rs.Select(r => f(r)!.Value)) : null;
+            return new Summary(c.Name, rs[0].Peer, rs.Count, Median(rs.Select(r => r.StepS)), Median(rs.Select(r => r.TokensPerS)), Median(rs.Select(r => (double)r.PeakRssMb)),
+                               rs[0].Trainable, rs[0].Total, MedianOrNull(r => r.TrainS), MedianOrNull(r => r.OptimizerS));
+        }).ToList();
+
+    internal static double Median(IEnumerable<double> values)
+    {
+        var v = values.Order().ToArray();
+        return v.Length % 2 == 1 ? v[v.Length / 2] : (v[v.Length / 2 - 1] + v[v.Length / 2]) / 2;
+    }
+
+    void PrintTable(List<Summary> summary, BenchWorkload.Counts counts)
+    {
+        var ours = summary[0];
+        var table = new Table().Title("medians").AddColumns("", "runs", "s/step", "tokens/s", "peak MiB", "trainable", "speed ×", "mem ×");
+        foreach (var r in summary)
+        {
+            bool self = ReferenceEquals(r, ours);
+            table.AddRow(Markup.Escape(r.Name), $"{r.Runs}", $"{r.StepS:F2}", $"{r.TokensPerS:F1}", $"{r.PeakRssMb:N0}", $"{r.Trainable:N0}",
+                         self ? "" : $"{ours.TokensPerS / r.TokensPerS:F2}", self ? "" : $"{ours.PeakRssMb / r.PeakRssMb:F2}");
+        }
+        table.Border(TableBorder.Simple);
+        console.Write(table);
+        foreach (var r in summary) console.MarkupLineInterpolated($"{r.Name}: {r.Peer}, {r.Total:N0} parameters");
+        if (ours.TrainS is double t && ours.OptimizerS is double o)
+            console.MarkupLineInterpolated($"OnnxLora step: train session (forward + backward) {t:F2} s, optimizer session {o:F3} s");
+        foreach (var r in summary.Skip(1).Where(r => r.Trainable != counts.Trainable))
+            console.MarkupLineInterpolated($"[yellow]note:[/] {r.Name} trains {r.Trainable:N0} parameters, OnnxLora {counts.Trainable:N0}: not the same workload");
+        if (summary.Count > 1)
+            console.MarkupLine("speed × = OnnxLora tokens/s ÷ the peer's (> 1: OnnxLora faster); mem × = OnnxLora peak RSS ÷ the peer's (< 1: OnnxLora smaller).");
+    }
+
+    static string Shorten(string line) => line.Length > 90 ? line[..90] + "…" : line;
+}
