@@ -18,7 +18,7 @@ public class BenchCommandTests
         // tiny (width 32, 2 blocks): 6 linears per block with r=16, plus the LoRA of the 2-class head
         long perBlock = 4 * 16 * (32 + 32) + 16 * (32 + 128) + 16 * (128 + 32);
         long trainable = 2 * perBlock + 16 * (32 + 2);
-        Assert.That(output, Does.Contain($"{trainable:N0} trainable").And.Contain("run 2/2: onnxlora").And.Contain("medians"));
+        Assert.That(output, Does.Contain($"{trainable:N0} trainable").And.Contain("run 2/2: onnxlora").And.Contain("medians of 2 run(s)"));
 
         using var doc = JsonDocument.Parse(File.ReadAllText(json));
         var runs = doc.RootElement.GetProperty("runs").EnumerateArray().ToList();

@@ -251,11 +251,11 @@ public sealed class BenchCommand(IAnsiConsole console) : Command<BenchCommand.Se
     void PrintTable(List<Summary> summary, BenchWorkload.Counts counts)
     {
         var ours = summary[0];
-        var table = new Table().Title("medians").AddColumns("", "runs", "s/step", "tokens/s", "peak MiB", "trainable", "speed ×", "mem ×");
+        var table = new Table().Title($"medians of {ours.Runs} run(s)").AddColumns("", "s/step", "tokens/s", "peak MiB", "trainable", "speed ×", "mem ×");
         foreach (var r in summary)
         {
             bool self = ReferenceEquals(r, ours);
-            table.AddRow(Markup.Escape(r.Name), $"{r.Runs}", $"{r.StepS:F2}", $"{r.TokensPerS:F1}", $"{r.PeakRssMb:N0}", $"{r.Trainable:N0}",
+            table.AddRow(Markup.Escape(r.Name), $"{r.StepS:F2}", $"{r.TokensPerS:F1}", $"{r.PeakRssMb:N0}", $"{r.Trainable:N0}",
                          self ? "" : $"{ours.TokensPerS / r.TokensPerS:F2}", self ? "" : $"{ours.PeakRssMb / r.PeakRssMb:F2}");
         }
         table.Border(TableBorder.Simple);
