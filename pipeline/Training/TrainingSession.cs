@@ -47,6 +47,9 @@ public sealed class TrainingSession : IDisposable
         // what its arena already holds; for GPT-2 124M (batch 8 × 120) that raised the peak from 4.4 GB to 7.3 GB at
         // no measurable speed gain (docs/BENCHMARKS.md).
         _options.EnableMemoryPattern = false;
+        // No weight prepacking: MLAS would keep a packed copy of every frozen weight beside the original. Off, GPT-2 124M
+        // LoRA peaks ~0.5 GB lower (2.46 → 1.98 GB cls, 3.5 → 3.0 GB lm) for 0–6 % step time (docs/BENCHMARKS.md).
+        _options.AddSessionConfigEntry("session.disable_prepacking", "1");
         configure?.Invoke(_options);
         try
         {
