@@ -191,6 +191,13 @@ public static class DatasetLoader
         }
     }
 
+    /// <summary>Parses a --format / data.format name (text, jsonl, tokens, tsv or csv); the message names the accepted values.</summary>
+    public static DataFormat ParseFormat(string name) => name.Trim().ToLowerInvariant() switch
+    {
+        "text" => DataFormat.Text, "jsonl" => DataFormat.Jsonl, "tokens" => DataFormat.Tokens, "tsv" or "csv" => DataFormat.Tsv,
+        _ => throw new ArgumentException($"format must be text, jsonl, tokens or tsv (got '{name}')"),
+    };
+
     /// <summary>Parses "spam,ham"-style label lists.</summary>
     public static IReadOnlyList<string>? ParseClassNames(string? list) =>
         string.IsNullOrWhiteSpace(list) ? null : list.Split(',', StringSplitOptions.TrimEntries | StringSplitOptions.RemoveEmptyEntries);

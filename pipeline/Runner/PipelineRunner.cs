@@ -164,22 +164,15 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
         var options = new TrainOptions
         {
             ModelDir = rewriteDir, DataPath = trainData, EvalDataPath = evalData, OutDir = outDir, Task = task,
-            Format = config.String("data.format")?.ToLowerInvariant() switch
-            {
-                null => task == TaskKind.Cls ? DataFormat.Tsv : Path.GetExtension(trainData) == ".jsonl" ? DataFormat.Jsonl : DataFormat.Text,
-                "text" => DataFormat.Text, "jsonl" => DataFormat.Jsonl, "tokens" => DataFormat.Tokens, "tsv" or "csv" => DataFormat.Tsv,
-                var f => throw new InvalidDataException($"{config.Source}: data.format must be text, jsonl, tokens or tsv (got '{f}')"),
-            },
+            Format = config.String("data.format") is { } f
+                ? Key("data.format", () => DatasetLoader.ParseFormat(f))
+                : task == TaskKind.Cls ? DataFormat.Tsv : Path.GetExtension(trainData) == ".jsonl" ? DataFormat.Jsonl : DataFormat.Text,
             Classes = config.Int("data.classes"),
             ClassNames = config.String("data.generate") is not null ? DemoData.Labels : DatasetLoader.ParseClassNames(config.String("data.labels")),
             SeqLength = config.Int("data.seq"), SkipBadRows = config.Bool("data.skip_bad_rows"),
             Optimizer = config.Required("train.optimizer").ToLowerInvariant(), Lr = config.Double("train.lr"), WeightDecay = config.Double("train.weight_decay"),
             WarmupSteps = config.Int("train.warmup"),
-            Schedule = config.Required("train.schedule").ToLowerInvariant() switch
-            {
-                "constant" => ScheduleKind.Constant, "linear" => ScheduleKind.Linear, "cosine" => ScheduleKind.Cosine,
-                var s => throw new InvalidDataException($"{config.Source}: train.schedule must be constant, linear or cosine (got '{s}')"),
-            },
+            Schedule = Key("train.schedule", () => ScheduleKinds.Parse(config.Required("train.schedule"))),
             Epochs = config.Int("train.epochs"), MaxSteps = config.Int("train.max_steps"), BatchSize = config.Int("train.batch"),
             GradAccum = config.Int("train.grad_accum"), Clip = config.Double("train.clip"), Device = config.Required("train.device"),
             Threads = config.Int("train.threads"), Seed = config.Int("train.seed"), Shuffle = config.Bool("train.shuffle"),
@@ -190,6 +183,13 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
         try { options.Validate(); }
         catch (ArgumentException e) { throw new InvalidDataException($"{config.Source}: {e.Message.Replace("--", "train.").Replace('-', '_')}", e); }
         return options;
+    }
+
+    /// <summary>Runs a shared parser and names the config key in its message.</summary>
+    T Key<T>(string key, Func<T> parse)
+    {
+        try { return parse(); }
+        catch (ArgumentException e) { throw new InvalidDataException($"{config.Source}: {key}: {e.Message}", e); }
     }
 
     string Train(string rewriteDir, string trainData, string? evalData, CancellationToken cancel)
@@ -260,7 +260,7 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
             for (int row = 0; row < members.Count; row++)
             {
                 var z = logits.AsSpan(row * classes, classes).ToArray();
-                int best = Array.IndexOf(z, z.Max());
+                int best = Sampler.ArgMax(z);
                 double p = 1 / z.Sum(v => Math.Exp(v - z[best]));
                 if (best == members[row].ClassLabel) correct++;
                 predictions.Add($"{data.ClassNames[best]} ({p:P0})");

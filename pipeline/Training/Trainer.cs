@@ -221,10 +221,7 @@ public static class Trainer
                 int classes = logits.Length / batch.BatchSize;
                 for (int row = 0; row < batch.BatchSize; row++)
                 {
-                    var span = logits.AsSpan(row * classes, classes);
-                    int argmax = 0;
-                    for (int c = 1; c < classes; c++) if (span[c] > span[argmax]) argmax = c;
-                    if (argmax == batch.ClassLabels[row]) correct++;
+                    if (Deployment.Sampler.ArgMax(logits.AsSpan(row * classes, classes)) == batch.ClassLabels[row]) correct++;
                     seen++;
                 }
             }

@@ -322,14 +322,7 @@ public sealed class EvalCommand(IAnsiConsole console) : Command<EvalCommand.Sett
             "cls" => Pipeline.Data.TaskKind.Cls,
             _ => throw new ArgumentException($"--task '{s.Task}' is not one of lm, cls"),
         };
-        var format = (s.Format ?? (task == Pipeline.Data.TaskKind.Cls ? "tsv" : "text")).ToLowerInvariant() switch
-        {
-            "text" => Pipeline.Data.DataFormat.Text,
-            "jsonl" => Pipeline.Data.DataFormat.Jsonl,
-            "tokens" => Pipeline.Data.DataFormat.Tokens,
-            "tsv" or "csv" => Pipeline.Data.DataFormat.Tsv,
-            _ => throw new ArgumentException($"--format '{s.Format}' is not one of text, jsonl, tokens, tsv"),
-        };
+        var format = Pipeline.Data.DatasetLoader.ParseFormat(s.Format ?? (task == Pipeline.Data.TaskKind.Cls ? "tsv" : "text"));
         var (host, runs) = s.OpenHost();
         using (host)
         {

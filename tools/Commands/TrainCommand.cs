@@ -112,28 +112,28 @@ public sealed class TrainCommand(IAnsiConsole console) : Command<TrainCommand.Se
             Classes = s.Classes, ClassNames = DatasetLoader.ParseClassNames(s.Labels), HeadMode = s.Head.ToLowerInvariant(),
             OutDir = Path.GetFullPath(s.Out), Epochs = s.Epochs, MaxSteps = s.MaxSteps, BatchSize = s.Batch, SeqLength = s.Seq,
             Optimizer = s.Optimizer.ToLowerInvariant(), Lr = s.Lr, WeightDecay = s.WeightDecay, WarmupSteps = s.Warmup,
-            Schedule = s.Schedule.ToLowerInvariant() switch
-            {
-                "constant" => ScheduleKind.Constant, "linear" => ScheduleKind.Linear, "cosine" => ScheduleKind.Cosine,
-                _ => throw new ArgumentException($"--schedule must be constant, linear or cosine (got '{s.Schedule}')"),
-            },
+            Schedule = Flag("--schedule", () => ScheduleKinds.Parse(s.Schedule)),
             GradAccum = s.GradAccum, Clip = s.Clip, EvalDataPath = s.EvalData is null ? null : Path.GetFullPath(s.EvalData),
             EvalEvery = s.EvalEvery, EarlyStoppingPatience = s.EarlyStopping, Device = s.Device, Threads = s.Threads, Seed = s.Seed,
             Shuffle = !s.NoShuffle, InitAdapter = s.InitAdapter, CheckpointEvery = s.CheckpointEvery, SkipBadRows = s.SkipBadRows,
         };
     }
 
-    static DataFormat ParseFormat(string? format, string path, TaskKind task) => (format ?? "").ToLowerInvariant() switch
-    {
-        "text" => DataFormat.Text, "jsonl" => DataFormat.Jsonl, "tokens" => DataFormat.Tokens, "tsv" or "csv" => DataFormat.Tsv,
-        "" => Path.GetExtension(path).ToLowerInvariant() switch
+    static DataFormat ParseFormat(string? format, string path, TaskKind task) => format is { Length: > 0 }
+        ? Flag("--format", () => DatasetLoader.ParseFormat(format))
+        : Path.GetExtension(path).ToLowerInvariant() switch
         {
             ".jsonl" or ".json" => DataFormat.Jsonl,
             ".tsv" or ".csv" => DataFormat.Tsv,
             _ => task == TaskKind.Cls ? DataFormat.Tsv : DataFormat.Text,
-        },
-        _ => throw new ArgumentException($"--format must be text, jsonl, tokens or tsv (got '{format}')"),
-    };
+        };
+
+    /// <summary>Runs a shared parser and names the flag in its message ("--format must be …").</summary>
+    static T Flag<T>(string flag, Func<T> parse)
+    {
+        try { return parse(); }
+        catch (ArgumentException e) { throw new ArgumentException($"{flag}: {e.Message}", e); }
+    }
 
     TrainResult WithProgress(Func<IProgress<TrainProgress>, TrainResult> run)
     {
