@@ -42,7 +42,10 @@ public sealed partial class GptWeights
             if (block.Success)
             {
                 if (GptLayout.IgnoredBlockBuffers.Contains(block.Groups[2].Value)) continue;
-                blocks.Add(int.Parse(block.Groups[1].Value));
+                // the index sizes the model: bound it by what the file holds before anything is allocated from it
+                if (!int.TryParse(block.Groups[1].Value, out var index) || index >= raw.Count)
+                    throw Error($"tensor '{key}' names block {block.Groups[1].Value}, but the file holds only {raw.Count} tensors");
+                blocks.Add(index);
             }
             if (!byName.TryAdd(GptLayout.Prefix + local, (key, tensor)))
                 throw Error($"tensors '{byName[GptLayout.Prefix + local].Key}' and '{key}' are the same parameter");
@@ -61,6 +64,8 @@ public sealed partial class GptWeights
             var wte = Expect2D(GptLayout.TokenEmbedding, "[vocab, width]");
             var wpe = Expect2D(GptLayout.PositionEmbedding, "[context, width]");
             if (blocks.Count == 0) throw Error("no transformer blocks (no 'h.0.…' tensors)");
+            if (blocks.Max + 1 != blocks.Count)
+                throw Error($"block indices are not 0..{blocks.Count - 1}: block {Enumerable.Range(0, blocks.Max + 1).First(i => !blocks.Contains(i))} is missing (the file has up to 'h.{blocks.Max}')");
             int width = checked((int)wte.Shape[1]);
             // the head count is not in any shape: a Hugging Face config.json beside the file says it, else the preset of that width
             var (heads, epsilon) = ReadHfConfig(path)

@@ -60,6 +60,7 @@ public static class LoraRewrite
         if (Path.GetFullPath(outDir) == Path.GetDirectoryName(full))
             throw new IOException($"{outDir}: the output folder is the base model's folder; choose another --out");
         var model = OnnxFile.Load(modelPath);
+        ModelValidator.Check(model, modelPath);
         var result = Rewrite(model, config, modelPath, Sha256(modelPath));
         WriteOutput(outDir, result.TrainingModel, result.DeployableModel, result.Manifest);
         return result;

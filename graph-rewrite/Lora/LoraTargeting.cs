@@ -1,3 +1,4 @@
+using System.Collections.Concurrent;
 using System.Text.RegularExpressions;
 
 namespace OnnxLora.GraphRewrite.Lora;
@@ -35,12 +36,30 @@ public static class LoraTargeting
     public static bool Matches(string pattern, string module)
     {
         if (pattern.StartsWith(LoraConfig.RegexPrefix, StringComparison.Ordinal))
-            return Regex.IsMatch(module, $"^(?:{pattern[LoraConfig.RegexPrefix.Length..]})$");
+            return FullMatch($"^(?:{pattern[LoraConfig.RegexPrefix.Length..]})$", pattern).IsMatch(module);
         return module == pattern || module.EndsWith("." + pattern, StringComparison.Ordinal);
     }
 
-    /// <summary>PEFT's rank_pattern/alpha_pattern key match: the regex matches the path, or a suffix after a '.'.</summary>
-    public static bool MatchesPatternKey(string key, string module) => Regex.IsMatch(module, $"^(?:.*\\.)?(?:{key})$");
+    /// <summary>
+    /// PEFT's rank_pattern/alpha_pattern key match: the regex matches the path, or a suffix after a '.'. The one
+    /// matcher for these keys: the rewrite and the PEFT importer both call it.
+    /// </summary>
+    /// <exception cref="ArgumentException">The key is not a regex .NET's non-backtracking engine accepts (the message names it).</exception>
+    public static bool MatchesPatternKey(string key, string module) => FullMatch($"^(?:.*\\.)?(?:{key})$", key).IsMatch(module);
+
+    static readonly ConcurrentDictionary<string, Regex> Compiled = new(StringComparer.Ordinal);
+
+    /// <summary>
+    /// Patterns come from users' configs and strangers' adapter_config.json: the non-backtracking engine matches in time
+    /// linear in the module path, so a key like "(.|.)*Z" cannot hang the tool. It has no backreferences or lookarounds;
+    /// such a key is refused with its text.
+    /// </summary>
+    static Regex FullMatch(string regex, string source) => Compiled.GetOrAdd(regex, r =>
+    {
+        try { return new Regex(r, RegexOptions.NonBacktracking | RegexOptions.CultureInvariant); }
+        catch (NotSupportedException e) { throw new ArgumentException($"pattern '{source}' uses a regex feature OnnxLora does not run (backreferences, lookarounds, atomic groups): {e.Message}", e); }
+        catch (ArgumentException e) { throw new ArgumentException($"pattern '{source}' is not a valid regex: {e.Message}", e); }
+    });
 
     /// <summary>
     /// Chooses the layers <paramref name="config"/> targets, in discovery order: matched by a target, not by an exclude,

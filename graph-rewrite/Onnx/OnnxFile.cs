@@ -38,14 +38,18 @@ public static class OnnxFile
     // protobuf cannot serialize a message of 2 GiB or more; keep a margin for the graph itself.
     const long InlineLimitBytes = (1L << 31) - 64L * 1024 * 1024;
 
-    /// <summary>Reads an ONNX model and pulls external tensor data in from the files it names.</summary>
+    /// <summary>
+    /// Reads an ONNX model and pulls external tensor data in from the files it names. External data must lie in the
+    /// model's folder (relative, no "..", no symlink out, a regular file) and hold exactly the tensor's bytes, as ONNX
+    /// Runtime requires; errors name the model, the tensor and the external_data key.
+    /// </summary>
     public static ModelProto Load(string path)
     {
-        if (!File.Exists(path)) throw new FileNotFoundException($"{path}: no such file", path);
+        if (!File.Exists(path) && !Directory.Exists(path)) throw new FileNotFoundException($"{path}: no such file", path);
         ModelProto model;
         try
         {
-            using var stream = File.OpenRead(path);
+            using var stream = SafeFile.OpenRegular(path, why => new OnnxFormatException($"{path}: {why}"));
             if (stream.Length == 0) throw new OnnxFormatException($"{path}: empty file, not an ONNX model");
             var input = new CodedInputStream(stream);
             model = ModelProto.Parser.ParseFrom(input);
@@ -132,29 +136,43 @@ public static class OnnxFile
     static void LoadExternal(TensorProto t, string dir, string modelPath)
     {
         if (t.DataLocation != TensorProto.Types.DataLocation.External) return;
-        string? location = null; long offset = 0; long length = -1;
+        OnnxFormatException Bad(string what) => new($"{modelPath}: tensor '{t.Name}': external_data {what}");
+        string? location = null;
+        long offset = 0;
+        long? length = null;
         foreach (var e in t.ExternalData)
         {
             switch (e.Key)
             {
                 case "location": location = e.Value; break;
-                case "offset": offset = long.Parse(e.Value); break;
-                case "length": length = long.Parse(e.Value); break;
+                case "offset": offset = Number(e); break;
+                case "length": length = Number(e); break;
             }
         }
-        if (location is null) throw new OnnxFormatException($"{modelPath}: tensor '{t.Name}' is external but names no location");
-        var file = Path.GetFullPath(Path.Combine(dir, location));
-        if (!File.Exists(file)) throw new OnnxFormatException($"{modelPath}: external data file '{location}' of tensor '{t.Name}' is missing");
-        using var s = File.OpenRead(file);
-        if (length < 0) length = s.Length - offset;
-        if (offset + length > s.Length)
-            throw new OnnxFormatException($"{modelPath}: tensor '{t.Name}' wants bytes {offset}..{offset + length} of '{location}', which has {s.Length}");
-        var buffer = new byte[length];
+        if (location is null) throw Bad("names no 'location'");
+        var type = (TensorProto.Types.DataType)t.DataType;
+        int elementSize;
+        try { elementSize = Tensors.ElementSize(type); }
+        catch (NotSupportedException) { throw Bad($"holds a {type} tensor, which cannot be stored externally"); }
+        long bytes = Tensors.ByteCount(t.Dims, elementSize)
+            ?? throw Bad($"is for dims [{string.Join(", ", t.Dims)}], which are negative or whose byte count overflows int64");
+        if (length is { } l && l != bytes)
+            throw Bad($"'length' is {l}, but dims [{string.Join(", ", t.Dims)}] of {type} are {bytes} bytes");
+        if (bytes > Array.MaxLength) throw Bad($"wants {bytes:N0} bytes in one tensor; more than one array can hold");
+        var file = SafeFile.ResolveInside(dir, location, why => Bad($"'location' '{location}' {why}"));
+        using var s = SafeFile.OpenRegular(file, why => Bad($"'location' '{location}' {why}"));
+        if (offset > s.Length || bytes > s.Length - offset)
+            throw Bad($"wants bytes {offset}..{offset + bytes} of '{location}', which has {s.Length}");
+        var buffer = new byte[bytes];
         s.Position = offset;
         s.ReadExactly(buffer);
-        t.RawData = ByteString.CopyFrom(buffer);
+        t.RawData = UnsafeByteOperations.UnsafeWrap(buffer);
         t.ExternalData.Clear();
         t.ClearDataLocation();
+
+        long Number(StringStringEntryProto e) =>
+            long.TryParse(e.Value, System.Globalization.NumberStyles.None, System.Globalization.CultureInfo.InvariantCulture, out var v) ? v
+            : throw Bad($"'{e.Key}' is '{e.Value}', not a non-negative integer");
     }
 }
 

@@ -36,11 +36,32 @@ public static class Tensors
         return t;
     }
 
-    public static long ElementCount(TensorProto t)
+    /// <summary>The tensor's element count; throws <see cref="OnnxFormatException"/> naming it for a negative dim or a product past int64.</summary>
+    public static long ElementCount(TensorProto t) =>
+        ElementCount(t.Dims) ?? throw new OnnxFormatException($"tensor '{t.Name}': dims [{string.Join(", ", t.Dims)}] are negative or their product overflows int64");
+
+    /// <summary>
+    /// The product of <paramref name="dims"/> in checked arithmetic, or null when a dim is negative or the product passes
+    /// int64 (so [2^62, 4] is refused, not wrapped to 0). Every reader's shape check goes through this one function.
+    /// </summary>
+    public static long? ElementCount(IEnumerable<long> dims)
     {
         long n = 1;
-        foreach (var d in t.Dims) n *= d;
+        foreach (var d in dims)
+        {
+            if (d < 0) return null;
+            try { n = checked(n * d); }
+            catch (OverflowException) { return null; }
+        }
         return n;
+    }
+
+    /// <summary><see cref="ElementCount(IEnumerable{long})"/> × <paramref name="elementSize"/>, or null on a negative dim or overflow.</summary>
+    public static long? ByteCount(IEnumerable<long> dims, int elementSize)
+    {
+        if (ElementCount(dims) is not { } n) return null;
+        try { return checked(n * elementSize); }
+        catch (OverflowException) { return null; }
     }
 
     public static int ElementSize(DataType type) => type switch
@@ -53,7 +74,8 @@ public static class Tensors
         _ => throw new NotSupportedException($"element size of {type}"),
     };
 
-    public static long ByteSize(TensorProto t) => t.RawData.Length > 0 ? t.RawData.Length : ElementCount(t) * ElementSize((DataType)t.DataType);
+    public static long ByteSize(TensorProto t) => t.RawData.Length > 0 ? t.RawData.Length
+        : ByteCount(t.Dims, ElementSize((DataType)t.DataType)) ?? throw new OnnxFormatException($"tensor '{t.Name}': dims [{string.Join(", ", t.Dims)}] are negative or too large");
 
     /// <summary>Reads a float-like tensor (float, double, float16, bfloat16) as float32.</summary>
     public static float[] ToFloats(TensorProto t) => Array.ConvertAll(ToDoubles(t), d => (float)d);
@@ -62,12 +84,12 @@ public static class Tensors
     public static double[] ToDoubles(TensorProto t)
     {
         var type = (DataType)t.DataType;
-        var n = checked((int)ElementCount(t));
         var raw = t.RawData.Span;
         if (raw.Length > 0)
         {
-            if (raw.Length != n * ElementSize(type))
-                throw new OnnxFormatException($"tensor '{t.Name}': raw_data has {raw.Length} bytes, dims {string.Join('x', t.Dims)} of {type} need {n * ElementSize(type)}");
+            long? need = ByteCount(t.Dims, ElementSize(type));
+            if (raw.Length != need)
+                throw new OnnxFormatException($"tensor '{t.Name}': raw_data has {raw.Length} bytes, dims [{string.Join(", ", t.Dims)}] of {type} need {need?.ToString() ?? "more than int64 can count"}");
             return type switch
             {
                 DataType.Float => Array.ConvertAll(MemoryMarshal.Cast<byte, float>(raw).ToArray(), x => (double)x),

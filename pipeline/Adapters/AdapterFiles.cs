@@ -151,7 +151,9 @@ public static class AdapterFiles
                 var model = BaseModelOf(rewriteDir ?? throw new ArgumentException("a merged export needs the rewrite folder (--model DIR)"));
                 if (Path.GetFullPath(outPath) == Path.GetFullPath(model))
                     throw new IOException($"{outPath}: is the input model; write the merged model somewhere else");
-                OnnxFile.Save(Merge(OnnxFile.Load(model), adapter), outPath);
+                var baseModel = OnnxFile.Load(model);
+                ModelValidator.Check(baseModel, model);
+                OnnxFile.Save(Merge(baseModel, adapter), outPath);
                 break;
             default:
                 throw new ArgumentOutOfRangeException(nameof(format));

@@ -11,7 +11,7 @@ namespace OnnxLora.Pipeline.Adapters;
 /// </summary>
 public sealed record AdapterParameter(string Name, long[] Dims, DataType DataType, ReadOnlyMemory<byte> RawData)
 {
-    public long ElementCount => Dims.Aggregate(1L, (a, b) => a * b);
+    public long ElementCount => Tensors.ElementCount(Dims) ?? throw new InvalidDataException($"adapter parameter {Describe()}: dims are negative or overflow int64");
 
     public string Describe() => $"'{Name}' ({DataType} [{string.Join(", ", Dims)}])";
 

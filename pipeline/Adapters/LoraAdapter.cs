@@ -1,11 +1,12 @@
 using OnnxLora.GraphRewrite.Lora;
+using OnnxLora.GraphRewrite.Onnx;
 
 namespace OnnxLora.Pipeline.Adapters;
 
 /// <summary>A float32 tensor held in memory: row-major values and their shape.</summary>
 public sealed record AdapterTensor(long[] Shape, float[] Data)
 {
-    public long ElementCount => Shape.Aggregate(1L, (a, b) => a * b);
+    public long ElementCount => Tensors.ElementCount(Shape) ?? throw new InvalidDataException($"shape {ShapeText} is negative or overflows int64");
 
     public static AdapterTensor Zeros(params long[] shape) => new(shape, new float[checked((int)shape.Aggregate(1L, (a, b) => a * b))]);
 
@@ -124,8 +125,11 @@ public sealed class LoraAdapter
 
     static void CheckData(string source, string name, AdapterTensor t)
     {
-        if (t.Shape.Any(d => d < 0) || t.ElementCount != t.Data.Length)
+        if (Tensors.ElementCount(t.Shape) != t.Data.Length)
             throw new InvalidDataException($"{source}: tensor '{name}' has shape {t.ShapeText} but {t.Data.Length} values");
+        // a NaN or infinity in an adapter poisons every output it touches; refuse it where it enters
+        int bad = Array.FindIndex(t.Data, v => !float.IsFinite(v));
+        if (bad >= 0) throw new InvalidDataException($"{source}: tensor '{name}' holds {t.Data[bad]} at index {bad}; adapter values must be finite");
     }
 
     internal static string Preview(IReadOnlyList<string> names) =>

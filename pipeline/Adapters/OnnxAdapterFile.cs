@@ -137,6 +137,7 @@ public static class OnnxAdapterFile
             throw r.Bad($"format version {formatVersion} is not supported (this reader knows version {FormatVersion})");
         int adapterVersion = r.IntField(root, AdapterAdapterVersion), modelVersion = r.IntField(root, AdapterModelVersion);
         var parameters = new List<AdapterParameter>();
+        var names = new HashSet<string>(StringComparer.Ordinal);
         if (r.Field(root, AdapterParameters) is int listField)
         {
             int list = r.Offset(listField);
@@ -159,13 +160,14 @@ public static class OnnxAdapterFile
                     int v = r.Offset(rf), n = r.VectorLength(v, 1);
                     data = new ReadOnlyMemory<byte>(bytes, v + 4, n);
                 }
-                if (dims.Any(d => d < 0)) throw r.Bad($"parameter '{name}' has negative dims [{string.Join(", ", dims)}]");
+                if (!names.Add(name)) throw r.Bad($"parameter '{name}' appears twice");
                 var p = new AdapterParameter(name, dims, type, data);
-                int size;
-                try { size = Tensors.ElementSize(type); }
-                catch (NotSupportedException) { throw r.Bad($"parameter '{name}' has unsupported data type {(int)type}"); }
-                if (data.Length != p.ElementCount * size)
-                    throw r.Bad($"parameter {p.Describe()} has {data.Length} bytes of data, its dims need {p.ElementCount * size}");
+                if (type is not (DataType.Float or DataType.Float16 or DataType.Bfloat16))
+                    throw r.Bad($"parameter '{name}' has data type {type} ({(int)type}); adapter parameters are float, float16 or bfloat16");
+                long need = Tensors.ByteCount(dims, Tensors.ElementSize(type))
+                    ?? throw r.Bad($"parameter '{name}' has dims [{string.Join(", ", dims)}], negative or overflowing int64");
+                if (data.Length != need)
+                    throw r.Bad($"parameter {p.Describe()} has {data.Length} bytes of data, its dims need {need}");
                 parameters.Add(p);
             }
         }

@@ -1,6 +1,5 @@
 using System.Text.Json;
 using System.Text.Json.Nodes;
-using System.Text.RegularExpressions;
 using OnnxLora.GraphRewrite.Lora;
 using OnnxLora.GraphRewrite.Onnx;
 using OnnxLora.Models;
@@ -126,7 +125,7 @@ public static class PeftAdapter
             if (!isA && !isB)
             {
                 if (name.Contains(".lora_", StringComparison.Ordinal)) unknown.Add(key);   // lora_embedding_*, magnitude vectors, …
-                else extras[name] = new AdapterTensor(tensor.Shape, tensor.ToFloats());
+                else extras[name] = new AdapterTensor(tensor.Shape, Floats(tensor, key));
                 continue;
             }
             var module = name[..^".lora_A.weight".Length];
@@ -135,7 +134,10 @@ public static class PeftAdapter
             if (!tensor.Shape.SequenceEqual(expected))
                 throw new InvalidDataException($"{weightsPath}: tensor '{key}' has shape [{string.Join(", ", tensor.Shape)}], module '{module}' needs " +
                     $"[{string.Join(", ", expected)}] ({(isA ? "[r, in]" : "[out, r]")} with r = {t.Rank}); was the adapter trained with another rank or base model?");
-            var x = new AdapterTensor(tensor.Shape, tensor.ToFloats()).Transpose2D();
+            if (config.RankFor(module) != t.Rank)
+                throw new InvalidDataException($"{configPath}: r for module '{module}' is {config.RankFor(module)}, but its tensor '{key}' has rank {t.Rank}; " +
+                    "fix r / rank_pattern (PEFT's scale is lora_alpha / r)");
+            var x = new AdapterTensor(tensor.Shape, Floats(tensor, key)).Transpose2D();
             if (isA) lora[t.LoraA] = x;
             else lora[t.LoraB] = x.Scaled(config.ScaleFor(module) / t.Scale);
         }
@@ -143,6 +145,9 @@ public static class PeftAdapter
             throw new InvalidDataException($"{weightsPath}: {unknown.Count} LoRA tensor(s) do not belong to a module of the manifest: {LoraAdapter.Preview(unknown)}; " +
                 $"the manifest adapts {LoraAdapter.Preview(manifest.Targets.Select(t => t.Module).ToList())}. Rewrite the base with the adapter's target_modules.");
         return LoraAdapter.Create(manifest, lora, extras, weightsPath);
+
+        float[] Floats(SafeTensor tensor, string key) => tensor.DType is "F32" or "F16" or "BF16" or "F64" ? tensor.ToFloats()
+            : throw new InvalidDataException($"{weightsPath}: tensor '{key}' has dtype {tensor.DType}; adapter tensors are F32, F16, BF16 or F64");
     }
 
     /// <summary>Strips "base_model.model." and PEFT's adapter-name infixes (".default", "modules_to_save.default.").</summary>
@@ -154,39 +159,76 @@ public static class PeftAdapter
                    .Replace(".lora_B.default.weight", ".lora_B.weight", StringComparison.Ordinal);
     }
 
-    /// <summary>The parts of adapter_config.json that decide PEFT's scale.</summary>
-    sealed record PeftConfig(int Rank, double Alpha, bool UseRsLora, IReadOnlyList<(string Key, double Value)> RankPattern, IReadOnlyList<(string Key, double Value)> AlphaPattern)
+    /// <summary>
+    /// The parts of adapter_config.json that decide PEFT's scale, each checked for its JSON type and range: r and
+    /// rank_pattern ranks are positive integers, lora_alpha and alpha_pattern values finite numbers, use_rslora a boolean.
+    /// </summary>
+    sealed record PeftConfig(string Path, int Rank, double Alpha, bool UseRsLora, IReadOnlyList<(string Key, double Value)> RankPattern, IReadOnlyList<(string Key, double Value)> AlphaPattern)
     {
         public static PeftConfig Load(string path)
         {
             if (!File.Exists(path)) throw new FileNotFoundException($"{path}: no such file (PEFT writes {ConfigFile} beside {WeightsFile}; its r and lora_alpha give the scale)", path);
+            InvalidDataException Bad(string what) => new($"{path}: {what}");
             JsonObject json;
-            try { json = JsonNode.Parse(File.ReadAllText(path))?.AsObject() ?? throw new InvalidDataException($"{path}: empty"); }
-            catch (JsonException e) { throw new InvalidDataException($"{path}: not valid JSON ({e.Message})", e); }
-            var type = json["peft_type"]?.GetValue<string>();
-            if (type is not null && type != "LORA") throw new InvalidDataException($"{path}: peft_type is '{type}'; only LORA adapters can be imported");
-            int rank = json["r"]?.GetValue<int>() ?? throw new InvalidDataException($"{path}: no 'r'");
+            try
+            {
+                json = JsonNode.Parse(File.ReadAllText(path)) as JsonObject ?? throw Bad("expected a JSON object of PEFT settings");
+            }
+            catch (JsonException e) { throw Bad($"not valid JSON ({e.Message})"); }
+            var type = json["peft_type"] is { } t ? String(t, "peft_type") : null;
+            if (type is not null && type != "LORA") throw Bad($"peft_type is '{type}'; only LORA adapters can be imported");
+            int rank = Rank(json["r"] ?? throw Bad("no 'r'"), "r");
             // PEFT's default lora_alpha (8) is not guessed: the scale depends on it
-            if (json["lora_alpha"] is null) throw new InvalidDataException($"{path}: no 'lora_alpha'");
-            double alpha = json["lora_alpha"]!.GetValue<double>();
-            bool rs = json["use_rslora"]?.GetValue<bool>() ?? false;
-            return new PeftConfig(rank, alpha, rs, Pattern(json["rank_pattern"]), Pattern(json["alpha_pattern"]));
+            double alpha = Alpha(json["lora_alpha"] ?? throw Bad("no 'lora_alpha'"), "lora_alpha");
+            bool rs = json["use_rslora"] is { } r ? Bool(r, "use_rslora") : false;
+            return new PeftConfig(path, rank, alpha, rs, Pattern(json["rank_pattern"], "rank_pattern", (n, k) => Rank(n, k)), Pattern(json["alpha_pattern"], "alpha_pattern", Alpha));
+
+            string String(JsonNode node, string key) =>
+                node is JsonValue v && v.TryGetValue<string>(out var x) ? x : throw Bad($"'{key}' is {node.ToJsonString()}, expected a string");
+            bool Bool(JsonNode node, string key) =>
+                node is JsonValue v && v.TryGetValue<bool>(out var x) ? x : throw Bad($"'{key}' is {node.ToJsonString()}, expected true or false");
+            double Number(JsonNode node, string key) =>
+                node is JsonValue v && v.GetValueKind() == JsonValueKind.Number && v.TryGetValue<double>(out var x) && double.IsFinite(x) ? x
+                : throw Bad($"'{key}' is {node.ToJsonString()}, expected a finite number");
+            int Rank(JsonNode node, string key)
+            {
+                double x = Number(node, key);
+                return x >= 1 && x <= MaxRank && x == Math.Floor(x) ? (int)x : throw Bad($"'{key}' is {node.ToJsonString()}, expected a whole number from 1 to {MaxRank}");
+            }
+            double Alpha(JsonNode node, string key)
+            {
+                double x = Number(node, key);
+                // |alpha| past 1e6 turns B into infinities or silently loses it to float rounding: no trained adapter has one
+                return x > 0 && x <= MaxAlpha ? x : throw Bad($"'{key}' is {node.ToJsonString()}, expected a number in (0, {MaxAlpha:G}]");
+            }
+            List<(string, double)> Pattern(JsonNode? node, string key, Func<JsonNode, string, double> value) => node switch
+            {
+                null => [],
+                JsonObject o => o.Select(kv => (kv.Key, value(kv.Value ?? throw Bad($"'{key}.{kv.Key}' is null"), $"{key}.{kv.Key}"))).ToList(),
+                _ => throw Bad($"'{key}' is {node.ToJsonString()}, expected an object of module pattern → value"),
+            };
         }
 
-        static List<(string, double)> Pattern(JsonNode? node) =>
-            node is JsonObject o ? o.Select(kv => (kv.Key, kv.Value!.GetValue<double>())).ToList() : [];
+        const int MaxRank = 1 << 16;
+        const double MaxAlpha = 1e6;
 
-        /// <summary>PEFT's pattern lookup: a key matches a module that equals it or ends with "." + key (keys are regexes).</summary>
-        static double? Match(IReadOnlyList<(string Key, double Value)> pattern, string module)
+        /// <summary>PEFT's pattern lookup through <see cref="LoraTargeting.MatchesPatternKey"/>: first matching key wins.</summary>
+        double? Match(IReadOnlyList<(string Key, double Value)> pattern, string module, string field)
         {
             foreach (var (key, value) in pattern)
-                if (module == key || Regex.IsMatch(module, $"^(.*\\.)?{key}$")) return value;
+            {
+                try { if (LoraTargeting.MatchesPatternKey(key, module)) return value; }
+                catch (ArgumentException e) { throw new InvalidDataException($"{Path}: '{field}' key: {e.Message}", e); }
+            }
             return null;
         }
 
+        /// <summary>The rank PEFT uses for <paramref name="module"/> (rank_pattern, else r).</summary>
+        public int RankFor(string module) => (int)(Match(RankPattern, module, "rank_pattern") ?? Rank);
+
         public double ScaleFor(string module)
         {
-            double r = Match(RankPattern, module) ?? Rank, a = Match(AlphaPattern, module) ?? Alpha;
+            double r = RankFor(module), a = Match(AlphaPattern, module, "alpha_pattern") ?? Alpha;
             return UseRsLora ? a / Math.Sqrt(r) : a / r;
         }
     }

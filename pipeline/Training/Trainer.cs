@@ -49,7 +49,9 @@ public static class Trainer
         File.Copy(manifestPath, Path.Combine(o.OutDir, LoraManifest.FileName), overwrite: true);
         var device = ExecutionDevice.Parse(o.Device);
 
-        var view = OnnxFile.Load(Path.Combine(o.ModelDir, LoraManifest.TrainingModelFile));
+        var viewPath = Path.Combine(o.ModelDir, LoraManifest.TrainingModelFile);
+        var view = OnnxFile.Load(viewPath);
+        ModelValidator.Check(view, viewPath);
         int vocab = VocabSize(view);
         var train = LoadData(o, o.DataPath, vocab);
         var eval = o.EvalDataPath is null ? null : LoadData(o, o.EvalDataPath, vocab, train.ClassNames);
