@@ -1,5 +1,7 @@
 using System.Globalization;
+using System.Text;
 using System.Text.Json;
+using System.Text.Unicode;
 
 namespace OnnxLora.Pipeline.Data;
 
@@ -29,6 +31,8 @@ public sealed class DatasetOptions
     public bool SkipBadRows { get; init; }
     /// <summary>For classification: the label names in class-index order; null = sorted distinct labels of the file.</summary>
     public IReadOnlyList<string>? ClassNames { get; init; }
+    /// <summary>For classification from tokens: the number of classes (0 = unknown); a "label" at or above it is refused.</summary>
+    public int ClassCount { get; init; }
     public TextTokenizer? Tokenizer { get; init; }
 }
 
@@ -61,7 +65,7 @@ public static class DatasetLoader
         public List<Example> Examples { get; } = new();
         public int Truncated;
         public int Skipped;
-        public List<string> ClassNames { get; set; } = options.ClassNames?.ToList() ?? new();
+        public List<string> ClassNames { get; set; } = CheckUnique(options.ClassNames)?.ToList() ?? new();
 
         /// <summary>Truncates, checks ids against the vocabulary and keeps the example.</summary>
         public void Add(int[] ids, int[] labels, int line, int classLabel = -1)
@@ -69,6 +73,12 @@ public static class DatasetLoader
             if (ids.Length == 0) return;
             int bad = Array.FindIndex(ids, i => i < 0 || i >= Options.VocabSize);
             if (bad >= 0) throw new InvalidDataException($"{Path}:{line}: token id {ids[bad]} is outside the model's vocabulary (0..{Options.VocabSize - 1})");
+            // −100 is the only negative label: any other would index the logits out of range or wrap to a real token
+            bad = Array.FindIndex(labels, l => l != Example.Ignore && (l < 0 || l >= Options.VocabSize));
+            if (bad >= 0) throw new InvalidDataException($"{Path}:{line}: label {labels[bad]} at position {bad} is neither {Example.Ignore} (ignored) nor a token id (0..{Options.VocabSize - 1})");
+            int classes = ClassNames.Count > 0 ? ClassNames.Count : Options.ClassCount;
+            if (classLabel < -1 || (Options.Task == TaskKind.Cls && classes > 0 && classLabel >= classes))
+                throw new InvalidDataException($"{Path}:{line}: class label {classLabel} is outside the {classes} classes (0..{classes - 1})");
             if (ids.Length > Options.SeqLength)
             {
                 Truncated++;
@@ -88,7 +98,7 @@ public static class DatasetLoader
 
     static void LoadText(LoadState s, TextTokenizer tokenizer)
     {
-        var ids = tokenizer.Encode(File.ReadAllText(s.Path));
+        var ids = tokenizer.Encode(ReadText(s.Path));
         int seq = s.Options.SeqLength;
         for (int start = 0; start + 1 < ids.Length; start += seq)
         {
@@ -105,6 +115,7 @@ public static class DatasetLoader
             using (doc)
             {
                 var root = doc.RootElement;
+                if (root.ValueKind != JsonValueKind.Object) { s.Bad(line, $"expected a JSON object, got {Kind(root)}"); continue; }
                 if (root.TryGetProperty("prompt", out var p) && root.TryGetProperty("completion", out var c)
                     && p.ValueKind == JsonValueKind.String && c.ValueKind == JsonValueKind.String)
                 {
@@ -131,23 +142,28 @@ public static class DatasetLoader
             using (doc)
             {
                 var root = doc.RootElement;
-                if (!root.TryGetProperty("input_ids", out var idsJson) || idsJson.ValueKind != JsonValueKind.Array)
+                if (root.ValueKind != JsonValueKind.Object || !root.TryGetProperty("input_ids", out var idsJson) || idsJson.ValueKind != JsonValueKind.Array)
                 {
-                    s.Bad(line, "expected {\"input_ids\":[…]}");
+                    s.Bad(line, $"expected {{\"input_ids\":[…]}}, got {Kind(root)}");
                     continue;
                 }
-                var ids = idsJson.EnumerateArray().Select(e => e.GetInt32()).ToArray();
+                if (Integers(s, line, idsJson, "input_ids") is not { } ids) continue;
                 var labels = ids;
-                if (root.TryGetProperty("labels", out var l) && l.ValueKind == JsonValueKind.Array)
+                if (root.TryGetProperty("labels", out var l))
                 {
-                    labels = l.EnumerateArray().Select(e => e.GetInt32()).ToArray();
+                    if (l.ValueKind != JsonValueKind.Array) { s.Bad(line, $"\"labels\" is {Kind(l)}, expected an array of integers"); continue; }
+                    if (Integers(s, line, l, "labels") is not { } given) continue;
+                    labels = given;
                     if (labels.Length != ids.Length) { s.Bad(line, $"labels has {labels.Length} entries, input_ids {ids.Length}"); continue; }
                 }
                 int cls = -1;
                 if (s.Options.Task == TaskKind.Cls)
                 {
-                    if (!root.TryGetProperty("label", out var c) || c.ValueKind != JsonValueKind.Number) { s.Bad(line, "--task cls needs an integer \"label\""); continue; }
-                    cls = c.GetInt32();
+                    if (!root.TryGetProperty("label", out var c) || c.ValueKind != JsonValueKind.Number || !c.TryGetInt32(out cls) || cls < 0)
+                    {
+                        s.Bad(line, $"--task cls needs a non-negative integer \"label\"{(c.ValueKind == JsonValueKind.Undefined ? "" : $", got {c.GetRawText()}")}");
+                        continue;
+                    }
                 }
                 s.Add(ids, labels, line, cls);
             }
@@ -158,10 +174,8 @@ public static class DatasetLoader
     {
         char separator = s.Path.EndsWith(".csv", StringComparison.OrdinalIgnoreCase) ? ',' : '\t';
         var rows = new List<(int Line, string Label, string Text)>();
-        int number = 0;
-        foreach (var raw in File.ReadLines(s.Path))
+        foreach (var (number, raw) in Lines(s.Path))
         {
-            number++;
             if (raw.Length == 0) continue;
             int cut = raw.IndexOf(separator);
             if (cut <= 0 || cut == raw.Length - 1) { s.Bad(number, $"expected label{(separator == '\t' ? "<TAB>" : ",")}text"); continue; }
@@ -177,12 +191,63 @@ public static class DatasetLoader
         }
     }
 
-    static IEnumerable<(int Line, JsonDocument Doc)> JsonLines(LoadState s)
+    /// <summary>The elements of a JSON array as int32 token ids or labels; null (the row reported bad) at the first that is not.</summary>
+    static int[]? Integers(LoadState s, int line, JsonElement array, string field)
     {
+        var values = new int[array.GetArrayLength()];
+        int k = 0;
+        foreach (var e in array.EnumerateArray())
+        {
+            if (e.ValueKind != JsonValueKind.Number || !e.TryGetInt32(out values[k]))
+            {
+                s.Bad(line, $"{field}[{k}] is {e.GetRawText()}, expected an integer token id");
+                return null;
+            }
+            k++;
+        }
+        return values;
+    }
+
+    static string Kind(JsonElement e) => e.ValueKind switch
+    {
+        JsonValueKind.Object => "an object", JsonValueKind.Array => "an array", JsonValueKind.String => "a string",
+        JsonValueKind.Number => "a number", JsonValueKind.Null => "null", _ => e.ValueKind.ToString().ToLowerInvariant(),
+    };
+
+    static readonly UTF8Encoding StrictUtf8 = new(encoderShouldEmitUTF8Identifier: false, throwOnInvalidBytes: true);
+
+    /// <summary>The whole file as text; invalid UTF-8 is refused with the line and byte offset where it starts.</summary>
+    static string ReadText(string path)
+    {
+        var bytes = File.ReadAllBytes(path);
+        var span = bytes.AsSpan();
+        if (span.StartsWith((ReadOnlySpan<byte>)[0xEF, 0xBB, 0xBF])) span = span[3..];
+        if (!Utf8.IsValid(span))
+        {
+            int offset = 0;
+            while (Rune.DecodeFromUtf8(span[offset..], out _, out int used) == System.Buffers.OperationStatus.Done) offset += used;
+            int line = 1 + span[..offset].Count((byte)'\n');
+            throw new InvalidDataException($"{path}:{line}: not valid UTF-8 (byte {offset + bytes.Length - span.Length}); save the file as UTF-8");
+        }
+        return StrictUtf8.GetString(span);
+    }
+
+    /// <summary>The file's lines, numbered from 1, after a strict UTF-8 check of the whole file.</summary>
+    static IEnumerable<(int Line, string Text)> Lines(string path)
+    {
+        var text = ReadText(path);
         int number = 0;
-        foreach (var raw in File.ReadLines(s.Path))
+        foreach (var raw in text.Split('\n'))
         {
             number++;
+            yield return (number, raw.EndsWith('\r') ? raw[..^1] : raw);
+        }
+    }
+
+    static IEnumerable<(int Line, JsonDocument Doc)> JsonLines(LoadState s)
+    {
+        foreach (var (number, raw) in Lines(s.Path))
+        {
             if (string.IsNullOrWhiteSpace(raw)) continue;
             JsonDocument? doc = null;
             try { doc = JsonDocument.Parse(raw); }
@@ -198,9 +263,16 @@ public static class DatasetLoader
         _ => throw new ArgumentException($"format must be text, jsonl, tokens or tsv (got '{name}')"),
     };
 
-    /// <summary>Parses "spam,ham"-style label lists.</summary>
+    /// <summary>Parses "spam,ham"-style label lists; a name given twice is refused (it would make two classes of one label).</summary>
     public static IReadOnlyList<string>? ParseClassNames(string? list) =>
-        string.IsNullOrWhiteSpace(list) ? null : list.Split(',', StringSplitOptions.TrimEntries | StringSplitOptions.RemoveEmptyEntries);
+        string.IsNullOrWhiteSpace(list) ? null : CheckUnique(list.Split(',', StringSplitOptions.TrimEntries | StringSplitOptions.RemoveEmptyEntries));
+
+    static IReadOnlyList<string>? CheckUnique(IReadOnlyList<string>? names)
+    {
+        if (names?.GroupBy(n => n, StringComparer.Ordinal).FirstOrDefault(g => g.Count() > 1) is { } twice)
+            throw new ArgumentException($"labels: '{twice.Key}' is named twice in {string.Join(",", names)}; each class needs its own label");
+        return names;
+    }
 
     internal static string Invariant(double v) => v.ToString("G6", CultureInfo.InvariantCulture);
 }

@@ -38,35 +38,71 @@ public sealed class PipelineConfig
     /// <summary>Folder that relative paths in the file are resolved against.</summary>
     public string BaseDir { get; private init; } = Directory.GetCurrentDirectory();
 
+    /// <summary>A config is a few dozen keys two levels deep; these bounds leave room and stop a hostile file early.</summary>
+    const int MaxBytes = 1 << 20, MaxDepth = 16;
+
     public static PipelineConfig Load(string path)
     {
         if (!File.Exists(path)) throw new FileNotFoundException($"{path}: no such config file", path);
+        if (new FileInfo(path).Length > MaxBytes) throw new InvalidDataException($"{path}: {new FileInfo(path).Length:N0} bytes is too large for a config (at most {MaxBytes:N0})");
         return Parse(File.ReadAllText(path), path, System.IO.Path.GetDirectoryName(System.IO.Path.GetFullPath(path))!);
     }
 
     public static PipelineConfig Parse(string text, string source, string baseDir)
     {
         var config = new PipelineConfig(source) { BaseDir = baseDir };
+        if (text.Length > MaxBytes) throw new InvalidDataException($"{source}: {text.Length:N0} characters is too large for a config (at most {MaxBytes:N0})");
         var yaml = new YamlStream();
-        try { yaml.Load(new StringReader(text)); }
+        try
+        {
+            CheckDepth(text, source);
+            yaml.Load(new StringReader(text));
+        }
         catch (YamlDotNet.Core.YamlException e) { throw new InvalidDataException($"{source}: not valid YAML at line {e.Start.Line}: {e.Message}", e); }
         if (yaml.Documents.Count == 0) return config;
         if (yaml.Documents[0].RootNode is not YamlMappingNode root) throw new InvalidDataException($"{source}: the top level must be a mapping of sections");
         foreach (var (keyNode, value) in root.Children)
         {
-            var key = ((YamlScalarNode)keyNode).Value ?? "";
+            var key = Key(keyNode, source);
             if (Schema[""].ContainsKey(key)) { config.Set(key, value); continue; }
             if (!Schema.TryGetValue(key, out var section)) throw Unknown(source, key, Schema.Keys.Where(k => k != "").Concat(Schema[""].Keys));
             if (value is not YamlMappingNode map) throw new InvalidDataException($"{source}: section '{key}' must be a mapping");
             foreach (var (innerKey, innerValue) in map.Children)
             {
-                var name = ((YamlScalarNode)innerKey).Value ?? "";
+                var name = Key(innerKey, source);
                 if (!section.ContainsKey(name)) throw Unknown(source, $"{key}.{name}", section.Keys.Select(k => $"{key}.{k}"));
                 config.Set($"{key}.{name}", innerValue);
             }
         }
         return config;
     }
+
+    /// <summary>
+    /// Walks the parser's events (an iterative state machine) before the recursive document builder runs, so 20,000
+    /// nested brackets end in an error at the first level past <see cref="MaxDepth"/>, not in a stack overflow.
+    /// </summary>
+    static void CheckDepth(string text, string source)
+    {
+        var parser = new YamlDotNet.Core.Parser(new StringReader(text));
+        int depth = 0;
+        while (parser.MoveNext())
+        {
+            switch (parser.Current)
+            {
+                case YamlDotNet.Core.Events.MappingStart or YamlDotNet.Core.Events.SequenceStart:
+                    if (++depth > MaxDepth)
+                        throw new InvalidDataException($"{source}: nesting deeper than {MaxDepth} levels at line {parser.Current.Start.Line}; a config is sections of keys");
+                    break;
+                case YamlDotNet.Core.Events.MappingEnd or YamlDotNet.Core.Events.SequenceEnd:
+                    depth--;
+                    break;
+            }
+        }
+    }
+
+    /// <summary>A mapping key: a plain scalar (a complex key such as "? [a, b]" is refused with its line).</summary>
+    static string Key(YamlNode node, string source) => node is YamlScalarNode s ? s.Value ?? ""
+        : throw new InvalidDataException($"{source}: line {node.Start.Line}: a key must be a plain name, not a {(node is YamlSequenceNode ? "list" : "mapping")}");
 
     static InvalidDataException Unknown(string source, string key, IEnumerable<string> known)
     {

@@ -58,7 +58,7 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
         _runDir = config.Path("run_dir")!;
         Directory.CreateDirectory(_runDir);
         var stagesPath = Path.Combine(_runDir, StagesFile);
-        _done = File.Exists(stagesPath) ? JsonNode.Parse(File.ReadAllText(stagesPath))!.AsObject() : new JsonObject();
+        _done = File.Exists(stagesPath) ? ReadStages(stagesPath) : new JsonObject();
 
         var modelHash = config.Hash("model");
         var modelPath = Stage("model", modelHash, () => BuildModel(), p => File.Exists(p));
@@ -76,6 +76,20 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
         var task = config.Required("data.task");
         return new PipelineReport(_runDir, _stages.Select(s => (s.Item1, s.Item2, s.Item3)).ToList(),
             task == "cls" ? "accuracy" : "perplexity", baseLoss, adaptedLoss, baseAcc, adaptedAcc, examples, outputs, deployDiff, clock.Elapsed);
+    }
+
+    /// <summary>stages.json as this runner writes it: stage → {"hash": string, "output": string}; anything else is refused.</summary>
+    static JsonObject ReadStages(string path)
+    {
+        InvalidDataException Corrupt(string what) => new($"{path}: {what}; delete it to rerun every stage");
+        JsonNode? json;
+        try { json = JsonNode.Parse(File.ReadAllText(path)); }
+        catch (JsonException e) { throw Corrupt($"not valid JSON ({e.Message})"); }
+        if (json is not JsonObject stages) throw Corrupt("expected a JSON object of stages");
+        foreach (var (name, entry) in stages)
+            if (entry is not JsonObject o || o["hash"] is not JsonValue h || !h.TryGetValue<string>(out _) || o["output"] is not JsonValue v || !v.TryGetValue<string>(out _))
+                throw Corrupt($"stage '{name}' is not {{\"hash\": \"…\", \"output\": \"…\"}}");
+        return stages;
     }
 
     /// <summary>Runs <paramref name="work"/> unless stages.json says it ran with the same inputs and its output is still there.</summary>

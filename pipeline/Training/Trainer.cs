@@ -160,7 +160,7 @@ public static class Trainer
         var ds = DatasetLoader.Load(path, new DatasetOptions
         {
             Format = o.Format, Task = o.Task, SeqLength = o.SeqLength, VocabSize = vocab, SkipBadRows = o.SkipBadRows,
-            ClassNames = classNames ?? o.ClassNames,
+            ClassNames = classNames ?? o.ClassNames, ClassCount = o.Classes,
         });
         if (o.Task == TaskKind.Cls && o.Classes > 0 && ds.ClassNames.Count > o.Classes)
             throw new InvalidDataException($"{path}: has {ds.ClassNames.Count} labels ({string.Join(", ", ds.ClassNames)}) but --classes is {o.Classes}");

@@ -260,7 +260,7 @@ public sealed class ClassifyCommand(IAnsiConsole console) : Command<ClassifyComm
             }).ToList();
             var classifier = new Classifier(host, tokenizer, new ClassifierOptions
             {
-                Labels = s.Labels?.Split(',', StringSplitOptions.TrimEntries),
+                Labels = Pipeline.Data.DatasetLoader.ParseClassNames(s.Labels),
                 LabelTokenIds = labelTokens,
             });
             IReadOnlyList<IReadOnlyList<int>> rows = ids is not null ? [ids] : s.Text.Select(t => tokenizer!.EncodeToIds(t)).ToList();
