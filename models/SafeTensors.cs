@@ -68,6 +68,12 @@ public static class SafeTensorsFile
         return (tensors, metadata);
     }
 
+    static string Kind(JsonValueKind kind) => kind switch
+    {
+        JsonValueKind.Object => "an object", JsonValueKind.Array => "an array", JsonValueKind.String => "a string",
+        JsonValueKind.Number => "a number", JsonValueKind.Null => "null", _ => "a boolean",
+    };
+
     /// <summary>The safetensors reference implementation's header limit (100 MB).</summary>
     const long MaxHeaderBytes = 100_000_000;
 
@@ -82,7 +88,7 @@ public static class SafeTensorsFile
         {
             using var doc = JsonDocument.Parse(header, new JsonDocumentOptions { MaxDepth = 8 });
             if (doc.RootElement.ValueKind != JsonValueKind.Object)
-                throw Bad($"safetensors header is a JSON {doc.RootElement.ValueKind.ToString().ToLowerInvariant()}, expected an object of tensors");
+                throw Bad($"safetensors header is {Kind(doc.RootElement.ValueKind)}, expected a JSON object of tensors");
             foreach (var property in doc.RootElement.EnumerateObject())
             {
                 var name = property.Name;
@@ -93,11 +99,11 @@ public static class SafeTensorsFile
                     if (v.ValueKind != JsonValueKind.Object) throw Bad("'__metadata__' must be an object of strings");
                     foreach (var m in v.EnumerateObject())
                         metadata[m.Name] = m.Value.ValueKind == JsonValueKind.String ? m.Value.GetString()!
-                            : throw Bad($"'__metadata__.{m.Name}' is a {m.Value.ValueKind.ToString().ToLowerInvariant()}, expected a string");
+                            : throw Bad($"'__metadata__.{m.Name}' is {Kind(m.Value.ValueKind)}, expected a string");
                     continue;
                 }
                 string Where(string field) => $"tensor '{name}' field '{field}'";
-                if (v.ValueKind != JsonValueKind.Object) throw Bad($"tensor '{name}' is a {v.ValueKind.ToString().ToLowerInvariant()}, expected an object with dtype, shape and data_offsets");
+                if (v.ValueKind != JsonValueKind.Object) throw Bad($"tensor '{name}' is {Kind(v.ValueKind)}, expected an object with dtype, shape and data_offsets");
                 if (!v.TryGetProperty("dtype", out var dt) || dt.ValueKind != JsonValueKind.String) throw Bad($"{Where("dtype")} is missing or not a string");
                 var dtype = dt.GetString()!;
                 if (!ElementSizes.TryGetValue(dtype, out var size)) throw Bad($"tensor '{name}' has unknown dtype '{dtype}' (known: {string.Join(", ", ElementSizes.Keys)})");
