@@ -84,6 +84,8 @@ public static class SafeTensorsFile
         var entries = new List<(string Name, string DType, long[] Shape, long Begin, long End)>();
         metadata = new Dictionary<string, string>(StringComparer.Ordinal);
         var seen = new HashSet<string>(StringComparer.Ordinal);
+        // JsonDocument parses invalid UTF-8 inside strings and only fails when a name is read (found by fuzzing)
+        if (!System.Text.Unicode.Utf8.IsValid(header)) throw Bad("safetensors header is not valid UTF-8");
         try
         {
             using var doc = JsonDocument.Parse(header, new JsonDocumentOptions { MaxDepth = 8 });

@@ -59,6 +59,11 @@ public sealed class PipelineConfig
             yaml.Load(new StringReader(text));
         }
         catch (YamlDotNet.Core.YamlException e) { throw new InvalidDataException($"{source}: not valid YAML at line {e.Start.Line}: {e.Message}", e); }
+        // YamlDotNet throws these instead of a YamlException on some truncated flow collections and stray bytes (found by fuzzing)
+        catch (Exception e) when (e is InvalidOperationException or ArgumentException)
+        {
+            throw new InvalidDataException($"{source}: not valid YAML (the parser stopped: {e.Message}); check for an unclosed [ or {{ and for bytes that are not text", e);
+        }
         if (yaml.Documents.Count == 0) return config;
         if (yaml.Documents[0].RootNode is not YamlMappingNode root) throw new InvalidDataException($"{source}: the top level must be a mapping of sections");
         foreach (var (keyNode, value) in root.Children)
