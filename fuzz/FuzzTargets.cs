@@ -16,12 +16,17 @@ namespace OnnxLora.Fuzz;
 /// </summary>
 public static class FuzzTargets
 {
-    /// <summary>A two-target manifest (6 → 5 → 4, rank 3) that the adapter targets load against.</summary>
-    public static readonly LoraManifest Manifest = new()
+    /// <summary>
+    /// A two-target manifest (6 → 5 → 4, rank 3) that the adapter targets load against. Built on first use: under afl,
+    /// instrumented code must not run before SharpFuzz has attached its coverage map.
+    /// </summary>
+    public static LoraManifest Manifest => LazyManifest.Value;
+
+    static readonly Lazy<LoraManifest> LazyManifest = new(() => new LoraManifest
     {
         ToolVersion = "fuzz", BaseModel = "base.onnx", BaseModelSha256 = "", Rank = 3, Alpha = 6, Scaling = LoraScaling.Peft,
         Targets = [Target("transformer.h.0.mlp.c_fc", 6, 5), Target("transformer.h.0.mlp.c_proj", 5, 4)],
-    };
+    });
 
     /// <summary>Reader name → target. The name is the harness's argument and the corpus folder under tests/fixtures/fuzz.</summary>
     public static readonly IReadOnlyDictionary<string, Action<byte[], string>> Readers = new Dictionary<string, Action<byte[], string>>
