@@ -68,6 +68,7 @@ public sealed class Classifier
         if (rows.Count == 0) return [];
         int longest = rows.Max(r => r.Count);
         if (rows.Any(r => r.Count == 0)) throw new ArgumentException("an input has no tokens");
+        foreach (var row in rows) _signature.CheckIds(row, "input ids");   // Gather would wrap a negative id around to a real token
         int width = _signature.FixedTokens ?? longest;
         if (longest > width) throw new ArgumentException($"an input has {longest} tokens, the model takes {width}; shorten it");
         var feeds = _signature.Feeds(rows, width, Options.PadTokenId);

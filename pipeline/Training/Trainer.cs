@@ -27,26 +27,50 @@ public static class Trainer
     public const string ArtifactsDir = "artifacts", CheckpointFile = "checkpoint.safetensors", MetricsFile = "metrics.jsonl",
                         PlotFile = "loss.png", AdapterFile = "adapter.safetensors", OnnxAdapterFileName = "adapter.onnx_adapter";
 
-    /// <summary>Starts a new run in <c>options.OutDir</c> (which must not hold another run).</summary>
-    public static TrainResult Train(TrainOptions options, IProgress<TrainProgress>? progress = null, CancellationToken cancel = default)
+    /// <summary>The verb name in a run folder's marker (<see cref="OutputFolder"/>).</summary>
+    public const string Verb = "train";
+
+    /// <summary>
+    /// Starts a new run in <c>options.OutDir</c>: a new or empty folder, or (with <paramref name="overwrite"/>) an earlier
+    /// run's folder, which is emptied. A start that fails before its first checkpoint removes what it wrote, so the same
+    /// --out works again.
+    /// </summary>
+    public static TrainResult Train(TrainOptions options, IProgress<TrainProgress>? progress = null, CancellationToken cancel = default, bool overwrite = false)
     {
         options.Validate();
-        if (File.Exists(Path.Combine(options.OutDir, TrainOptions.FileName)))
-            throw new IOException($"{options.OutDir}: holds a training run already; continue it with --resume {options.OutDir}, or choose another --out");
-        Directory.CreateDirectory(options.OutDir);
+        var outDir = options.OutDir;
+        OutputFolder.CheckNotInput(outDir, [options.ModelDir, options.DataPath, options.EvalDataPath, options.InitAdapter], "--out");
+        bool existed = Directory.Exists(outDir);
+        if (OutputFolder.Check(outDir, Verb, "--out", overwrite, hint: $"continue it with 'onnxlora train --resume {outDir}', or pass --overwrite to start it over"))
+            OutputFolder.Clear(outDir);
+        OutputFolder.Mark(outDir, Verb);
         options.Save();
-        return Run(options, resume: false, progress, cancel);
+        try { return Run(options, resume: false, progress, cancel); }
+        catch when (!File.Exists(Path.Combine(outDir, CheckpointFile)))
+        {
+            OutputFolder.Clear(outDir);
+            File.Delete(Path.Combine(outDir, OutputFolder.MarkerFile));
+            if (!existed) Directory.Delete(outDir);
+            throw;
+        }
     }
 
-    /// <summary>Continues the run in <paramref name="runDir"/> from its last checkpoint.</summary>
-    public static TrainResult Resume(string runDir, IProgress<TrainProgress>? progress = null, CancellationToken cancel = default) =>
-        Run(TrainOptions.Load(runDir) with { OutDir = runDir }, resume: true, progress, cancel);
+    /// <summary>
+    /// Continues the run in <paramref name="runDir"/> from its last checkpoint (from step 0 when it stopped before the
+    /// first one), after removing the temp files a killed run left there.
+    /// </summary>
+    public static TrainResult Resume(string runDir, IProgress<TrainProgress>? progress = null, CancellationToken cancel = default)
+    {
+        var options = TrainOptions.Load(runDir) with { OutDir = runDir };
+        OutputFolder.RemoveStaleTemps(runDir);
+        return Run(options, resume: true, progress, cancel);
+    }
 
     static TrainResult Run(TrainOptions o, bool resume, IProgress<TrainProgress>? progress, CancellationToken cancel)
     {
         var manifestPath = Path.Combine(o.ModelDir, LoraManifest.FileName);
         var manifest = LoraManifest.Load(manifestPath);
-        File.Copy(manifestPath, Path.Combine(o.OutDir, LoraManifest.FileName), overwrite: true);
+        AtomicFile.WriteAllBytes(Path.Combine(o.OutDir, LoraManifest.FileName), File.ReadAllBytes(manifestPath));
         var device = ExecutionDevice.Parse(o.Device);
 
         var view = OnnxFile.Load(Path.Combine(o.ModelDir, LoraManifest.TrainingModelFile));
@@ -72,11 +96,12 @@ public static class Trainer
         double best = double.PositiveInfinity;
         var hash = o.NumericsHash();
         var checkpointPath = Path.Combine(o.OutDir, CheckpointFile);
+        resume &= File.Exists(checkpointPath);   // a run stopped before its first checkpoint starts again from step 0
         if (resume)
         {
-            if (!File.Exists(checkpointPath)) throw new FileNotFoundException($"{o.OutDir}: no {CheckpointFile} to resume from (the run stopped before its first checkpoint); start it again", checkpointPath);
             var c = Checkpoint.Load(checkpointPath);
             if (c.ConfigHash != hash) throw new InvalidDataException($"{checkpointPath}: was written by a run with different settings than {TrainOptions.FileName}; refusing to resume");
+            c.CheckTensors(session.GetState(withMoments: true).ToDictionary(kv => kv.Key, kv => kv.Value.Shape), checkpointPath);
             foreach (var (name, t) in c.Tensors) session.SetState(name, t.ToFloats());
             (step, epoch, batchIndex, best, evalsWithoutImprovement) = (c.Step, c.Epoch, c.BatchInEpoch, c.BestEvalLoss, c.EvalsWithoutImprovement);
             session.Step = step;
@@ -116,9 +141,12 @@ public static class Trainer
                 loss += session.TrainStep(batch).Loss;
                 stepTokens += batch.TokenCount;
             }
-            session.OptimizerStep();
+            double gradNorm = session.OptimizerStep();
             step++;
             loss /= micro;
+            if (!double.IsFinite(gradNorm))   // a non-finite loss already stopped the train step
+                throw new InvalidDataException($"step {step}: the gradient norm is {gradNorm}; training stopped " +
+                    (File.Exists(checkpointPath) ? $"and {checkpointPath} keeps the last good state (lower --lr, or --clip, then --resume)" : "before its first checkpoint (lower --lr, or --clip)"));
             tokens += stepTokens;
             if (double.IsNaN(firstLoss)) firstLoss = loss;
             lastLoss = loss;
@@ -169,8 +197,9 @@ public static class Trainer
     static int VocabSize(Onnx.ModelProto model)
     {
         var logits = model.Graph.Output.FirstOrDefault(v => v.Name == "logits") ?? model.Graph.Output[0];
-        var dims = ValueInfos.Dims(logits);
-        return dims is { Length: > 0 } && dims[^1].Value is long v ? (int)v : int.MaxValue;
+        var dims = ValueInfos.Dims(logits) ?? ShapeInference.Infer(model).GetValueOrDefault(logits.Name)?.Dims;
+        return dims is { Length: > 0 } && dims[^1].Value is long v and > 0 and <= int.MaxValue ? (int)v
+            : throw new InvalidDataException($"{LoraManifest.TrainingModelFile}: the vocabulary size (last dim of '{logits.Name}') is not fixed, so token ids cannot be checked against it");
     }
 
     static string EnsureArtifacts(TrainOptions o, Onnx.ModelProto view, LoraManifest manifest, int classes)
