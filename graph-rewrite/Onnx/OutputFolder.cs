@@ -90,8 +90,10 @@ public static class OutputFolder
     public static bool Check(string dir, string verb, string flag, bool overwrite, bool reuse = false, string? hint = null)
     {
         if (File.Exists(dir)) throw new IOException($"{dir}: {flag} is a file; it needs a folder");
-        if (!Directory.Exists(dir) || !Directory.EnumerateFileSystemEntries(dir).Any()) return false;
+        if (!Directory.Exists(dir)) return false;
         var owner = MarkerVerb(dir);
+        // empty, or only what a start killed at once left (its marker, temps): as good as new
+        if (Directory.EnumerateFileSystemEntries(dir).All(e => owner == verb && IsOnlyStarted(e))) return false;
         if (owner is null)
             throw new IOException($"{dir}: {flag} exists and was not written by onnxlora (no {MarkerFile}); choose a new {flag} or empty it");
         if (owner != verb)
@@ -100,6 +102,8 @@ public static class OutputFolder
             throw new IOException($"{dir}: {flag} holds an earlier 'onnxlora {verb}' output; {hint ?? "pass --overwrite to replace it"}");
         return true;
     }
+
+    static bool IsOnlyStarted(string entry) => Path.GetFileName(entry) is var name && (name == MarkerFile || name.Contains(TempInfix, StringComparison.Ordinal));
 
     /// <summary>Creates <paramref name="dir"/> (if needed) and marks it as <paramref name="verb"/>'s output.</summary>
     public static void Mark(string dir, string verb)

@@ -197,9 +197,14 @@ public static class Trainer
     static int VocabSize(Onnx.ModelProto model)
     {
         var logits = model.Graph.Output.FirstOrDefault(v => v.Name == "logits") ?? model.Graph.Output[0];
-        var dims = ValueInfos.Dims(logits) ?? ShapeInference.Infer(model).GetValueOrDefault(logits.Name)?.Dims;
-        return dims is { Length: > 0 } && dims[^1].Value is long v and > 0 and <= int.MaxValue ? (int)v
-            : throw new InvalidDataException($"{LoraManifest.TrainingModelFile}: the vocabulary size (last dim of '{logits.Name}') is not fixed, so token ids cannot be checked against it");
+        var dims = ValueInfos.Dims(logits);
+        if (dims is { Length: > 0 } && dims[^1].Value is long v and > 0 and <= int.MaxValue) return (int)v;
+        // a symbolic vocabulary dim: the rows of the token embedding (the Gather that reads the ids) say it too
+        var ids = model.Graph.Input.Select(i => i.Name).FirstOrDefault(n => n == "input_ids");
+        var table = model.Graph.Node.Where(n => n.OpType == "Gather" && n.Input.Count == 2 && n.Input[1] == ids)
+            .Select(n => model.Graph.Initializer.FirstOrDefault(t => t.Name == n.Input[0])).FirstOrDefault(t => t is { Dims.Count: 2 });
+        return table?.Dims[0] is long rows and > 0 and <= int.MaxValue ? (int)rows
+            : throw new InvalidDataException($"{LoraManifest.TrainingModelFile}: the vocabulary size (last dim of '{logits.Name}') is not fixed and no token embedding states it, so token ids cannot be checked against it");
     }
 
     static string EnsureArtifacts(TrainOptions o, Onnx.ModelProto view, LoraManifest manifest, int classes)
