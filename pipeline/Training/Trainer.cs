@@ -116,6 +116,9 @@ public static class Trainer
         bool earlyStopped = false;
         var order = batcher.Order(epoch);
 
+        string LastGood() => File.Exists(checkpointPath) ? $"{checkpointPath} keeps the last good state (lower --lr, or set --clip, then --resume)"
+            : "no checkpoint was written yet (lower --lr, or set --clip)";
+
         void SaveCheckpoint() => new Checkpoint
         {
             Step = step, Epoch = epoch, BatchInEpoch = batchIndex, ConfigHash = hash, BestEvalLoss = best, EvalsWithoutImprovement = evalsWithoutImprovement,
@@ -138,15 +141,15 @@ public static class Trainer
                     if (micro > 0) break;   // an epoch's last partial accumulation still makes a step
                 }
                 var batch = batcher.Get(epoch, batchIndex++, order);
-                loss += session.TrainStep(batch).Loss;
+                try { loss += session.TrainStep(batch).Loss; }
+                catch (ArithmeticException e) { throw new InvalidDataException($"step {step + 1}: {e.Message}; training stopped and {LastGood()}", e); }
                 stepTokens += batch.TokenCount;
             }
             double gradNorm = session.OptimizerStep();
             step++;
             loss /= micro;
             if (!double.IsFinite(gradNorm))   // a non-finite loss already stopped the train step
-                throw new InvalidDataException($"step {step}: the gradient norm is {gradNorm}; training stopped " +
-                    (File.Exists(checkpointPath) ? $"and {checkpointPath} keeps the last good state (lower --lr, or --clip, then --resume)" : "before its first checkpoint (lower --lr, or --clip)"));
+                throw new InvalidDataException($"step {step}: the gradient norm is {gradNorm}; training stopped and {LastGood()}");
             tokens += stepTokens;
             if (double.IsNaN(firstLoss)) firstLoss = loss;
             lastLoss = loss;

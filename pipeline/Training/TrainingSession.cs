@@ -241,7 +241,7 @@ public sealed class TrainingSession : IDisposable
             else if (_logitsOutputs.Contains(names[i])) logits = outputs[i].GetTensorDataAsSpan<float>().ToArray();
         }
         if (loss is not double l) throw new InvalidDataException($"{what}: the model has no '{TrainingArtifacts.Loss}' output; rebuild the artifacts");
-        if (!double.IsFinite(l)) throw new InvalidOperationException($"{what}: the loss is {l} (learning rate too high, or bad data?)");
+        if (!double.IsFinite(l)) throw new ArithmeticException($"{what}: the loss is {l} (learning rate too high, or bad data?)");
         return new StepResult(l, logits);
     }
 
