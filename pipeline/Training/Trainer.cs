@@ -105,6 +105,14 @@ public static class Trainer
             foreach (var (name, t) in c.Tensors) session.SetState(name, t.ToFloats());
             (step, epoch, batchIndex, best, evalsWithoutImprovement) = (c.Step, c.Epoch, c.BatchInEpoch, c.BestEvalLoss, c.EvalsWithoutImprovement);
             session.Step = step;
+            // LoRA dropout: the fresh session's generators start at their seeds; replaying the counted runs on a
+            // two-token batch moves them to where the checkpoint left them, so the masks (and the curve) continue
+            if (manifest.DropoutTrainingModeInput is not null)
+            {
+                var tiny = Batcher.Pad([new Example([padId, padId], [padId, padId], ClassLabel: 0)], padId);
+                for (ulong run = 0; run < c.RngState; run++) session.TrainStep(tiny);
+                session.LazyResetGrad();
+            }
         }
         else if (o.InitAdapter is not null) LoadInitAdapter(session, o.InitAdapter, manifest);
 
@@ -121,7 +129,7 @@ public static class Trainer
 
         void SaveCheckpoint() => new Checkpoint
         {
-            Step = step, Epoch = epoch, BatchInEpoch = batchIndex, ConfigHash = hash, BestEvalLoss = best, EvalsWithoutImprovement = evalsWithoutImprovement,
+            Step = step, Epoch = epoch, BatchInEpoch = batchIndex, ConfigHash = hash, RngState = session.TrainRuns, BestEvalLoss = best, EvalsWithoutImprovement = evalsWithoutImprovement,
             Tensors = session.GetState(withMoments: true).ToDictionary(kv => kv.Key, kv => SafeTensor.FromFloats(kv.Value.Shape, kv.Value.Data)),
         }.Save(checkpointPath);
 

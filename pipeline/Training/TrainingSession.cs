@@ -97,6 +97,11 @@ public sealed class TrainingSession : IDisposable
     public double MaxGradNorm { get; set; } = double.PositiveInfinity;
     /// <summary>Optimizer steps taken (AdamW's bias correction counts them).</summary>
     public int Step { get; set; }
+    /// <summary>
+    /// Runs of the train graph so far: the state of its Dropout nodes, whose generators ONNX Runtime keeps inside the
+    /// kernels (seeded by each node's seed attribute; the CPU kernel draws one seed per run).
+    /// </summary>
+    public ulong TrainRuns { get; private set; }
 
     public void SetLearningRate(double lr) => LearningRate = lr;
 
@@ -125,6 +130,7 @@ public sealed class TrainingSession : IDisposable
         _buffers.SwapGrads();
         _resetGrad = false;
         _microBatches++;
+        TrainRuns++;
         return result;
     }
 
