@@ -43,6 +43,7 @@ public static class Trainer
         bool existed = Directory.Exists(outDir);
         if (OutputFolder.Check(outDir, Verb, "--out", overwrite, hint: $"continue it with 'onnxlora train --resume {outDir}', or pass --overwrite to start it over"))
             OutputFolder.Clear(outDir);
+        OutputFolder.RemoveStaleTemps(outDir);   // what a start killed at once left
         OutputFolder.Mark(outDir, Verb);
         options.Save();
         try { return Run(options, resume: false, progress, cancel); }
