@@ -175,6 +175,11 @@ public static class AtomicFile
             }
             File.Move(tmp, full, overwrite: true);
         }
+        catch (IOException e)
+        {
+            try { File.Delete(tmp); } catch (IOException) { }
+            throw new IOException($"{full}: could not be written ({e.Message.Replace(tmp, "its temp file")}); {(File.Exists(full) ? "the previous file is unchanged" : "nothing was written")}", e);
+        }
         catch
         {
             try { File.Delete(tmp); } catch (IOException) { }
