@@ -235,3 +235,21 @@ public class OutputsTests
         Assert.That(Checkpoint.Load(dir.File("runs/train/" + Trainer.CheckpointFile)).Step, Is.EqualTo(2));
     }
 }
+
+/// <summary>Single-file outputs: the temp a killed writer left beside a file goes with the next write of that file.</summary>
+public class OutputsStaleFileTests
+{
+    [Test]
+    public void TheNextWriteRemovesADeadWritersTempAndKeepsEverythingElse()
+    {
+        using var dir = new TempDir();
+        var target = dir.File("task.onnx_adapter");
+        var dead = target + ".tmp-999999999-" + new string('a', 32);                            // no such process
+        var live = target + $".tmp-{Environment.ProcessId}-" + new string('b', 32);            // a writer still running
+        var users = target + ".tmp-notes";                                                     // not our pattern
+        foreach (var f in new[] { dead, live, users }) File.WriteAllText(f, "x");
+        AtomicFile.WriteAllText(target, "new");
+        Assert.That(Directory.GetFiles(dir.Path).Select(Path.GetFileName).Order(StringComparer.Ordinal),
+            Is.EqualTo(new[] { Path.GetFileName(target), Path.GetFileName(live), Path.GetFileName(users) }.Order(StringComparer.Ordinal)));
+    }
+}
