@@ -63,6 +63,19 @@ public class OutputsLimitsTests
         Tree.FailsCleanly(dir.Path, "token id 64 is outside the model's vocabulary", "generate", "--model", model, "--ids", "1,64", "-n", "2");
     }
 
+    [TestCase("-n", "0", "--max-new-tokens must be in 1..")]
+    [TestCase("-n", "2000000000", "--max-new-tokens must be in 1..")]
+    [TestCase("--temperature", "NaN", "--temperature must be a finite number")]
+    [TestCase("--top-p", "0", "--top-p must be in (0, 1]")]
+    [TestCase("--top-k", "-1", "--top-k must be ≥ 0")]
+    [TestCase("--context", "0", "--context must be ≥ 1")]
+    public void GenerateFlagsOutOfRangeNameTheFlag(string flag, string value, string expected)
+    {
+        using var dir = new TempDir();
+        var model = BigramModel.Write(dir.File("lm.onnx"), vocab: 64, width: 64);
+        Tree.FailsCleanly(dir.Path, expected, "generate", "--model", model, "--ids", "1,2", flag, value);
+    }
+
     [Test]
     public void LayerRangesAreBounded()
     {

@@ -201,6 +201,9 @@ public class ServeSettings : CommandSettings
 /// <summary>`onnxlora generate --model DEPLOY.onnx [--adapter A …] --prompt TEXT`.</summary>
 public sealed class GenerateCommand(IAnsiConsole console) : Command<GenerateCommand.Settings>
 {
+    /// <summary>Most tokens one call may ask for: each recomputes the whole context, so more is never a real request.</summary>
+    const int MaxTokens = 1 << 16;
+
     public sealed class Settings : ServeSettings
     {
         [CommandOption("-p|--prompt <TEXT>")]
@@ -240,6 +243,11 @@ public sealed class GenerateCommand(IAnsiConsole console) : Command<GenerateComm
     {
         var ids = s.ParseIds();
         if ((ids is null) == (s.Prompt is null)) throw new ArgumentException("give either --prompt TEXT or --ids 1,2,3");
+        if (s.MaxNewTokens is < 1 or > MaxTokens) throw new ArgumentException($"--max-new-tokens must be in 1..{MaxTokens} (got {s.MaxNewTokens})");
+        if (s.Context is < 1) throw new ArgumentException($"--context must be ≥ 1 (got {s.Context})");
+        if (!double.IsFinite(s.Temperature) || s.Temperature < 0) throw new ArgumentException($"--temperature must be a finite number ≥ 0 (got {s.Temperature})");
+        if (s.TopK < 0) throw new ArgumentException($"--top-k must be ≥ 0 (got {s.TopK})");
+        if (s.TopP is not (> 0 and <= 1)) throw new ArgumentException($"--top-p must be in (0, 1] (got {s.TopP})");
         var (host, runs) = s.OpenHost();
         using (host)
         {
@@ -354,6 +362,8 @@ public sealed class EvalCommand(IAnsiConsole console) : Command<EvalCommand.Sett
     public override int Execute(CommandContext context, Settings s, CancellationToken cancellationToken)
     {
         if (string.IsNullOrEmpty(s.Data)) throw new ArgumentException("--data FILE is required");
+        if (s.Seq is < 2 or > 1 << 20) throw new ArgumentException($"--seq must be in 2..{1 << 20} (got {s.Seq})");
+        if (s.Batch is < 1 or > 1 << 16) throw new ArgumentException($"--batch must be in 1..{1 << 16} (got {s.Batch})");
         var task = s.Task.ToLowerInvariant() switch
         {
             "lm" => Pipeline.Data.TaskKind.Lm,
