@@ -143,17 +143,20 @@ public sealed record LoraConfig
         text.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);
 
     /// <summary>"0,1,10-11" → [0, 1, 10, 11].</summary>
+    /// <summary>The highest block index a layer list may name: far past any real model, low enough that a range cannot exhaust memory.</summary>
+    const int MaxLayer = 65535;
+
     public static IReadOnlyList<int> ParseLayers(string text)
     {
         var layers = new SortedSet<int>();
         foreach (var part in ParseList(text))
         {
             var range = part.Split('-', StringSplitOptions.TrimEntries);
-            if (range.Length == 1 && int.TryParse(range[0], NumberStyles.None, CultureInfo.InvariantCulture, out int one)) layers.Add(one);
+            if (range.Length == 1 && int.TryParse(range[0], NumberStyles.None, CultureInfo.InvariantCulture, out int one) && one <= MaxLayer) layers.Add(one);
             else if (range.Length == 2 && int.TryParse(range[0], NumberStyles.None, CultureInfo.InvariantCulture, out int lo)
-                     && int.TryParse(range[1], NumberStyles.None, CultureInfo.InvariantCulture, out int hi) && lo <= hi)
+                     && int.TryParse(range[1], NumberStyles.None, CultureInfo.InvariantCulture, out int hi) && lo <= hi && hi <= MaxLayer)
                 for (int i = lo; i <= hi; i++) layers.Add(i);
-            else throw new FormatException($"layers: '{part}' is not a block index or a range like 10-11.");
+            else throw new FormatException($"layers: '{part}' is not a block index or a range like 10-11 (indices up to {MaxLayer}).");
         }
         return layers.ToArray();
     }

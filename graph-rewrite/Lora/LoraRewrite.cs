@@ -51,50 +51,47 @@ public static class LoraRewrite
         return new LoraRewriteResult(training, deployable, manifest, targets, targets.Sum(t => t.Parameters), CountParameters(model));
     }
 
+    /// <summary>The verb name in the output folder's marker (<see cref="OutputFolder"/>).</summary>
+    public const string Verb = "rewrite";
+
     /// <summary>Loads <paramref name="modelPath"/>, rewrites it and writes <paramref name="outDir"/> atomically.</summary>
-    /// <exception cref="IOException"><paramref name="outDir"/> exists and is not a previous rewrite output (no lora_config.json).</exception>
-    public static LoraRewriteResult RewriteFile(string modelPath, LoraConfig config, string outDir)
+    /// <exception cref="IOException"><paramref name="outDir"/> is not new and not an earlier rewrite output (or is one and
+    /// <paramref name="overwrite"/> is false), or it is, holds or lies inside the input model.</exception>
+    public static LoraRewriteResult RewriteFile(string modelPath, LoraConfig config, string outDir, bool overwrite = false)
     {
-        CheckOutputDir(outDir);
-        var full = Path.GetFullPath(modelPath);
-        if (Path.GetFullPath(outDir) == Path.GetDirectoryName(full))
-            throw new IOException($"{outDir}: the output folder is the base model's folder; choose another --out");
+        OutputFolder.CheckNotInput(outDir, [modelPath], "--out");
+        OutputFolder.Check(outDir, Verb, "--out", overwrite);
         var model = OnnxFile.Load(modelPath);
         ModelValidator.Check(model, modelPath);
         var result = Rewrite(model, config, modelPath, Sha256(modelPath));
-        WriteOutput(outDir, result.TrainingModel, result.DeployableModel, result.Manifest);
+        WriteOutput(outDir, result.TrainingModel, result.DeployableModel, result.Manifest, overwrite);
         return result;
-    }
-
-    /// <summary>Refuses an existing folder that is not a previous rewrite output.</summary>
-    public static void CheckOutputDir(string dir)
-    {
-        if (File.Exists(dir)) throw new IOException($"{dir}: is a file; --out needs a folder");
-        if (Directory.Exists(dir) && Directory.EnumerateFileSystemEntries(dir).Any() && !File.Exists(Path.Combine(dir, LoraManifest.FileName)))
-            throw new IOException($"{dir}: exists and is not an 'onnxlora rewrite' output (no {LoraManifest.FileName}); choose a new --out or remove it");
     }
 
     /// <summary>
     /// Writes model.onnx, deploy.onnx and lora_config.json into a sibling temp folder, then swaps it into place, so
-    /// <paramref name="dir"/> is never half-written. A previous rewrite output at <paramref name="dir"/> is replaced.
+    /// <paramref name="dir"/> is never half-written. An earlier rewrite output at <paramref name="dir"/> is replaced only
+    /// with <paramref name="overwrite"/>; temp folders a killed rewrite left beside it are removed first.
     /// </summary>
-    public static void WriteOutput(string dir, ModelProto training, ModelProto deployable, LoraManifest manifest)
+    public static void WriteOutput(string dir, ModelProto training, ModelProto deployable, LoraManifest manifest, bool overwrite = false)
     {
-        CheckOutputDir(dir);
-        var full = Path.GetFullPath(dir).TrimEnd(Path.DirectorySeparatorChar);
-        var tmp = $"{full}.tmp-{Guid.NewGuid().ToString("N")[..8]}";
+        bool replace = OutputFolder.Check(dir, Verb, "--out", overwrite);
+        var full = Path.TrimEndingDirectorySeparator(Path.GetFullPath(dir));
+        RemoveStaleSiblings(full);
+        var tmp = $"{full}{OutputFolder.TempInfix}{Guid.NewGuid().ToString("N")[..8]}";
         try
         {
-            Directory.CreateDirectory(tmp);
+            OutputFolder.Mark(tmp, Verb);   // first, so a temp a kill leaves behind is recognisably ours
             OnnxFile.Save(training, Path.Combine(tmp, LoraManifest.TrainingModelFile));
             OnnxFile.Save(deployable, Path.Combine(tmp, LoraManifest.DeployableModelFile));
             manifest.Save(Path.Combine(tmp, LoraManifest.FileName));
             string? old = null;
-            if (Directory.Exists(full))
+            if (replace)
             {
-                old = $"{full}.old-{Guid.NewGuid():N}";
+                old = $"{full}{OutputFolder.TempInfix}old-{Guid.NewGuid().ToString("N")[..8]}";
                 Directory.Move(full, old);
             }
+            else if (Directory.Exists(full)) Directory.Delete(full);   // new and empty (Check said so)
             Directory.Move(tmp, full);
             if (old is not null) Directory.Delete(old, recursive: true);
         }
@@ -103,6 +100,15 @@ public static class LoraRewrite
             if (Directory.Exists(tmp)) Directory.Delete(tmp, recursive: true);
             throw;
         }
+    }
+
+    /// <summary>Temp and replaced folders (DIR.tmp-…) a killed rewrite left beside <paramref name="full"/>; only marked ones.</summary>
+    static void RemoveStaleSiblings(string full)
+    {
+        var parent = Path.GetDirectoryName(full);
+        if (parent is null || !Directory.Exists(parent)) return;
+        foreach (var d in Directory.EnumerateDirectories(parent, Path.GetFileName(full) + OutputFolder.TempInfix + "*"))
+            if (OutputFolder.MarkerVerb(d) == Verb) Directory.Delete(d, recursive: true);
     }
 
     /// <summary>PEFT's print_trainable_parameters line for the given counts (all = base + trainable).</summary>

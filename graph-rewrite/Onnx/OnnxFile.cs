@@ -183,6 +183,7 @@ public static class AtomicFile
     {
         var full = Path.GetFullPath(path);
         Directory.CreateDirectory(Path.GetDirectoryName(full)!);
+        RemoveStaleTemps(full);
         var tmp = full + $".tmp-{Environment.ProcessId}-{Guid.NewGuid():N}";
         try
         {
@@ -193,11 +194,39 @@ public static class AtomicFile
             }
             File.Move(tmp, full, overwrite: true);
         }
+        catch (IOException e)
+        {
+            try { File.Delete(tmp); } catch (IOException) { }
+            throw new IOException($"{full}: could not be written ({e.Message.Replace(tmp, "its temp file")}); {(File.Exists(full) ? "the previous file is unchanged" : "nothing was written")}", e);
+        }
         catch
         {
             try { File.Delete(tmp); } catch (IOException) { }
             throw;
         }
+    }
+
+    /// <summary>
+    /// Temps of <paramref name="full"/> that a killed process left: exactly NAME.tmp-PID-GUID (32 hex digits), PID no
+    /// longer running. Anything else is not ours and stays.
+    /// </summary>
+    static void RemoveStaleTemps(string full)
+    {
+        var name = Path.GetFileName(full) + ".tmp-";
+        foreach (var temp in Directory.EnumerateFiles(Path.GetDirectoryName(full)!, name + "*"))
+        {
+            var parts = Path.GetFileName(temp)[name.Length..].Split('-');
+            if (parts is not [var pid, var guid] || guid.Length != 32 || !guid.All(char.IsAsciiHexDigitLower)
+                || !int.TryParse(pid, System.Globalization.NumberStyles.None, System.Globalization.CultureInfo.InvariantCulture, out int id) || IsRunning(id)) continue;
+            try { File.Delete(temp); } catch (IOException) { }
+        }
+    }
+
+    static bool IsRunning(int pid)
+    {
+        try { using var p = System.Diagnostics.Process.GetProcessById(pid); return !p.HasExited; }
+        catch (ArgumentException) { return false; }
+        catch (InvalidOperationException) { return false; }
     }
 
     public static void WriteAllText(string path, string text) =>

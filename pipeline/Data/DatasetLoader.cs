@@ -264,13 +264,14 @@ public static class DatasetLoader
     };
 
     /// <summary>Parses "spam,ham"-style label lists; a name given twice is refused (it would make two classes of one label).</summary>
-    public static IReadOnlyList<string>? ParseClassNames(string? list) =>
-        string.IsNullOrWhiteSpace(list) ? null : CheckUnique(list.Split(',', StringSplitOptions.TrimEntries | StringSplitOptions.RemoveEmptyEntries));
+    /// <param name="source">what the list came from, for the error (a flag such as <c>--labels</c>, or a config key)</param>
+    public static IReadOnlyList<string>? ParseClassNames(string? list, string source = "labels") =>
+        string.IsNullOrWhiteSpace(list) ? null : CheckUnique(list.Split(',', StringSplitOptions.TrimEntries | StringSplitOptions.RemoveEmptyEntries), source);
 
-    static IReadOnlyList<string>? CheckUnique(IReadOnlyList<string>? names)
+    static IReadOnlyList<string>? CheckUnique(IReadOnlyList<string>? names, string source)
     {
         if (names?.GroupBy(n => n, StringComparer.Ordinal).FirstOrDefault(g => g.Count() > 1) is { } twice)
-            throw new ArgumentException($"labels: '{twice.Key}' is named twice in {string.Join(",", names)}; each class needs its own label");
+            throw new ArgumentException($"{source}: '{twice.Key}' is given {twice.Count()} times in {string.Join(",", names)}; each class needs its own label");
         return names;
     }
 

@@ -68,6 +68,10 @@ public sealed class Classifier
         if (rows.Count == 0) return [];
         int longest = rows.Max(r => r.Count);
         if (rows.Any(r => r.Count == 0)) throw new ArgumentException("an input has no tokens");
+        // Gather wraps a negative id around to a real token (ids past the vocabulary fail in ONNX Runtime; the logits'
+        // width here may be the class count, not the vocabulary, so it cannot bound them)
+        if (rows.SelectMany(r => r).FirstOrDefault(id => id < 0, 0) is < 0 and var negative)
+            throw new ArgumentException($"token id {negative} is negative; token ids are ≥ 0");
         int width = _signature.FixedTokens ?? longest;
         if (longest > width) throw new ArgumentException($"an input has {longest} tokens, the model takes {width}; shorten it");
         var feeds = _signature.Feeds(rows, width, Options.PadTokenId);

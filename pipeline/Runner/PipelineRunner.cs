@@ -20,7 +20,7 @@ public sealed record SideBySide(string Input, string Expected, string Base, stri
 public sealed record PipelineReport(
     string RunDir, IReadOnlyList<(string Stage, bool Skipped, string Detail)> Stages, string Metric,
     double BaseLoss, double AdaptedLoss, double? BaseAccuracy, double? AdaptedAccuracy,
-    IReadOnlyList<SideBySide> Examples, IReadOnlyDictionary<string, string> Outputs, double DeployMaxAbsDiff, TimeSpan Elapsed);
+    IReadOnlyList<SideBySide> Examples, IReadOnlyDictionary<string, string> Outputs, double? DeployMaxAbsDiff, TimeSpan Elapsed);
 
 /// <summary>
 /// The whole pipeline from one config: model → data → rewrite → train → evaluate → export → deploy check. Each stage
@@ -30,7 +30,7 @@ public sealed record PipelineReport(
 /// </summary>
 public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = null, IProgress<TrainProgress>? trainProgress = null)
 {
-    const string StagesFile = "stages.json";
+    const string StagesFile = "stages.json", Verb = "run";
     readonly List<(string, bool, string)> _stages = new();
     JsonObject _done = new();
     long[] _sampleIds = [];   // a real input from the eval data, for the deploy check
@@ -56,7 +56,10 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
         Validate();
         var clock = System.Diagnostics.Stopwatch.StartNew();
         _runDir = config.Path("run_dir")!;
-        Directory.CreateDirectory(_runDir);
+        // the run folder is new or an earlier run's (reused: finished stages are kept); it never holds an input
+        OutputFolder.CheckNotInput(_runDir, new[] { "model.path", "model.weights", "data.train", "data.eval", "train.init_adapter" }.Select(config.Path), "run_dir");
+        if (!OutputFolder.Check(_runDir, Verb, "run_dir", overwrite: false, reuse: true)) OutputFolder.Mark(_runDir, Verb);
+        OutputFolder.RemoveStaleTemps(_runDir);
         var stagesPath = Path.Combine(_runDir, StagesFile);
         _done = File.Exists(stagesPath) ? ReadStages(stagesPath) : new JsonObject();
 
@@ -72,7 +75,7 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
 
         var (baseLoss, adaptedLoss, baseAcc, adaptedAcc, examples) = Evaluate(runDir, rewriteDir, evalData ?? trainData, adapter);
         var outputs = Export(adapter, rewriteDir, trainHash);
-        double deployDiff = DeployCheck(rewriteDir, outputs);
+        double? deployDiff = DeployCheck(rewriteDir, outputs);
         var task = config.Required("data.task");
         return new PipelineReport(_runDir, _stages.Select(s => (s.Item1, s.Item2, s.Item3)).ToList(),
             task == "cls" ? "accuracy" : "perplexity", baseLoss, adaptedLoss, baseAcc, adaptedAcc, examples, outputs, deployDiff, clock.Elapsed);
@@ -163,7 +166,7 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
     string Rewrite(string modelPath)
     {
         var dir = Path.Combine(_runDir, "rewrite");
-        var result = LoraRewrite.RewriteFile(modelPath, LoraConfigFromSection(), dir);
+        var result = LoraRewrite.RewriteFile(modelPath, LoraConfigFromSection(), dir, overwrite: true);   // an earlier config's rewrite
         log?.Invoke($"  {result.Targets.Count} targets; {result.ParameterLine}");
         return dir;
     }
@@ -182,7 +185,7 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
                 ? Key("data.format", () => DatasetLoader.ParseFormat(f))
                 : task == TaskKind.Cls ? DataFormat.Tsv : Path.GetExtension(trainData) == ".jsonl" ? DataFormat.Jsonl : DataFormat.Text,
             Classes = config.Int("data.classes"),
-            ClassNames = config.String("data.generate") is not null ? DemoData.Labels : DatasetLoader.ParseClassNames(config.String("data.labels")),
+            ClassNames = config.String("data.generate") is not null ? DemoData.Labels : DatasetLoader.ParseClassNames(config.String("data.labels"), "data.labels"),
             SeqLength = config.Int("data.seq"), SkipBadRows = config.Bool("data.skip_bad_rows"),
             Optimizer = config.Required("train.optimizer").ToLowerInvariant(), Lr = config.Double("train.lr"), WeightDecay = config.Double("train.weight_decay"),
             WarmupSteps = config.Int("train.warmup"),
@@ -217,11 +220,7 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
             log?.Invoke("  resuming the interrupted run from its checkpoint");
             result = Trainer.Resume(dir, trainProgress, cancel);
         }
-        else
-        {
-            if (Directory.Exists(dir)) Directory.Delete(dir, recursive: true);   // another config's run: start over
-            result = Trainer.Train(options, trainProgress, cancel);
-        }
+        else result = Trainer.Train(options, trainProgress, cancel, overwrite: true);   // another config's run (only ever one Trainer made): start over
         log?.Invoke($"  {result.Steps} steps in {result.Elapsed.TotalSeconds:F1} s, {result.TokensPerSecond:F0} tokens/s, loss {result.FirstLoss:F3} → {result.LastLoss:F3}");
         return dir;
     }
@@ -323,9 +322,10 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
     }
 
     /// <summary>The deployable model with the exported .onnx_adapter (through ORT's OrtLoraAdapter) against the merged model.</summary>
-    double DeployCheck(string rewriteDir, IReadOnlyDictionary<string, string> outputs)
+    /// <returns>The largest logit difference; null when the config exports no .onnx_adapter and merged model to compare.</returns>
+    double? DeployCheck(string rewriteDir, IReadOnlyDictionary<string, string> outputs)
     {
-        if (!outputs.TryGetValue(nameof(AdapterFormat.OnnxAdapter), out var adapterPath) || !outputs.TryGetValue(nameof(AdapterFormat.Merged), out var merged)) return double.NaN;
+        if (!outputs.TryGetValue(nameof(AdapterFormat.OnnxAdapter), out var adapterPath) || !outputs.TryGetValue(nameof(AdapterFormat.Merged), out var merged)) return null;
         using var host = AdapterHost.Create(Path.Combine(rewriteDir, LoraManifest.DeployableModelFile));
         host.AddAdapter("adapted", adapterPath);
         var ids = _sampleIds;

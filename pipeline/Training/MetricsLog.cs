@@ -18,8 +18,23 @@ public sealed class MetricsLog : IDisposable
     public MetricsLog(string path, int resumeFromStep = 0)
     {
         Path = path;
-        if (File.Exists(path))
-            _rows.AddRange(File.ReadLines(path).Where(l => l.Length > 0).Select(Parse).Where(r => r.Step <= resumeFromStep && resumeFromStep > 0));
+        if (File.Exists(path) && resumeFromStep > 0)
+        {
+            // a kill mid-append leaves a last line without its newline: that row was never complete, drop it
+            var text = File.ReadAllText(path);
+            var lines = text.Split('\n');
+            for (int i = 0; i < lines.Length - 1; i++)
+            {
+                if (lines[i].Length == 0) continue;
+                MetricsRow row;
+                try { row = Parse(lines[i]); }
+                catch (Exception e) when (e is JsonException or InvalidOperationException or NullReferenceException or FormatException)
+                {
+                    throw new InvalidDataException($"{path}: line {i + 1} is not a metrics row ({e.Message})", e);
+                }
+                if (row.Step <= resumeFromStep) _rows.Add(row);
+            }
+        }
         // rewrite the kept prefix atomically, then append
         OnnxLora.GraphRewrite.Onnx.AtomicFile.WriteAllText(path, string.Concat(_rows.Select(r => Format(r) + "\n")));
         _writer = new StreamWriter(new FileStream(path, FileMode.Append, FileAccess.Write, FileShare.Read));

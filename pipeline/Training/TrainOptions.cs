@@ -11,6 +11,7 @@ namespace OnnxLora.Pipeline.Training;
 public sealed record TrainOptions
 {
     public const string FileName = "train_config.json";
+    const int MaxBatch = 1 << 16, MaxSeq = 1 << 20, MaxClasses = 1 << 20;
 
     /// <summary>An 'onnxlora rewrite' output folder (model.onnx, deploy.onnx, lora_config.json).</summary>
     public required string ModelDir { get; init; }
@@ -60,13 +61,19 @@ public sealed record TrainOptions
     public void Validate()
     {
         void Require(bool ok, string message) { if (!ok) throw new ArgumentException(message); }
-        Require(BatchSize >= 1, $"--batch must be ≥ 1 (got {BatchSize})");
-        Require(SeqLength >= 2, $"--seq must be ≥ 2 (got {SeqLength})");
+        // upper bounds keep a typo from allocating gigabytes before the first step
+        Require(BatchSize is >= 1 and <= MaxBatch, $"--batch must be in 1..{MaxBatch} (got {BatchSize})");
+        Require(SeqLength is >= 2 and <= MaxSeq, $"--seq must be in 2..{MaxSeq} (got {SeqLength})");
         Require(Epochs >= 1 || MaxSteps > 0, "--epochs must be ≥ 1, or give --max-steps");
-        Require(Lr > 0, $"--lr must be > 0 (got {Lr})");
-        Require(WeightDecay >= 0, $"--weight-decay must be ≥ 0 (got {WeightDecay})");
-        Require(GradAccum >= 1, $"--grad-accum must be ≥ 1 (got {GradAccum})");
-        Require(Clip >= 0, $"--clip must be ≥ 0 (got {Clip})");
+        Require(Epochs >= 0 && MaxSteps >= 0, $"--epochs and --max-steps must be ≥ 0 (got {Epochs}, {MaxSteps})");
+        Require(double.IsFinite(Lr) && Lr > 0, $"--lr must be a finite number > 0 (got {Lr})");
+        Require(double.IsFinite(WeightDecay) && WeightDecay >= 0, $"--weight-decay must be a finite number ≥ 0 (got {WeightDecay})");
+        Require(GradAccum is >= 1 and <= MaxBatch, $"--grad-accum must be in 1..{MaxBatch} (got {GradAccum})");
+        Require(double.IsFinite(Clip) && Clip >= 0, $"--clip must be a finite number ≥ 0 (got {Clip})");
+        // more threads than cores only adds contention: 100000 threads took 16.6 GB and ignored SIGTERM
+        Require(Threads >= 0 && Threads <= Environment.ProcessorCount, $"--threads must be in 0..{Environment.ProcessorCount} (this machine's cores; 0 = all), got {Threads}");
+        Require(Classes is >= 0 and <= MaxClasses, $"--classes must be in 0..{MaxClasses} (got {Classes})");
+        Require(EarlyStoppingPatience >= 0, $"--early-stopping must be ≥ 0 (got {EarlyStoppingPatience})");
         Require(Optimizer is "adamw" or "sgd", $"--optimizer must be adamw or sgd (got '{Optimizer}')");
         Require(HeadMode is "full" or "lora", $"--head must be full or lora (got '{HeadMode}')");
         Require(Task != TaskKind.Cls || Classes >= 2 || ClassNames is { Count: >= 2 } || Format == DataFormat.Tsv, "--task cls needs --classes N (≥ 2)");

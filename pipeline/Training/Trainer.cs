@@ -27,26 +27,51 @@ public static class Trainer
     public const string ArtifactsDir = "artifacts", CheckpointFile = "checkpoint.safetensors", MetricsFile = "metrics.jsonl",
                         PlotFile = "loss.png", AdapterFile = "adapter.safetensors", OnnxAdapterFileName = "adapter.onnx_adapter";
 
-    /// <summary>Starts a new run in <c>options.OutDir</c> (which must not hold another run).</summary>
-    public static TrainResult Train(TrainOptions options, IProgress<TrainProgress>? progress = null, CancellationToken cancel = default)
+    /// <summary>The verb name in a run folder's marker (<see cref="OutputFolder"/>).</summary>
+    public const string Verb = "train";
+
+    /// <summary>
+    /// Starts a new run in <c>options.OutDir</c>: a new or empty folder, or (with <paramref name="overwrite"/>) an earlier
+    /// run's folder, which is emptied. A start that fails before its first checkpoint removes what it wrote, so the same
+    /// --out works again.
+    /// </summary>
+    public static TrainResult Train(TrainOptions options, IProgress<TrainProgress>? progress = null, CancellationToken cancel = default, bool overwrite = false)
     {
         options.Validate();
-        if (File.Exists(Path.Combine(options.OutDir, TrainOptions.FileName)))
-            throw new IOException($"{options.OutDir}: holds a training run already; continue it with --resume {options.OutDir}, or choose another --out");
-        Directory.CreateDirectory(options.OutDir);
+        var outDir = options.OutDir;
+        OutputFolder.CheckNotInput(outDir, [options.ModelDir, options.DataPath, options.EvalDataPath, options.InitAdapter], "--out");
+        bool existed = Directory.Exists(outDir);
+        if (OutputFolder.Check(outDir, Verb, "--out", overwrite, hint: $"continue it with 'onnxlora train --resume {outDir}', or pass --overwrite to start it over"))
+            OutputFolder.Clear(outDir);
+        OutputFolder.RemoveStaleTemps(outDir);   // what a start killed at once left
+        OutputFolder.Mark(outDir, Verb);
         options.Save();
-        return Run(options, resume: false, progress, cancel);
+        try { return Run(options, resume: false, progress, cancel); }
+        catch when (!File.Exists(Path.Combine(outDir, CheckpointFile)))
+        {
+            OutputFolder.Clear(outDir);
+            File.Delete(Path.Combine(outDir, OutputFolder.MarkerFile));
+            if (!existed) Directory.Delete(outDir);
+            throw;
+        }
     }
 
-    /// <summary>Continues the run in <paramref name="runDir"/> from its last checkpoint.</summary>
-    public static TrainResult Resume(string runDir, IProgress<TrainProgress>? progress = null, CancellationToken cancel = default) =>
-        Run(TrainOptions.Load(runDir) with { OutDir = runDir }, resume: true, progress, cancel);
+    /// <summary>
+    /// Continues the run in <paramref name="runDir"/> from its last checkpoint (from step 0 when it stopped before the
+    /// first one), after removing the temp files a killed run left there.
+    /// </summary>
+    public static TrainResult Resume(string runDir, IProgress<TrainProgress>? progress = null, CancellationToken cancel = default)
+    {
+        var options = TrainOptions.Load(runDir) with { OutDir = runDir };
+        OutputFolder.RemoveStaleTemps(runDir);
+        return Run(options, resume: true, progress, cancel);
+    }
 
     static TrainResult Run(TrainOptions o, bool resume, IProgress<TrainProgress>? progress, CancellationToken cancel)
     {
         var manifestPath = Path.Combine(o.ModelDir, LoraManifest.FileName);
         var manifest = LoraManifest.Load(manifestPath);
-        File.Copy(manifestPath, Path.Combine(o.OutDir, LoraManifest.FileName), overwrite: true);
+        AtomicFile.WriteAllBytes(Path.Combine(o.OutDir, LoraManifest.FileName), File.ReadAllBytes(manifestPath));
         var device = ExecutionDevice.Parse(o.Device);
 
         var viewPath = Path.Combine(o.ModelDir, LoraManifest.TrainingModelFile);
@@ -74,14 +99,23 @@ public static class Trainer
         double best = double.PositiveInfinity;
         var hash = o.NumericsHash();
         var checkpointPath = Path.Combine(o.OutDir, CheckpointFile);
+        resume &= File.Exists(checkpointPath);   // a run stopped before its first checkpoint starts again from step 0
         if (resume)
         {
-            if (!File.Exists(checkpointPath)) throw new FileNotFoundException($"{o.OutDir}: no {CheckpointFile} to resume from (the run stopped before its first checkpoint); start it again", checkpointPath);
             var c = Checkpoint.Load(checkpointPath);
             if (c.ConfigHash != hash) throw new InvalidDataException($"{checkpointPath}: was written by a run with different settings than {TrainOptions.FileName}; refusing to resume");
+            c.CheckTensors(session.GetState(withMoments: true).ToDictionary(kv => kv.Key, kv => kv.Value.Shape), checkpointPath);
             foreach (var (name, t) in c.Tensors) session.SetState(name, t.ToFloats());
             (step, epoch, batchIndex, best, evalsWithoutImprovement) = (c.Step, c.Epoch, c.BatchInEpoch, c.BestEvalLoss, c.EvalsWithoutImprovement);
             session.Step = step;
+            // LoRA dropout: the fresh session's generators start at their seeds; replaying the counted runs on a
+            // two-token batch moves them to where the checkpoint left them, so the masks (and the curve) continue
+            if (manifest.DropoutTrainingModeInput is not null)
+            {
+                var tiny = Batcher.Pad([new Example([padId, padId], [padId, padId], ClassLabel: 0)], padId);
+                for (ulong run = 0; run < c.RngState; run++) session.TrainStep(tiny);
+                session.LazyResetGrad();
+            }
         }
         else if (o.InitAdapter is not null) LoadInitAdapter(session, o.InitAdapter, manifest);
 
@@ -93,9 +127,12 @@ public static class Trainer
         bool earlyStopped = false;
         var order = batcher.Order(epoch);
 
+        string LastGood() => File.Exists(checkpointPath) ? $"{checkpointPath} keeps the last good state (lower --lr, or set --clip, then --resume)"
+            : "no checkpoint was written yet (lower --lr, or set --clip)";
+
         void SaveCheckpoint() => new Checkpoint
         {
-            Step = step, Epoch = epoch, BatchInEpoch = batchIndex, ConfigHash = hash, BestEvalLoss = best, EvalsWithoutImprovement = evalsWithoutImprovement,
+            Step = step, Epoch = epoch, BatchInEpoch = batchIndex, ConfigHash = hash, RngState = session.TrainRuns, BestEvalLoss = best, EvalsWithoutImprovement = evalsWithoutImprovement,
             Tensors = session.GetState(withMoments: true).ToDictionary(kv => kv.Key, kv => SafeTensor.FromFloats(kv.Value.Shape, kv.Value.Data)),
         }.Save(checkpointPath);
 
@@ -115,12 +152,15 @@ public static class Trainer
                     if (micro > 0) break;   // an epoch's last partial accumulation still makes a step
                 }
                 var batch = batcher.Get(epoch, batchIndex++, order);
-                loss += session.TrainStep(batch).Loss;
+                try { loss += session.TrainStep(batch).Loss; }
+                catch (ArithmeticException e) { throw new InvalidDataException($"step {step + 1}: {e.Message}; training stopped and {LastGood()}", e); }
                 stepTokens += batch.TokenCount;
             }
-            session.OptimizerStep();
+            double gradNorm = session.OptimizerStep();
             step++;
             loss /= micro;
+            if (!double.IsFinite(gradNorm))   // a non-finite loss already stopped the train step
+                throw new InvalidDataException($"step {step}: the gradient norm is {gradNorm}; training stopped and {LastGood()}");
             tokens += stepTokens;
             if (double.IsNaN(firstLoss)) firstLoss = loss;
             lastLoss = loss;
@@ -172,7 +212,13 @@ public static class Trainer
     {
         var logits = model.Graph.Output.FirstOrDefault(v => v.Name == "logits") ?? model.Graph.Output[0];
         var dims = ValueInfos.Dims(logits);
-        return dims is { Length: > 0 } && dims[^1].Value is long v ? (int)v : int.MaxValue;
+        if (dims is { Length: > 0 } && dims[^1].Value is long v and > 0 and <= int.MaxValue) return (int)v;
+        // a symbolic vocabulary dim: the rows of the token embedding (the Gather that reads the ids) say it too
+        var ids = model.Graph.Input.Select(i => i.Name).FirstOrDefault(n => n == "input_ids");
+        var table = model.Graph.Node.Where(n => n.OpType == "Gather" && n.Input.Count == 2 && n.Input[1] == ids)
+            .Select(n => model.Graph.Initializer.FirstOrDefault(t => t.Name == n.Input[0])).FirstOrDefault(t => t is { Dims.Count: 2 });
+        return table?.Dims[0] is long rows and > 0 and <= int.MaxValue ? (int)rows
+            : throw new InvalidDataException($"{LoraManifest.TrainingModelFile}: the vocabulary size (last dim of '{logits.Name}') is not fixed and no token embedding states it, so token ids cannot be checked against it");
     }
 
     static string EnsureArtifacts(TrainOptions o, Onnx.ModelProto view, LoraManifest manifest, int classes)

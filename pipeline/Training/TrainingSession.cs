@@ -50,26 +50,34 @@ public sealed class TrainingSession : IDisposable
         // No weight prepacking: MLAS would keep a packed copy of every frozen weight beside the original. Off, GPT-2 124M
         // LoRA peaks ~0.5 GB lower (2.46 → 1.98 GB cls, 3.5 → 3.0 GB lm) for 0–6 % step time (docs/BENCHMARKS.md).
         _options.AddSessionConfigEntry("session.disable_prepacking", "1");
-        configure?.Invoke(_options);
         try
         {
-            _train = new InferenceSession(Path.Combine(dir, spec.Files["train"]), _options);
-            _evalPath = Path.Combine(dir, spec.Files["eval"]);
-            if (!File.Exists(_evalPath)) throw new FileNotFoundException($"{_evalPath}: missing; rebuild the training artifacts", _evalPath);
-            _optimizer = new InferenceSession(Path.Combine(dir, spec.Files["optimizer"]), _options);
+            configure?.Invoke(_options);
+            try
+            {
+                _train = new InferenceSession(Path.Combine(dir, spec.Files["train"]), _options);
+                _evalPath = Path.Combine(dir, spec.Files["eval"]);
+                if (!File.Exists(_evalPath)) throw new FileNotFoundException($"{_evalPath}: missing; rebuild the training artifacts", _evalPath);
+                _optimizer = new InferenceSession(Path.Combine(dir, spec.Files["optimizer"]), _options);
+            }
+            catch (OnnxRuntimeException e)
+            {
+                throw new InvalidDataException($"{dir}: ONNX Runtime cannot load the training artifacts ({e.Message}); rebuild them", e);
+            }
+            _trainBinding = _train.CreateIoBinding();
+            _optimizerBinding = _optimizer.CreateIoBinding();
+            _buffers = new DeviceBuffers(spec, device, _train);
+            var initial = OnnxFile.Load(Path.Combine(dir, spec.Files["initial_params"]));
+            foreach (var t in initial.Graph.Initializer)
+            {
+                var name = t.Name.EndsWith(".init", StringComparison.Ordinal) ? t.Name[..^5] : t.Name;
+                if (_buffers.Has(name)) _buffers.Upload(name, Tensors.ToFloats(t));
+            }
         }
-        catch (OnnxRuntimeException e)
+        catch
         {
-            throw new InvalidDataException($"{dir}: ONNX Runtime cannot load the training artifacts ({e.Message}); rebuild them", e);
-        }
-        _trainBinding = _train.CreateIoBinding();
-        _optimizerBinding = _optimizer.CreateIoBinding();
-        _buffers = new DeviceBuffers(spec, device, _train);
-        var initial = OnnxFile.Load(Path.Combine(dir, spec.Files["initial_params"]));
-        foreach (var t in initial.Graph.Initializer)
-        {
-            var name = t.Name.EndsWith(".init", StringComparison.Ordinal) ? t.Name[..^5] : t.Name;
-            if (_buffers.Has(name)) _buffers.Upload(name, Tensors.ToFloats(t));
+            Dispose();   // a later file that fails to load must not leak the sessions opened before it
+            throw;
         }
     }
 
@@ -89,6 +97,11 @@ public sealed class TrainingSession : IDisposable
     public double MaxGradNorm { get; set; } = double.PositiveInfinity;
     /// <summary>Optimizer steps taken (AdamW's bias correction counts them).</summary>
     public int Step { get; set; }
+    /// <summary>
+    /// Runs of the train graph so far: the state of its Dropout nodes, whose generators ONNX Runtime keeps inside the
+    /// kernels (seeded by each node's seed attribute; the CPU kernel draws one seed per run).
+    /// </summary>
+    public ulong TrainRuns { get; private set; }
 
     public void SetLearningRate(double lr) => LearningRate = lr;
 
@@ -117,6 +130,7 @@ public sealed class TrainingSession : IDisposable
         _buffers.SwapGrads();
         _resetGrad = false;
         _microBatches++;
+        TrainRuns++;
         return result;
     }
 
@@ -182,7 +196,8 @@ public sealed class TrainingSession : IDisposable
         _buffers.SwapParamsAndMoments();
         var names = b.GetOutputNames();
         int normIndex = Array.IndexOf(names, Optimizers.GradNorm);
-        return normIndex >= 0 ? outputs[normIndex].GetTensorDataAsSpan<float>()[0] : double.NaN;
+        if (normIndex < 0) throw new InvalidDataException($"the optimizer model has no '{Optimizers.GradNorm}' output; rebuild the artifacts");
+        return outputs[normIndex].GetTensorDataAsSpan<float>()[0];
     }
 
     /// <summary>The next <see cref="TrainStep"/> starts a fresh gradient sum (ORT's LazyResetGrad).</summary>
@@ -224,15 +239,16 @@ public sealed class TrainingSession : IDisposable
     {
         using var outputs = RunRaw(session, b, what);
         var names = b.GetOutputNames();
-        double loss = double.NaN;
+        double? loss = null;
         float[]? logits = null;
         for (int i = 0; i < names.Length; i++)
         {
             if (names[i] == TrainingArtifacts.Loss) loss = outputs[i].GetTensorDataAsSpan<float>()[0];
             else if (_logitsOutputs.Contains(names[i])) logits = outputs[i].GetTensorDataAsSpan<float>().ToArray();
         }
-        if (double.IsNaN(loss)) throw new InvalidOperationException($"{what}: the loss is NaN (learning rate too high, or bad data?)");
-        return new StepResult(loss, logits);
+        if (loss is not double l) throw new InvalidDataException($"{what}: the model has no '{TrainingArtifacts.Loss}' output; rebuild the artifacts");
+        if (!double.IsFinite(l)) throw new ArithmeticException($"{what}: the loss is {l} (learning rate too high, or bad data?)");
+        return new StepResult(l, logits);
     }
 
     IDisposableReadOnlyCollection<OrtValue> RunRaw(InferenceSession session, OrtIoBinding b, string what)
@@ -252,9 +268,10 @@ public sealed class TrainingSession : IDisposable
 
     public void Dispose()
     {
-        _buffers.Dispose();
-        _trainBinding.Dispose(); _evalBinding?.Dispose(); _optimizerBinding.Dispose();
-        _train.Dispose(); _eval?.Dispose(); _optimizer.Dispose();
+        // null-tolerant: the constructor calls this when a later load fails
+        _buffers?.Dispose();
+        _trainBinding?.Dispose(); _evalBinding?.Dispose(); _optimizerBinding?.Dispose();
+        _train?.Dispose(); _eval?.Dispose(); _optimizer?.Dispose();
         _run.Dispose();
         _options.Dispose();
     }

@@ -107,7 +107,7 @@ public class ReadersDataTests
         using var dir = new TempDir();
         var (code, _, err) = CliRunner.Run("train", "--model", dir.File("rw"), "--data", dir.File("d.tsv"), "--task", "cls", "--labels", "ham,ham", "--out", dir.File("run"));
         Assert.That(code, Is.EqualTo(1));
-        Assert.That(err.Trim(), Is.EqualTo("error: labels: 'ham' is named twice in ham,ham; each class needs its own label"));
+        Assert.That(err.Trim(), Is.EqualTo("error: --labels: 'ham' is given 2 times in ham,ham; each class needs its own label"));
         var data = WriteLines(dir, "d.tsv", "ham\thello");
         Assert.Throws<ArgumentException>(() => Load(data, DataFormat.Tsv, task: TaskKind.Cls, classNames: ["ham", "spam", "ham"]));
     }

@@ -30,7 +30,7 @@ public class RewriteCliTests
         // fc1 4→6 and fc2 6→3 at r=2: 2·10 + 2·9 = 38; base: 24 + 6 + 18 = 48
         Assert.That(stdout, Does.Contain("trainable params: 38 || all params: 86 || trainable%: 44.1860"));
         Assert.That(stdout, Does.Contain("fc1").And.Contain("fc2"));
-        Assert.That(Directory.GetFiles(outDir).Select(Path.GetFileName).Order(), Is.EqualTo(new[] { "deploy.onnx", "lora_config.json", "model.onnx" }));
+        Assert.That(Directory.GetFiles(outDir).Select(Path.GetFileName).Order(), Is.EqualTo(new[] { ".onnxlora", "deploy.onnx", "lora_config.json", "model.onnx" }));
         var manifest = LoraManifest.Load(Path.Combine(outDir, LoraManifest.FileName));
         Assert.That(manifest.BaseModelSha256, Is.EqualTo(LoraRewrite.Sha256(model)));
         Assert.That(manifest.ToolVersion, Is.Not.Empty);
@@ -38,8 +38,8 @@ public class RewriteCliTests
             Is.EqualTo(new[] { ("fc1", 4L, 6L, 2, 2.0, "fc1.lora_A.weight"), ("fc2", 6L, 3L, 2, 2.0, "fc2.lora_A.weight") }));
         Assert.That(File.ReadAllBytes(model), Is.EqualTo(before), "the base model is never written");
 
-        // a previous rewrite output may be replaced
-        var (again, _, err2) = Cli("rewrite", model, "--out", outDir, "--rank", "1", "--targets", "fc2", "--scaling", "rslora");
+        // a previous rewrite output is replaced with --overwrite
+        var (again, _, err2) = Cli("rewrite", model, "--out", outDir, "--rank", "1", "--targets", "fc2", "--scaling", "rslora", "--overwrite");
         Assert.That(again, Is.EqualTo(0), err2);
         Assert.That(LoraManifest.Load(Path.Combine(outDir, LoraManifest.FileName)).Targets.Single().Module, Is.EqualTo("fc2"));
         Assert.That(Directory.GetDirectories(dir.Path), Has.Length.EqualTo(1), "no temp folders left");
@@ -89,7 +89,7 @@ public class RewriteCliTests
     [TestCase("bad layers", new[] { "--layers", "1-" }, "layers: '1-' is not a block index")]
     [TestCase("no weight MatMuls", new[] { "NOWEIGHTS" }, "no LoRA-able weight MatMul/Gemm")]
     [TestCase("truncated model", new[] { "TRUNCATED" }, "not a valid ONNX model")]
-    [TestCase("foreign output folder", new[] { "FOREIGN" }, "exists and is not an 'onnxlora rewrite' output")]
+    [TestCase("foreign output folder", new[] { "FOREIGN" }, "exists and was not written by onnxlora")]
     public void BadInputIsOneLineAndWritesNothing(string _, string[] extra, string expected)
     {
         using var dir = new TempDir();

@@ -61,7 +61,7 @@ public class ModelBuildCommandTests
         File.WriteAllText(path, "keep me");
         var (code, _, error) = Run("model", "build", "--preset", "tiny", "--out", path);
         Assert.That(code, Is.EqualTo(1));
-        Assert.That(error, Does.Contain("exists already; pass --force"));
+        Assert.That(error, Does.Contain("exists; pass --overwrite"));
         Assert.That(File.ReadAllText(path), Is.EqualTo("keep me"));
         Assert.That(Run("model", "build", "--preset", "tiny", "--out", path, "--force").Code, Is.EqualTo(0));
         Assert.That(OnnxFile.Load(path).Graph.Node, Is.Not.Empty);

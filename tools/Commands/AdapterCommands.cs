@@ -1,6 +1,7 @@
 using System.ComponentModel;
 using System.Globalization;
 using OnnxLora.GraphRewrite.Lora;
+using OnnxLora.GraphRewrite.Onnx;
 using OnnxLora.Pipeline.Adapters;
 using OnnxLora.Pipeline.Deployment;
 using OnnxLora.Pipeline.Runtime;
@@ -13,6 +14,9 @@ namespace OnnxLora.Tools.Commands;
 /// <summary>`onnxlora export SOURCE --format onnx-adapter|peft|merged --out PATH [--model DIR]`.</summary>
 public sealed class ExportCommand(IAnsiConsole console) : Command<ExportCommand.Settings>
 {
+    /// <summary>The verb in a PEFT output folder's marker.</summary>
+    public const string Verb = "export";
+
     public sealed class Settings : CommandSettings
     {
         [CommandArgument(0, "<SOURCE>")]
@@ -28,8 +32,12 @@ public sealed class ExportCommand(IAnsiConsole console) : Command<ExportCommand.
         public string Format { get; init; } = "onnx-adapter";
 
         [CommandOption("-o|--out <PATH>")]
-        [Description("Output file (a folder for peft); never the input.")]
+        [Description("Output file (a folder for peft): new, never an input nor inside one.")]
         public string? Out { get; init; }
+
+        [CommandOption("--overwrite")]
+        [Description("Replace an existing --out file (or an earlier 'onnxlora export' PEFT folder).")]
+        public bool Overwrite { get; init; }
 
         [CommandOption("--dtype <TYPE>")]
         [Description("onnx-adapter parameter type: fp32 (default), fp16 or bf16 (only where deploy.onnx takes that type).")]
@@ -49,7 +57,13 @@ public sealed class ExportCommand(IAnsiConsole console) : Command<ExportCommand.
         if (string.IsNullOrEmpty(s.Out)) throw new ArgumentException("--out PATH is required");
         var format = AdapterFiles.ParseFormat(s.Format);
         var (adapter, rewriteDir) = AdapterFiles.ReadSource(s.Source, s.Model);
-        if (Path.GetFullPath(s.Out) == Path.GetFullPath(s.Source)) throw new IOException($"{s.Out}: is the input adapter; choose another --out");
+        string?[] inputs = [s.Source, s.Model, rewriteDir];
+        if (format == AdapterFormat.Peft)
+        {
+            OutputFolder.CheckNotInput(s.Out, inputs, "--out");
+            if (!OutputFolder.Check(s.Out, Verb, "--out", s.Overwrite)) OutputFolder.Mark(s.Out, Verb);
+        }
+        else OutputFolder.CheckFile(s.Out, "--out", inputs, s.Overwrite);
         AdapterFiles.Write(adapter, format, s.Out, rewriteDir, ParseDType(s.DType),
             new PeftExportOptions { BaseModelNameOrPath = s.BaseModel, TaskType = s.TaskType?.ToUpperInvariant() });
         long parameters = adapter.LoraTensors.Values.Sum(t => t.ElementCount) + adapter.Extras.Values.Sum(t => t.ElementCount);
@@ -81,8 +95,12 @@ public sealed class MergeCommand(IAnsiConsole console) : Command<MergeCommand.Se
         public string? Adapter { get; init; }
 
         [CommandOption("-o|--out <FILE>")]
-        [Description("The merged model: plain ONNX, no LoRA inputs, runs in any ONNX Runtime.")]
+        [Description("The merged model: plain ONNX, no LoRA inputs, runs in any ONNX Runtime. A new file, never an input nor inside one.")]
         public string? Out { get; init; }
+
+        [CommandOption("--overwrite")]
+        [Description("Replace an existing --out file.")]
+        public bool Overwrite { get; init; }
     }
 
     public override int Execute(CommandContext context, Settings s, CancellationToken cancellationToken)
@@ -91,6 +109,8 @@ public sealed class MergeCommand(IAnsiConsole console) : Command<MergeCommand.Se
         if (string.IsNullOrEmpty(s.Adapter)) throw new ArgumentException("--adapter is required (an .onnx_adapter file or a PEFT folder)");
         if (string.IsNullOrEmpty(s.Out)) throw new ArgumentException("--out FILE is required");
         var (adapter, rewriteDir) = AdapterFiles.ReadSource(s.Adapter, s.Model);
+        OutputFolder.CheckFile(s.Out, "--out", [s.Adapter, s.Model, rewriteDir], s.Overwrite);
+        OutputFolder.CheckFile(s.Out + ".data", "--out", [s.Adapter, s.Model, rewriteDir], s.Overwrite);   // external data of a model over 2 GB
         AdapterFiles.Write(adapter, AdapterFormat.Merged, s.Out, rewriteDir);
         console.WriteLine($"wrote {s.Out}: {adapter.Manifest.Targets.Count} LoRA targets merged into {AdapterFiles.BaseModelOf(rewriteDir)}");
         return 0;
@@ -145,17 +165,27 @@ public class ServeSettings : CommandSettings
         }
     }
 
+    /// <summary>--ids as token ids: whole numbers ≥ 0 (a negative id would wrap around to a real token in Gather).</summary>
     internal IReadOnlyList<int>? ParseIds() => Ids?.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries)
-        .Select(t => int.TryParse(t, NumberStyles.Integer, CultureInfo.InvariantCulture, out var id) ? id : throw new FormatException($"--ids: '{t}' is not a token id"))
+        .Select(t => int.TryParse(t, NumberStyles.None, CultureInfo.InvariantCulture, out var id) ? id : throw new FormatException($"--ids: '{t}' is not a token id (a whole number ≥ 0)"))
         .ToList();
+
+    /// <summary>Class names from a comma-separated flag, each given once (two classes with one name cannot be told apart).</summary>
+    /// <summary>The vocabulary: the last dim of [batch, tokens, vocab] logits; 0 when it is symbolic or the logits are [batch, classes].</summary>
+    static int VocabularySize(AdapterHost host)
+    {
+        var logits = host.Outputs.TryGetValue("logits", out var l) ? l : host.Outputs.Values.First();
+        return logits.Dimensions.Length == 3 ? Math.Max(0, logits.Dimensions[^1]) : 0;
+    }
 
     /// <summary>GPT-2's tokenizer when the model's vocabulary is GPT-2's; otherwise token ids are required.</summary>
     internal static Microsoft.ML.Tokenizers.Tokenizer? TokenizerFor(AdapterHost host, bool needed)
     {
-        var logits = host.Outputs.TryGetValue("logits", out var l) ? l : host.Outputs.Values.First();
-        int width = logits.Dimensions[^1];
-        if (width == 50257 || width <= 0) return TextGenerator.Gpt2Tokenizer();
-        if (needed) throw new ArgumentException($"{host.ModelPath}: the vocabulary has {width} tokens, not GPT-2's 50,257; pass --ids instead of text");
+        int width = VocabularySize(host);
+        if (width == 50257) return TextGenerator.Gpt2Tokenizer();
+        if (needed) throw new ArgumentException(width > 0
+            ? $"{host.ModelPath}: the vocabulary has {width} tokens, not GPT-2's 50,257; pass --ids instead of text"
+            : $"{host.ModelPath}: the vocabulary size (last dim of the logits) is not fixed, so GPT-2's tokenizer may not fit; pass --ids instead of text");
         return null;
     }
 }
@@ -163,6 +193,9 @@ public class ServeSettings : CommandSettings
 /// <summary>`onnxlora generate --model DEPLOY.onnx [--adapter A …] --prompt TEXT`.</summary>
 public sealed class GenerateCommand(IAnsiConsole console) : Command<GenerateCommand.Settings>
 {
+    /// <summary>Most tokens one call may ask for: each recomputes the whole context, so more is never a real request.</summary>
+    const int MaxTokens = 1 << 16;
+
     public sealed class Settings : ServeSettings
     {
         [CommandOption("-p|--prompt <TEXT>")]
@@ -202,6 +235,11 @@ public sealed class GenerateCommand(IAnsiConsole console) : Command<GenerateComm
     {
         var ids = s.ParseIds();
         if ((ids is null) == (s.Prompt is null)) throw new ArgumentException("give either --prompt TEXT or --ids 1,2,3");
+        if (s.MaxNewTokens is < 1 or > MaxTokens) throw new ArgumentException($"--max-new-tokens must be in 1..{MaxTokens} (got {s.MaxNewTokens})");
+        if (s.Context is < 1) throw new ArgumentException($"--context must be ≥ 1 (got {s.Context})");
+        if (!double.IsFinite(s.Temperature) || s.Temperature < 0) throw new ArgumentException($"--temperature must be a finite number ≥ 0 (got {s.Temperature})");
+        if (s.TopK < 0) throw new ArgumentException($"--top-k must be ≥ 0 (got {s.TopK})");
+        if (s.TopP is not (> 0 and <= 1)) throw new ArgumentException($"--top-p must be in (0, 1] (got {s.TopP})");
         var (host, runs) = s.OpenHost();
         using (host)
         {
@@ -260,7 +298,7 @@ public sealed class ClassifyCommand(IAnsiConsole console) : Command<ClassifyComm
             }).ToList();
             var classifier = new Classifier(host, tokenizer, new ClassifierOptions
             {
-                Labels = Pipeline.Data.DatasetLoader.ParseClassNames(s.Labels),
+                Labels = Pipeline.Data.DatasetLoader.ParseClassNames(s.Labels, "--labels"),
                 LabelTokenIds = labelTokens,
             });
             IReadOnlyList<IReadOnlyList<int>> rows = ids is not null ? [ids] : s.Text.Select(t => tokenizer!.EncodeToIds(t)).ToList();
@@ -316,6 +354,8 @@ public sealed class EvalCommand(IAnsiConsole console) : Command<EvalCommand.Sett
     public override int Execute(CommandContext context, Settings s, CancellationToken cancellationToken)
     {
         if (string.IsNullOrEmpty(s.Data)) throw new ArgumentException("--data FILE is required");
+        if (s.Seq is < 2 or > 1 << 20) throw new ArgumentException($"--seq must be in 2..{1 << 20} (got {s.Seq})");
+        if (s.Batch is < 1 or > 1 << 16) throw new ArgumentException($"--batch must be in 1..{1 << 16} (got {s.Batch})");
         var task = s.Task.ToLowerInvariant() switch
         {
             "lm" => Pipeline.Data.TaskKind.Lm,
@@ -330,8 +370,9 @@ public sealed class EvalCommand(IAnsiConsole console) : Command<EvalCommand.Sett
             int width = logits.Dimensions[^1];
             var data = Pipeline.Data.DatasetLoader.Load(s.Data, new Pipeline.Data.DatasetOptions
             {
-                Format = format, Task = task, SeqLength = s.Seq, ClassNames = Pipeline.Data.DatasetLoader.ParseClassNames(s.Labels),
-                VocabSize = task == Pipeline.Data.TaskKind.Lm && width > 0 ? width : 50257,
+                Format = format, Task = task, SeqLength = s.Seq, ClassNames = Pipeline.Data.DatasetLoader.ParseClassNames(s.Labels, "--labels"),
+                VocabSize = task == Pipeline.Data.TaskKind.Cls ? 50257   // tsv text goes through GPT-2's tokenizer
+                    : width > 0 ? width : throw new ArgumentException($"{host.ModelPath}: the vocabulary size (last dim of the logits) is not fixed, so token ids cannot be checked against it"),
             });
             console.WriteLine(string.Create(CultureInfo.InvariantCulture, $"{s.Data}: {data.Examples.Count:N0} examples, {data.TokenCount:N0} tokens ({data.Truncated} cut to {s.Seq})"));
             foreach (var name in runs)

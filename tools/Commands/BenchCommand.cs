@@ -19,6 +19,8 @@ namespace OnnxLora.Tools.Commands;
 /// </summary>
 public sealed class BenchCommand(IAnsiConsole console) : Command<BenchCommand.Settings>
 {
+    /// <summary>The verb in a bench artifacts folder's marker.</summary>
+    const string Verb = "bench";
     public const string Description = "Benchmark LoRA training steps (forward + backward + AdamW) against the PyTorch and TorchSharp peers, side by side.";
 
     public sealed class Settings : CommandSettings
@@ -51,8 +53,10 @@ public sealed class BenchCommand(IAnsiConsole console) : Command<BenchCommand.Se
         public string? Python { get; init; }
         [CommandOption("--torchsharp <PATH>")][Description("The built TorchSharpPeer binary (default: DIR/torchsharp/bin/Release/net10.0/linux-x64/TorchSharpPeer when it exists).")]
         public string? TorchSharp { get; init; }
-        [CommandOption("--json <FILE>")][Description("Also write every run and the summary as JSON.")]
+        [CommandOption("--json <FILE>")][Description("Also write every run and the summary as JSON (a new file).")]
         public string? Json { get; init; }
+        [CommandOption("--overwrite")][Description("Replace an existing --json file.")]
+        public bool Overwrite { get; init; }
         [CommandOption("--ort-config <KEY=VALUE>")][Description("ONNX Runtime session config entry for OnnxLora's sessions (repeatable), e.g. session.intra_op.allow_spinning=0.")]
         public string[] OrtConfig { get; init; } = [];
         [CommandOption("--graph-optimization <LEVEL>")][Description("ONNX Runtime graph optimization level for OnnxLora's sessions: disable, basic, extended or all (default all).")]
@@ -75,6 +79,7 @@ public sealed class BenchCommand(IAnsiConsole console) : Command<BenchCommand.Se
             if (Task == "cls" && Classes < 2) return ValidationResult.Error($"--classes must be ≥ 2 (got {Classes})");
             foreach (var (name, value, min) in new[] { ("--batch", Batch, 1), ("--seq", Seq, 1), ("--rank", Rank, 1), ("--steps", Steps, 1), ("--warmup", Warmup, 0), ("--threads", Threads, 1), ("--runs", Runs, 1) })
                 if (value < min) return ValidationResult.Error($"{name} must be ≥ {min} (got {value})");
+            if (Threads > Environment.ProcessorCount) return ValidationResult.Error($"--threads must be ≤ {Environment.ProcessorCount} (this machine's cores), got {Threads}");
             if (Seq > GptConfig.Preset(Preset).ContextLength) return ValidationResult.Error($"--seq {Seq} is longer than {Preset}'s context ({GptConfig.Preset(Preset).ContextLength})");
             if (GraphOptimization is not ("disable" or "basic" or "extended" or "all")) return ValidationResult.Error($"--graph-optimization must be disable, basic, extended or all (got '{GraphOptimization}')");
             if (Artifacts is not null && !SelfOnly) return ValidationResult.Error("--artifacts goes with --self-only");
@@ -96,9 +101,11 @@ public sealed class BenchCommand(IAnsiConsole console) : Command<BenchCommand.Se
         console.MarkupLineInterpolated($"[bold]onnxlora bench[/]: {spec.Preset} (separate q/k/v), task {spec.Task}{(spec.Task == "cls" ? $" ({spec.Classes} classes)" : "")}, batch {spec.Batch} × {spec.Seq}, LoRA r={spec.Rank} alpha={spec.Rank} on every linear, AdamW; {spec.Warmup} warmup + {spec.Steps} timed steps, {spec.Threads} threads, {s.Runs} run(s)");
         foreach (var note in notes) console.MarkupLineInterpolated($"[yellow]note:[/] {note}");
 
+        if (s.Json is not null) OutputFolder.CheckFile(s.Json, "--json", [s.Peers], s.Overwrite);   // before minutes of benchmarking
         var dir = Path.Combine(Path.GetTempPath(), $"onnxlora-bench-{Environment.ProcessId}-{Guid.NewGuid():N}"[..48]);
         try
         {
+            OutputFolder.Mark(dir, Verb);
             var build = Stopwatch.StartNew();
             BenchWorkload.Counts counts = null!;
             console.Status().Start("building the model, LoRA rewrite and training artifacts…", _ => counts = BenchWorkload.BuildArtifacts(spec, dir));
@@ -145,6 +152,8 @@ public sealed class BenchCommand(IAnsiConsole console) : Command<BenchCommand.Se
         string dir = s.Artifacts ?? Path.Combine(Path.GetTempPath(), $"onnxlora-bench-self-{Environment.ProcessId}-{Guid.NewGuid():N}"[..50]);
         try
         {
+            // --artifacts: a new folder, or one a bench built (reused); never a folder of the user's
+            if (!OutputFolder.Check(dir, Verb, "--artifacts", overwrite: false, reuse: true)) OutputFolder.Mark(dir, Verb);
             if (!File.Exists(Path.Combine(dir, BenchWorkload.CountsFile))) BenchWorkload.BuildArtifacts(spec, dir);
             var result = BenchWorkload.Run(spec, dir, line => Console.Error.WriteLine(line), options =>
             {

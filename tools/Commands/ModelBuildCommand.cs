@@ -33,8 +33,8 @@ public sealed class ModelBuildCommand(IAnsiConsole console) : Command<ModelBuild
         [Description("The .onnx file to write (models over 2 GB also get <FILE>.data)")]
         public string? Out { get; init; }
 
-        [CommandOption("-f|--force")]
-        [Description("Overwrite --out if it exists")]
+        [CommandOption("-f|--force|--overwrite")]
+        [Description("Overwrite --out if it exists (never the --weights file)")]
         public bool Force { get; init; }
 
         public override ValidationResult Validate()
@@ -51,10 +51,8 @@ public sealed class ModelBuildCommand(IAnsiConsole console) : Command<ModelBuild
         var config = settings.Preset is null ? null : GptConfig.Preset(settings.Preset);
         var outPath = Path.GetFullPath(settings.Out!);
         var dataPath = outPath + ".data";
-        if (settings.Weights is not null && Path.GetFullPath(settings.Weights) == outPath)
-            throw new IOException($"{settings.Out}: --out is the --weights file; choose another output path");
-        if (!settings.Force && (File.Exists(outPath) || File.Exists(dataPath)))
-            throw new IOException($"{settings.Out}: exists already; pass --force to overwrite it, or choose another --out");
+        foreach (var path in new[] { outPath, dataPath })
+            OutputFolder.CheckFile(path, "--out", [settings.Weights], settings.Force);
 
         var clock = Stopwatch.StartNew();
         var weights = settings.Weights is null

@@ -19,8 +19,12 @@ public sealed class RewriteCommand(IAnsiConsole console) : Command<RewriteComman
         public string Model { get; init; } = "";
 
         [CommandOption("-o|--out <DIR>")]
-        [Description("Output folder; must be new or a previous rewrite output (it has lora_config.json).")]
+        [Description("Output folder: new or empty (an earlier rewrite output only with --overwrite); never the input's folder.")]
         public string? Out { get; init; }
+
+        [CommandOption("--overwrite")]
+        [Description("Replace --out when it holds an earlier 'onnxlora rewrite' output (nothing else is ever replaced).")]
+        public bool Overwrite { get; init; }
 
         [CommandOption("-r|--rank <R>")]
         [Description("LoRA rank r (default 8).")]
@@ -71,7 +75,7 @@ public sealed class RewriteCommand(IAnsiConsole console) : Command<RewriteComman
     {
         if (string.IsNullOrEmpty(s.Out)) throw new ArgumentException("--out DIR is required (the folder for model.onnx, deploy.onnx and lora_config.json)");
         var config = ToConfig(s);
-        var result = LoraRewrite.RewriteFile(s.Model, config, s.Out);
+        var result = LoraRewrite.RewriteFile(s.Model, config, s.Out, s.Overwrite);
 
         var table = new Table().Title($"LoRA targets ({result.Targets.Count})").AddColumns("module", "nodes", "in", "out", "rank", "alpha", "scale", "params", "flags");
         foreach (var t in result.Targets)

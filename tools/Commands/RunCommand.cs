@@ -65,8 +65,8 @@ public sealed class RunCommand(IAnsiConsole console) : Command<RunCommand.Settin
         var outputs = new Table().Title("written").AddColumns("what", "where");
         foreach (var (what, where) in r.Outputs) outputs.AddRow(what, Markup.Escape(where));
         console.Write(outputs);
-        if (!double.IsNaN(r.DeployMaxAbsDiff))
-            console.MarkupLineInterpolated($"deployable model + .onnx_adapter through ONNX Runtime's LoRA API matches the merged model (max |Δlogit| {r.DeployMaxAbsDiff:E1})");
+        if (r.DeployMaxAbsDiff is double diff)
+            console.MarkupLineInterpolated($"deployable model + .onnx_adapter through ONNX Runtime's LoRA API matches the merged model (max |Δlogit| {diff:E1})");
         console.MarkupLineInterpolated($"done in {r.Elapsed.TotalSeconds:F0} s; run folder {r.RunDir}");
     }
 

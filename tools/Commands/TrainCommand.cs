@@ -30,8 +30,10 @@ public sealed class TrainCommand(IAnsiConsole console) : Command<TrainCommand.Se
         public string? Labels { get; init; }
         [CommandOption("--head <MODE>")][Description("cls head: full (trained fully, PEFT's modules_to_save; default) or lora.")]
         public string Head { get; init; } = "full";
-        [CommandOption("-o|--out <RUN_DIR>")][Description("Run folder: checkpoints, metrics.jsonl, loss.png and the adapter.")]
+        [CommandOption("-o|--out <RUN_DIR>")][Description("Run folder (new or empty): checkpoints, metrics.jsonl, loss.png and the adapter.")]
         public string? Out { get; init; }
+        [CommandOption("--overwrite")][Description("Start over in --out when it holds an earlier run (nothing else is ever replaced).")]
+        public bool Overwrite { get; init; }
         [CommandOption("--epochs <E>")][Description("Passes over the data (default 1).")]
         public int Epochs { get; init; } = 1;
         [CommandOption("--max-steps <N>")][Description("Optimizer steps; overrides --epochs.")]
@@ -92,7 +94,7 @@ public sealed class TrainCommand(IAnsiConsole console) : Command<TrainCommand.Se
             {
                 var options = ToOptions(s);
                 console.MarkupLineInterpolated($"training [bold]{options.ModelDir}[/] on [bold]{options.DataPath}[/] ({options.Task.ToString().ToLowerInvariant()}, {options.Optimizer}, lr {options.Lr}, batch {options.BatchSize}×{options.GradAccum}, device {options.Device})");
-                result = WithProgress(p => Trainer.Train(options, p, stop.Token));
+                result = WithProgress(p => Trainer.Train(options, p, stop.Token, s.Overwrite));
             }
             PrintSummary(result);
             return 0;
@@ -109,7 +111,7 @@ public sealed class TrainCommand(IAnsiConsole console) : Command<TrainCommand.Se
         return new TrainOptions
         {
             ModelDir = Path.GetFullPath(s.Model), DataPath = Path.GetFullPath(s.Data), Format = ParseFormat(s.Format, s.Data, task), Task = task,
-            Classes = s.Classes, ClassNames = DatasetLoader.ParseClassNames(s.Labels), HeadMode = s.Head.ToLowerInvariant(),
+            Classes = s.Classes, ClassNames = Pipeline.Data.DatasetLoader.ParseClassNames(s.Labels, "--labels"), HeadMode = s.Head.ToLowerInvariant(),
             OutDir = Path.GetFullPath(s.Out), Epochs = s.Epochs, MaxSteps = s.MaxSteps, BatchSize = s.Batch, SeqLength = s.Seq,
             Optimizer = s.Optimizer.ToLowerInvariant(), Lr = s.Lr, WeightDecay = s.WeightDecay, WarmupSteps = s.Warmup,
             Schedule = Flag("--schedule", () => ScheduleKinds.Parse(s.Schedule)),
