@@ -168,4 +168,28 @@ public class OptimumGpt2Tests
         Assert.That(batched.MeanLoss, Is.EqualTo(single.MeanLoss).Within(1e-6 * single.MeanLoss));
         Assert.That(batched.Tokens, Is.EqualTo(single.Tokens));
     }
+
+    public static IEnumerable<string> GenerationModels() => Files.Select(f => Path.Combine("optimum", f)).Append("tiny.onnx");
+
+    /// <summary>Left-padded (models with a mask) or right-padded (tiny.onnx: ids only) batched generation, row by row equal to generation alone.</summary>
+    [TestCaseSource(nameof(GenerationModels))]
+    public void BatchedGenerationGivesEachPromptWhatItGetsAlone(string file)
+    {
+        using var dir = new TempDir();
+        var rw = dir.File("rw");
+        LoraRewrite.RewriteFile(Path.Combine(TestContext.CurrentContext.TestDirectory, "fixtures", file), new LoraConfig { Rank = 2, TargetModules = ["c_attn"] }, rw);
+        using var host = AdapterHost.Create(Path.Combine(rw, LoraManifest.DeployableModelFile));
+        var generator = new TextGenerator(host);
+        IReadOnlyList<int>[] prompts = [[5, 17, 99, 3, 42, 8, 11], [7], [250, 1, 33]];
+        foreach (var sampling in new[] { SamplingOptions.Greedy, new SamplingOptions { Temperature = 0.8, Seed = 3 } })
+        {
+            var options = new GenerationOptions { MaxNewTokens = 6, Sampling = sampling, StopTokenIds = [prompts[0][3]] };
+            var batched = generator.GenerateBatch(prompts, options);
+            for (int r = 0; r < prompts.Length; r++)
+            {
+                var alone = generator.Generate(prompts[r], options);
+                Assert.That((batched[r].TokenIds, batched[r].StopReason), Is.EqualTo((alone.TokenIds, alone.StopReason)), $"{file} prompt {r}, temperature {sampling.Temperature}");
+            }
+        }
+    }
 }
