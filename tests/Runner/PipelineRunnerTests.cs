@@ -86,7 +86,7 @@ public class PipelineRunnerTests
         var data = dir.File("train.jsonl");
         File.WriteAllLines(data, Enumerable.Range(0, 12).Select(i => $"{{\"input_ids\":[{string.Join(",", Enumerable.Range(0, 4 + i % 5).Select(j => 10 + 13 * i + j))}]}}"));
         var config = PipelineConfig.Parse($"model:\n  path: {model}\n  input_roles: [segment_mask=attention_mask]\n" +
-            $"data:\n  train: {data}\n  format: tokens\n  task: lm\ntrain:\n  max_steps: 2\n  batch: 4\n  threads: 1\nexport:\n  formats: onnx-adapter\n", "test", dir.Path);
+            $"data:\n  train: {data}\n  format: tokens\n  task: lm\ntrain:\n  max_steps: 2\n  lr: 1e-2\n  batch: 4\n  threads: 1\nexport:\n  formats: onnx-adapter\n", "test", dir.Path);
         config.Override($"run_dir={dir.File("run")}");
         var report = new PipelineRunner(config).Run();
         var adapters = report.Outputs.Values.Where(p => p.EndsWith(".onnx_adapter", StringComparison.Ordinal)).ToList();
