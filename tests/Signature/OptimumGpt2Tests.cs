@@ -175,11 +175,36 @@ public class OptimumGpt2Tests
 
     /// <summary>Left-padded (models with a mask) or right-padded (tiny.onnx: ids only) batched generation, row by row equal to generation alone.</summary>
     [TestCaseSource(nameof(GenerationModels))]
-    public void BatchedGenerationGivesEachPromptWhatItGetsAlone(string file)
+    public void BatchedGenerationGivesEachPromptWhatItGetsAlone(string file) =>
+        AssertBatchedGenerationEqualsAlone(Path.Combine(TestContext.CurrentContext.TestDirectory, "fixtures", file));
+
+    /// <summary>
+    /// An export with a mask that counts positions itself (no position_ids input, as older Optimum GPT-2 exports): left
+    /// padding would shift its positions, so batched generation pads on the right and still matches each prompt alone.
+    /// </summary>
+    [Test]
+    public void AModelWithoutPositionIdsGeneratesInBatchesLikeAlone()
     {
+        var model = OnnxFile.Load(Fixture("gpt2_opset17.onnx"));
+        model.Graph.Input.Remove(model.Graph.Input.Single(i => i.Name == "position_ids"));
+        var g = new GraphEditor(model);
+        var seq = g.Add("Gather", [g.Add("Shape", ["input_ids"], "pos/shape"), g.AddConstant("pos/one", Tensors.Int64("", [], [1]))], "pos/seq");
+        var range = g.Add("Range", [g.AddConstant("pos/zero", Tensors.Int64("", [], [0])), seq, g.AddConstant("pos/step", Tensors.Int64("", [], [1]))], "pos/range");
+        g.AddNode("Unsqueeze", [range, g.AddConstant("pos/axes", Tensors.Int64Vector("", 0))], ["position_ids"], "pos/unsqueeze");   // [1, seq]
+        g.SortTopologically();
+        using var dir = new TempDir();
+        var path = dir.File("no_position_ids.onnx");
+        OnnxFile.Save(model, path);
+        Assert.That(SignatureRoles.Decide(model).Input(IoRole.PositionIds), Is.Null);
+        AssertBatchedGenerationEqualsAlone(path);
+    }
+
+    static void AssertBatchedGenerationEqualsAlone(string modelPath)
+    {
+        var file = Path.GetFileName(modelPath);
         using var dir = new TempDir();
         var rw = dir.File("rw");
-        LoraRewrite.RewriteFile(Path.Combine(TestContext.CurrentContext.TestDirectory, "fixtures", file), new LoraConfig { Rank = 2, TargetModules = ["c_attn"] }, rw);
+        LoraRewrite.RewriteFile(modelPath, new LoraConfig { Rank = 2, TargetModules = ["c_attn"] }, rw);
         using var host = AdapterHost.Create(Path.Combine(rw, LoraManifest.DeployableModelFile));
         var generator = new TextGenerator(host);
         IReadOnlyList<int>[] prompts = [[5, 17, 99, 3, 42, 8, 11], [7], [250, 1, 33]];
