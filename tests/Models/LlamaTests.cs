@@ -1,0 +1,251 @@
+using System.Text.Json;
+using System.Text.Json.Nodes;
+using Google.Protobuf;
+using Microsoft.ML.OnnxRuntime;
+using Onnx;
+using OnnxLora.GraphRewrite.Autodiff;
+using OnnxLora.GraphRewrite.Lora;
+using OnnxLora.GraphRewrite.Onnx;
+using OnnxLora.Models;
+using OnnxLora.Tests.Autodiff;
+
+namespace OnnxLora.Tests.Models;
+
+/// <summary>
+/// The Llama family against PyTorch (tests/fixtures/llama, make_llama.py): torch.onnx.export's graphs, the same
+/// weights imported from a Hugging Face folder and built by <see cref="LlamaBuilder"/>, on a right-padded batch with
+/// its attention mask and position ids; 20 AdamW LoRA steps; import errors that name the file and tensor.
+/// </summary>
+public class LlamaTests
+{
+    static string Fixture(params string[] parts) => Path.Combine([TestContext.CurrentContext.TestDirectory, "fixtures", "llama", .. parts]);
+
+    static JsonElement Golden(string arch) => JsonDocument.Parse(File.ReadAllText(Fixture($"{arch}_golden.json"))).RootElement;
+
+    static (long[] Values, long[] Shape) Ids(JsonElement rows)
+    {
+        var r = rows.EnumerateArray().Select(x => x.EnumerateArray().Select(v => v.GetInt64()).ToArray()).ToArray();
+        return (r.SelectMany(x => x).ToArray(), [r.Length, r[0].Length]);
+    }
+
+    /// <summary>Logits of a model with Optimum's three inputs.</summary>
+    internal static float[] Logits(InferenceSession session, JsonElement feeds)
+    {
+        var values = new List<OrtValue>();
+        try
+        {
+            foreach (var name in new[] { LlamaBuilder.InputIds, LlamaBuilder.AttentionMask, LlamaBuilder.PositionIds })
+            {
+                var (v, shape) = Ids(feeds.GetProperty(name));
+                values.Add(OrtValue.CreateTensorValueFromMemory(v, shape));
+            }
+            using var options = new RunOptions();
+            using var outputs = session.Run(options, [LlamaBuilder.InputIds, LlamaBuilder.AttentionMask, LlamaBuilder.PositionIds], values, [LlamaBuilder.Logits]);
+            return outputs[0].GetTensorDataAsSpan<float>().ToArray();
+        }
+        finally { values.ForEach(v => v.Dispose()); }
+    }
+
+    static double[] GoldenLogits(JsonElement golden) => golden.GetProperty("logits").EnumerateArray().Select(x => x.GetDouble()).ToArray();
+
+    // Logits reach |z| ≈ 4; float32 PyTorch vs ORT (different summation orders, RoPE angles up to 8 rad) differ by ~1e-6.
+    const double LogitTolerance = 1e-4;
+
+    [TestCase("llama", "llama_opset14.onnx")]
+    [TestCase("llama", "llama_opset17.onnx")]
+    [TestCase("qwen2", "qwen2_opset14.onnx")]
+    [TestCase("qwen2", "qwen2_opset17.onnx")]
+    public void TorchExportsGivePyTorchLogitsOnAPaddedBatch(string arch, string file)
+    {
+        var golden = Golden(arch);
+        using var session = new InferenceSession(Fixture(file));
+        GptBuilderTests.AssertClose(Logits(session, golden), GoldenLogits(golden), LogitTolerance, file);
+    }
+
+    [TestCase("llama")]
+    [TestCase("qwen2")]
+    public void ImportedFolderBuildsTheSameModel(string arch)
+    {
+        var golden = Golden(arch);
+        var (model, description, parameters) = HfModels.Build(Fixture($"hf-{arch}"));
+        TestContext.Out.WriteLine($"{description}: {parameters:N0} parameters");
+        Assert.That(model.Graph.Input.Select(i => i.Name), Is.EqualTo(new[] { "input_ids", "attention_mask", "position_ids" }));
+        using var session = new InferenceSession(model.ToByteArray());
+        GptBuilderTests.AssertClose(Logits(session, golden), GoldenLogits(golden), LogitTolerance, $"hf-{arch} built by LlamaBuilder");
+
+        // LoRA discovery sees the Hugging Face module paths, the head apart
+        var layers = LinearLayers.Discover(model);
+        Assert.That(layers.Where(l => !l.IsHead).Select(l => l.Module),
+                    Is.EqualTo(Enumerable.Range(0, 2).SelectMany(i => LlamaLayout.AttentionModules.Concat(LlamaLayout.MlpModules).Select(m => LlamaLayout.Layer(i, m)))));
+        Assert.That(layers.Single(l => l.IsHead).Module, Is.EqualTo("lm_head"));
+    }
+
+    [Test]
+    public void CliBuildsFromAFolderAndFromAPreset()
+    {
+        using var dir = new TempDir();
+        var (code, stdout, stderr) = CliRunner.Run("model", "build", "--from", Fixture("hf-qwen2"), "--out", dir.File("qwen2.onnx"));
+        Assert.That(code, Is.EqualTo(0), stderr);
+        StringAssert.Contains("qwen2", stdout);
+        var golden = Golden("qwen2");
+        using (var session = new InferenceSession(dir.File("qwen2.onnx")))
+            GptBuilderTests.AssertClose(Logits(session, golden), GoldenLogits(golden), LogitTolerance, "model build --from hf-qwen2");
+
+        (code, stdout, stderr) = CliRunner.Run("model", "build", "--arch", "llama", "--preset", "tiny", "--out", dir.File("tiny.onnx"));
+        Assert.That(code, Is.EqualTo(0), stderr);
+        var model = OnnxFile.Load(dir.File("tiny.onnx"));
+        Assert.That(model.MetadataProps.Single(p => p.Key == LlamaBuilder.ConfigMetadataKey).Value, Does.Contain("\"num_key_value_heads\":2"));
+
+        (code, _, stderr) = CliRunner.Run("model", "build", "--arch", "llama", "--preset", "gpt2", "--out", dir.File("x.onnx"));
+        Assert.That(code, Is.EqualTo(1));
+        StringAssert.Contains("smollm2-135m", stderr);
+    }
+
+    [Test]
+    public void PaddingAndBatchingDoNotChangeRealPositions()
+    {
+        // independent of the fixtures: a random preset, each row alone vs in a right-padded batch
+        var weights = LlamaWeights.Random(LlamaConfig.Preset("tiny-qwen2"), seed: 3);
+        using var session = new InferenceSession(LlamaBuilder.Build(weights).ToByteArray());
+        int vocab = weights.Config.VocabSize;
+        int[] lengths = [7, 3];
+        var random = new Random(5);
+        var rows = lengths.Select(n => Enumerable.Range(0, n).Select(_ => (long)random.Next(vocab)).ToArray()).ToArray();
+        JsonElement Feeds(long[][] ids, int seq) => JsonSerializer.SerializeToElement(new Dictionary<string, long[][]>
+        {
+            ["input_ids"] = ids.Select(r => r.Concat(new long[seq - r.Length]).ToArray()).ToArray(),
+            ["attention_mask"] = ids.Select(r => Enumerable.Range(0, seq).Select(t => t < r.Length ? 1L : 0L).ToArray()).ToArray(),
+            ["position_ids"] = ids.Select(r => Enumerable.Range(0, seq).Select(t => t < r.Length ? (long)t : 1L).ToArray()).ToArray(),
+        });
+        var batch = Logits(session, Feeds(rows, 7));
+        for (int b = 0; b < rows.Length; b++)
+        {
+            var alone = Logits(session, Feeds([rows[b]], rows[b].Length));
+            var inBatch = batch.AsSpan(b * 7 * vocab, rows[b].Length * vocab).ToArray();
+            GptBuilderTests.AssertClose(inBatch, alone.Select(x => (double)x).ToArray(), 1e-5, $"row {b} in a padded batch vs alone");
+        }
+    }
+
+    static IEnumerable<TestCaseData> TrainingCases() =>
+        from arch in new[] { "llama", "qwen2" }
+        from source in new[] { "opset14", "opset17", "builder" }
+        select new TestCaseData(arch, source).SetName($"LoraTrainingMatchesPyTorch({arch}, {source})");
+
+    /// <summary>
+    /// 20 AdamW steps of LoRA on every q/k/v/o/gate/up/down_proj from the fixture's A/B, feeding the batches' attention
+    /// mask and position ids, labels −100 on padding: losses within 1e-4 relative of PyTorch's float32 run
+    /// (float32 vs float64 in PyTorch: 2.6e-7).
+    /// </summary>
+    [TestCaseSource(nameof(TrainingCases))]
+    public void LoraTrainingMatchesPyTorch(string arch, string source)
+    {
+        var golden = Golden(arch);
+        var model = source == "builder" ? HfModels.Build(Fixture($"hf-{arch}")).Model : OnnxFile.Load(Fixture($"{arch}_{source}.onnx"));
+        var lora = golden.GetProperty("lora");
+        var config = new LoraConfig
+        {
+            Rank = lora.GetProperty("rank").GetInt32(), Alpha = lora.GetProperty("alpha").GetDouble(),
+            TargetModules = lora.GetProperty("targets").EnumerateArray().Select(t => t.GetString()!).ToList(),
+        };
+        var (init, _) = SafeTensorsFile.Read(Fixture(lora.GetProperty("init").GetString()!));
+        var batches = golden.GetProperty("batches").EnumerateArray().Select(b =>
+        {
+            var feeds = new Dictionary<string, (Array, long[])>();
+            foreach (var name in new[] { "input_ids", "attention_mask", "position_ids" })
+            {
+                var (v, shape) = Ids(b.GetProperty(name));
+                feeds[name] = (v, shape);
+            }
+            var (ids, s) = Ids(b.GetProperty("input_ids"));
+            var (mask, _) = Ids(b.GetProperty("attention_mask"));
+            feeds[TrainingArtifacts.Labels] = (ids.Select((x, i) => mask[i] == 1 ? x : Losses.IgnoreIndex).ToArray(), s);
+            return feeds;
+        }).ToList();
+        var adamw = golden.GetProperty("adamw");
+        var hp = adamw.GetProperty("hyperparameters");
+        var expected = adamw.GetProperty("losses_float32").EnumerateArray().Select(x => x.GetDouble()).ToList();
+        var losses = TinyTrainingTests.Train(model, config, init, batches, OptimizerKind.AdamW,
+                                             (float)hp.GetProperty("lr").GetDouble(), (float)hp.GetProperty("weight_decay").GetDouble(), expected.Count);
+        double worst = losses.Zip(expected, (a, e) => Math.Abs(a - e) / Math.Abs(e)).Max();
+        TestContext.Out.WriteLine($"{arch} {source}: loss {losses[0]:F6} → {losses[^1]:F6}, max relative difference to PyTorch {worst:E2}");
+        for (int step = 0; step < expected.Count; step++)
+            Assert.That(losses[step], Is.EqualTo(expected[step]).Within(1e-4 * expected[step]), $"{arch} {source} step {step + 1}");
+    }
+
+    static string CopyFolder(string arch, TempDir dir)
+    {
+        var target = Path.Combine(dir.Path, arch);
+        Directory.CreateDirectory(target);
+        foreach (var f in Directory.GetFiles(Fixture($"hf-{arch}"))) File.Copy(f, Path.Combine(target, Path.GetFileName(f)));
+        return target;
+    }
+
+    static string ImportError(string folder) =>
+        Assert.Catch(() => HfModels.Build(folder))!.Message;
+
+    [Test]
+    public void ImportErrorsNameTheFileAndTensor()
+    {
+        using var dir = new TempDir();
+
+        // a shape that does not fit config.json: rewrite one tensor of the second shard
+        var llama = CopyFolder("llama", dir);
+        var shard = Path.Combine(llama, "model-00002-of-00002.safetensors");
+        var (tensors, meta) = SafeTensorsFile.Read(shard);
+        var victim = tensors.Keys.First(k => k.EndsWith("k_proj.weight", StringComparison.Ordinal));
+        tensors[victim] = SafeTensor.FromFloats([32, 32], new float[32 * 32]);
+        SafeTensorsFile.Write(shard, tensors, meta);
+        var message = ImportError(llama);
+        StringAssert.Contains(shard, message);
+        StringAssert.Contains($"'{victim}' has shape [32, 32]", message);
+        StringAssert.Contains("[16, 32]", message);
+
+        // a tensor of an integer dtype
+        tensors[victim] = new SafeTensor("I32", [16, 32], new byte[16 * 32 * 4]);
+        SafeTensorsFile.Write(shard, tensors, meta);
+        StringAssert.Contains($"'{victim}' has dtype I32", ImportError(llama));
+
+        // a missing shard, and an index entry that leaves the folder
+        File.Delete(shard);
+        StringAssert.Contains("missing shard", ImportError(llama));
+        var index = Path.Combine(llama, HfCheckpoint.IndexFile);
+        var json = JsonNode.Parse(File.ReadAllText(index))!;
+        json["weight_map"]!["model.norm.weight"] = "../outside.safetensors";
+        File.WriteAllText(index, json.ToJsonString());
+        StringAssert.Contains("'../outside.safetensors' is not a file name in the folder", ImportError(llama));
+
+        // a missing tensor; a head that config.json says is tied but differs; an architecture we do not build
+        var qwen = CopyFolder("qwen2", dir);
+        var weights = Path.Combine(qwen, HfCheckpoint.WeightsFile);
+        (tensors, meta) = SafeTensorsFile.Read(weights);
+        var embedding = tensors[LlamaLayout.TokenEmbedding];
+        tensors.Remove("model.layers.1.self_attn.v_proj.bias");
+        SafeTensorsFile.Write(weights, tensors, meta);
+        StringAssert.Contains("missing tensor 'model.layers.1.self_attn.v_proj.bias' [16]", ImportError(qwen));
+        (tensors, meta) = SafeTensorsFile.Read(Fixture("hf-qwen2", HfCheckpoint.WeightsFile));
+        tensors[LlamaLayout.LmHead] = SafeTensor.FromFloats(embedding.Shape, new float[embedding.ElementCount]);
+        SafeTensorsFile.Write(weights, tensors, meta);
+        StringAssert.Contains("'lm_head.weight' differs from 'model.embed_tokens.weight'", ImportError(qwen));
+        var config = Path.Combine(qwen, HfCheckpoint.ConfigFile);
+        File.WriteAllText(config, File.ReadAllText(config).Replace("Qwen2ForCausalLM", "MistralForCausalLM"));
+        StringAssert.Contains("architecture 'MistralForCausalLM' cannot be imported", ImportError(qwen));
+        File.WriteAllText(config, File.ReadAllText(config).Replace("MistralForCausalLM", "Qwen2ForCausalLM").Replace("\"num_key_value_heads\":2", "\"num_key_value_heads\":3"));
+        StringAssert.Contains("num_attention_heads (4) must be a multiple of num_key_value_heads (3)", ImportError(qwen));
+    }
+
+    [Test]
+    public void PresetsHaveThePublishedShapes()
+    {
+        // parameter counts of the published checkpoints (tied heads counted once)
+        Assert.That(LlamaConfig.Preset("smollm2-135m").ParameterCount, Is.EqualTo(134_515_008));
+        Assert.That(LlamaConfig.Preset("qwen2.5-0.5b").ParameterCount, Is.EqualTo(494_032_768));
+        Assert.That(LlamaConfig.Preset("llama-3.2-1b").ParameterCount, Is.EqualTo(1_235_814_400));
+        // Llama 3's rope_scaling leaves high frequencies alone and divides the lowest by its factor (32)
+        var llama = LlamaConfig.Preset("llama-3.2-1b");
+        var inv = llama.InverseFrequencies();
+        Assert.That(inv[0], Is.EqualTo(1f));
+        Assert.That(inv[^1], Is.EqualTo((float)(1 / Math.Pow(500000, 62.0 / 64) / 32)).Within(1e-6).Percent);
+        var roundTrip = LlamaConfig.FromHfConfig(llama.ToHfConfig(), "config.json");
+        Assert.That(roundTrip, Is.EqualTo(llama));
+    }
+}
