@@ -4,6 +4,7 @@ using Google.Protobuf;
 using Onnx;
 using OnnxLora.GraphRewrite.Lora;
 using OnnxLora.GraphRewrite.Onnx;
+using OnnxLora.GraphRewrite.Signature;
 using DataType = Onnx.TensorProto.Types.DataType;
 
 namespace OnnxLora.GraphRewrite.Autodiff;
@@ -47,10 +48,12 @@ public sealed record ArtifactOptions
     public int HeadSeed { get; init; }
     /// <summary>Standard deviation of the head's initial weight; 0 starts it at zero.</summary>
     public double HeadInitStd { get; init; } = 0.02;
-    /// <summary>The token input of the training view.</summary>
-    public string InputIds { get; init; } = "input_ids";
-    /// <summary>The logits output of the training view.</summary>
-    public string Logits { get; init; } = "logits";
+    /// <summary>The token input of the training view; null = the input whose role is input_ids.</summary>
+    public string? InputIds { get; init; }
+    /// <summary>The logits output of the training view; null = the output whose role is logits.</summary>
+    public string? Logits { get; init; }
+    /// <summary>Roles the user gives inputs the names do not tell (<c>--input-role</c>); the view's metadata may hold more.</summary>
+    public IReadOnlyDictionary<string, RoleOverride>? InputRoles { get; init; }
 }
 
 /// <summary>
@@ -118,14 +121,18 @@ public sealed class TrainingArtifacts
     {
         readonly List<ParamSpec> _params = new();
         readonly Dictionary<string, TensorProto> _initial = new();
-        readonly Dictionary<string, (string Role, string? Param)> _roles = new();
+        readonly Dictionary<string, (IoRole Role, string? Param, int? Layer)> _roles = new();
         readonly List<TensorProto> _frozenExtras = new();
+        // the view's fed inputs (token ids, mask, positions, cache …) by role; the logits output
+        readonly ModelRoles _signature = SignatureRoles.Decide(view, options.InputRoles, "the training view");
+        string InputIds => options.InputIds ?? _signature.InputIds;
+        string Logits => options.Logits ?? _signature.Logits;
 
         public TrainingArtifacts Run()
         {
             var g = new GraphEditor(view);
-            if (!g.IsGraphInput(options.InputIds)) throw new ArgumentException($"the training view has no input '{options.InputIds}'; re-run 'onnxlora rewrite'");
-            if (!g.IsGraphOutput(options.Logits)) throw new ArgumentException($"the training view has no output '{options.Logits}'; re-run 'onnxlora rewrite'");
+            if (!g.IsGraphInput(InputIds)) throw new ArgumentException($"the training view has no input '{InputIds}'; re-run 'onnxlora rewrite'");
+            if (!g.IsGraphOutput(Logits)) throw new ArgumentException($"the training view has no output '{Logits}'; re-run 'onnxlora rewrite'");
             foreach (var t in manifest.Targets)
                 foreach (var (name, kind) in new[] { (t.LoraA, "lora_a"), (t.LoraB, "lora_b") })
                 {
@@ -134,8 +141,9 @@ public sealed class TrainingArtifacts
                     AddParam(name, kind, t.Module, init.Clone());
                 }
             if (options.Task == TrainingTask.Cls) AddHeadParams(g);
-            _roles[options.InputIds] = ("input_ids", null);
-            if (manifest.DropoutTrainingModeInput is { } dropout) _roles[dropout] = ("dropout_training_mode", null);
+            foreach (var io in _signature.Inputs) _roles[io.Name] = (io.Role, null, io.Layer);
+            _roles[InputIds] = (IoRole.InputIds, null, null);
+            if (manifest.DropoutTrainingModeInput is { } dropout) _roles[dropout] = (IoRole.DropoutTrainingMode, null, null);
 
             var train = Compose(train: true);
             var eval = Compose(train: false);
@@ -143,13 +151,14 @@ public sealed class TrainingArtifacts
             var optimizer = Optimizers.Build(options.Optimizer, infos, options.Beta1, options.Beta2, options.Epsilon);
             foreach (var p in _params)
             {
-                _roles[p.Name] = ("param", p.Name);
-                _roles[Optimizers.Grad(p.Name)] = ("grad", p.Name);
-                _roles[Optimizers.Updated(p.Name)] = ("updated_param", p.Name);
-                foreach (var m in Optimizers.Moments(options.Optimizer, p.Name)) { _roles[m] = ("moment", p.Name); _roles[Optimizers.Updated(m)] = ("updated_moment", p.Name); }
+                _roles[p.Name] = (IoRole.Param, p.Name, null);
+                _roles[Optimizers.Grad(p.Name)] = (IoRole.Grad, p.Name, null);
+                _roles[Optimizers.Updated(p.Name)] = (IoRole.UpdatedParam, p.Name, null);
+                foreach (var m in Optimizers.Moments(options.Optimizer, p.Name)) { _roles[m] = (IoRole.Moment, p.Name, null); _roles[Optimizers.Updated(m)] = (IoRole.UpdatedMoment, p.Name, null); }
             }
-            foreach (var s in new[] { Optimizers.LearningRate, Optimizers.Step, Optimizers.WeightDecay, Optimizers.GradScale, Optimizers.MaxGradNorm, Optimizers.GradNorm })
-                _roles[s] = (s, null);
+            foreach (var (s, role) in new[] { (Optimizers.LearningRate, IoRole.LearningRate), (Optimizers.Step, IoRole.Step), (Optimizers.WeightDecay, IoRole.WeightDecay),
+                                              (Optimizers.GradScale, IoRole.GradScale), (Optimizers.MaxGradNorm, IoRole.MaxGradNorm), (Optimizers.GradNorm, IoRole.GradNorm) })
+                _roles[s] = (role, null, null);
             var spec = new ArtifactsSpec
             {
                 Task = options.Task == TrainingTask.Lm ? "lm" : "cls",
@@ -203,10 +212,10 @@ public sealed class TrainingArtifacts
         // the value entering the output head (the hidden state) and the head's weight, found from the logits output
         (string Hidden, string Weight) HeadInput(GraphEditor g)
         {
-            var v = options.Logits;
+            var v = Logits;
             for (int guard = 0; guard < 64; guard++)
             {
-                var p = g.Producer(v) ?? throw new ArgumentException($"'{options.Logits}' is not computed by a MatMul/Gemm head");
+                var p = g.Producer(v) ?? throw new ArgumentException($"'{Logits}' is not computed by a MatMul/Gemm head");
                 switch (p.OpType)
                 {
                     case "Reshape" or "Identity" or "Cast": v = p.Input[0]; continue;
@@ -215,10 +224,10 @@ public sealed class TrainingArtifacts
                         v = p.Input.FirstOrDefault(i => g.Producer(i) is { OpType: "MatMul" or "Gemm" or "FusedMatMul" } mm && g.IsInitializer(mm.Input[1]))
                             ?? p.Input.First(i => g.Producer(i) is not null);
                         continue;
-                    default: throw new ArgumentException($"cannot find the output head behind '{options.Logits}': stopped at {p.Describe()}");
+                    default: throw new ArgumentException($"cannot find the output head behind '{Logits}': stopped at {p.Describe()}");
                 }
             }
-            throw new ArgumentException($"cannot find the output head behind '{options.Logits}'");
+            throw new ArgumentException($"cannot find the output head behind '{Logits}'");
         }
 
         ModelProto Compose(bool train)
@@ -232,21 +241,21 @@ public sealed class TrainingArtifacts
                 g.RemoveInitializer(dm);
                 g.AddInitializer(Tensors.Bool(dm, [], [true]));   // train: dropout on unless fed false
             }
-            var inputIdsDims = ValueInfos.Dims(m.Graph.Input.First(i => i.Name == options.InputIds)) ?? [new Dim(null, "batch"), new Dim(null, "seq")];
+            var inputIdsDims = ValueInfos.Dims(m.Graph.Input.First(i => i.Name == InputIds)) ?? [new Dim(null, "batch"), new Dim(null, "seq")];
             Losses.CrossEntropy ce;
             string logitsOut;
             if (options.Task == TrainingTask.Lm)
             {
                 g.AddInput(ValueInfos.Tensor(Labels, DataType.Int64, inputIdsDims));
-                _roles[Labels] = ("labels", null);
-                ce = Losses.CausalLm(Losses.Emitter(m, "loss/"), options.Logits, Labels);
-                logitsOut = options.Logits;
+                _roles[Labels] = (IoRole.Labels, null, null);
+                ce = Losses.CausalLm(Losses.Emitter(m, "loss/"), Logits, Labels);
+                logitsOut = Logits;
             }
             else
             {
                 g.AddInput(ValueInfos.Tensor(Labels, DataType.Int64, inputIdsDims[0]));
                 g.AddInput(ValueInfos.Tensor(Lengths, DataType.Int64, inputIdsDims[0]));
-                _roles[Labels] = ("labels", null); _roles[Lengths] = ("lengths", null);
+                _roles[Labels] = (IoRole.Labels, null, null); _roles[Lengths] = (IoRole.Lengths, null, null);
                 AddClassHead(m, g, inputIdsDims[0]);
                 ce = Losses.Classification(Losses.Emitter(m, "loss/"), ClassLogits, Labels);
                 logitsOut = ClassLogits;
@@ -254,12 +263,12 @@ public sealed class TrainingArtifacts
             var editor = new GraphEditor(m);
             editor.AddNode("Identity", [ce.Loss], [Loss], Loss);
             editor.AddOutput(ValueInfos.Tensor(Loss, DataType.Float));
-            _roles[Loss] = ("loss", null);
+            _roles[Loss] = (IoRole.Loss, null, null);
             var logitsDims = ShapeInference.Infer(m).GetValueOrDefault(logitsOut)?.Dims;
             if (!train || options.Task == TrainingTask.Cls)
             {
                 editor.AddOutput(ValueInfos.Tensor(logitsOut, (int)DataType.Float, logitsDims));
-                _roles[logitsOut] = ("logits", null);
+                _roles[logitsOut] = (IoRole.Logits, null, null);
             }
             // LoRA parameters are inputs of the view already; a head's parameters are new
             foreach (var p in _params.Where(p => !editor.IsGraphInput(p.Name)))
@@ -281,7 +290,7 @@ public sealed class TrainingArtifacts
             if (options.AccumulateGradients)
             {
                 g.AddInput(ValueInfos.Tensor(ResetGrad, DataType.Bool));
-                _roles[ResetGrad] = ("reset_grad", null);
+                _roles[ResetGrad] = (IoRole.ResetGrad, null, null);
             }
             foreach (var p in _params)
             {
@@ -290,7 +299,7 @@ public sealed class TrainingArtifacts
                 if (options.AccumulateGradients)
                 {
                     g.AddInput(ValueInfos.Tensor(GradIn(p.Name), DataType.Float, dims));
-                    _roles[GradIn(p.Name)] = ("grad_in", p.Name);
+                    _roles[GradIn(p.Name)] = (IoRole.GradIn, p.Name, null);
                     grad = g.Add("Where", [ResetGrad, grad, g.Add("Add", [grad, GradIn(p.Name)], "grad/accumulate")], "grad/accumulate");
                 }
                 g.AddNode("Identity", [grad], [Optimizers.Grad(p.Name)], Optimizers.Grad(p.Name));
@@ -305,8 +314,8 @@ public sealed class TrainingArtifacts
             var shapes = ShapeInference.Infer(m);
             var h = hidden;
             if (shapes[hidden].Rank == 2)   // Gemm heads run on a [batch·seq, d] view
-                h = g.Add("Reshape", [hidden, g.Add("Concat", [g.Add("Shape", [options.InputIds], "head/shape"), g.AddConstant("head/minus1", Tensors.Int64Vector("", -1))], "head/shape3", attributes: Attr.Int("axis", 0))], "head/hidden3");
-            var seqLen = g.Add("Gather", [g.Add("Shape", [options.InputIds], "head/ids_shape"), g.AddConstant("head/one", Tensors.Int64("", [], [1]))], "head/seq");
+                h = g.Add("Reshape", [hidden, g.Add("Concat", [g.Add("Shape", [InputIds], "head/shape"), g.AddConstant("head/minus1", Tensors.Int64Vector("", -1))], "head/shape3", attributes: Attr.Int("axis", 0))], "head/hidden3");
+            var seqLen = g.Add("Gather", [g.Add("Shape", [InputIds], "head/ids_shape"), g.AddConstant("head/one", Tensors.Int64("", [], [1]))], "head/seq");
             var positions = g.Add("Range", [g.AddConstant("head/zero", Tensors.Int64("", [], [0])), seqLen, g.AddConstant("head/step", Tensors.Int64("", [], [1]))], "head/positions");
             var last = g.Add("Unsqueeze", [g.Add("Sub", [Lengths, g.AddConstant("head/one_i", Tensors.Int64("", [], [1]))], "head/last"), g.AddConstant("head/axis1", Tensors.Int64Vector("", 1))], "head/last2");  // [batch, 1]
             var select = g.Add("Cast", [g.Add("Equal", [g.Add("Unsqueeze", [positions, g.AddConstant("head/axis0", Tensors.Int64Vector("", 0))], "head/pos2"), last], "head/is_last")], "head/select", attributes: Attr.Int("to", (int)DataType.Float));
@@ -349,10 +358,11 @@ public sealed class TrainingArtifacts
 
         IoSpec Io(ValueInfoProto v)
         {
-            var (role, param) = _roles.TryGetValue(v.Name, out var r) ? r : ("other", null);
+            var (role, param, layer) = _roles.TryGetValue(v.Name, out var r) ? r
+                : throw new InvalidOperationException($"artifact input or output '{v.Name}' has no role");
             return new IoSpec
             {
-                Name = v.Name, Role = role, Param = param,
+                Name = v.Name, Role = role, Param = param, Layer = layer,
                 ElemType = ((DataType)ValueInfos.ElemType(v)).ToString().ToLowerInvariant(),
                 Shape = ValueInfos.Dims(v)?.Select(d => d.ToString()).ToList(),
             };
@@ -419,12 +429,18 @@ public sealed record ModelSpec
     public required IReadOnlyList<IoSpec> Outputs { get; init; }
 }
 
-/// <summary>One input or output: its name, role, the parameter it belongs to, element type and dims (numbers or symbols).</summary>
+/// <summary>One input or output: its name, role, the parameter it belongs to (or a cache input's layer), element type and dims (numbers or symbols).</summary>
 public sealed record IoSpec
 {
     public required string Name { get; init; }
-    public required string Role { get; init; }
+    public required IoRole Role { get; init; }
     public string? Param { get; init; }
+    /// <summary>The layer of a past (KV-cache) input.</summary>
+    public int? Layer { get; init; }
     public required string ElemType { get; init; }
     public IReadOnlyList<string>? Shape { get; init; }
+
+    /// <summary>This entry as the signature readers take it (element type and dims parsed back).</summary>
+    public SignatureEntry ToEntry() => new(Name, Role, Layer, Enum.Parse<DataType>(ElemType, ignoreCase: true),
+        Shape?.Select(d => long.TryParse(d, System.Globalization.NumberStyles.None, System.Globalization.CultureInfo.InvariantCulture, out var v) ? new Dim(v) : new Dim(null, d)).ToList());
 }

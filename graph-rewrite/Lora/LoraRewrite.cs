@@ -3,6 +3,7 @@ using System.Reflection;
 using System.Security.Cryptography;
 using Onnx;
 using OnnxLora.GraphRewrite.Onnx;
+using OnnxLora.GraphRewrite.Signature;
 
 namespace OnnxLora.GraphRewrite.Lora;
 
@@ -29,15 +30,25 @@ public static class LoraRewrite
     public static string ToolVersion { get; } =
         typeof(LoraRewrite).Assembly.GetCustomAttribute<AssemblyInformationalVersionAttribute>()?.InformationalVersion.Split('+')[0] ?? "0.0.0";
 
-    /// <summary>Rewrites an in-memory model. <paramref name="baseModel"/> and <paramref name="baseSha256"/> go into the manifest.</summary>
-    public static LoraRewriteResult Rewrite(ModelProto model, LoraConfig config, string baseModel, string baseSha256)
+    /// <summary>
+    /// Rewrites an in-memory model. <paramref name="baseModel"/> and <paramref name="baseSha256"/> go into the manifest.
+    /// Every input must have a role (<see cref="SignatureRoles"/>); <paramref name="inputRoles"/> names those the names do
+    /// not tell, and is recorded in both models' metadata so that training and deployment feed the same roles.
+    /// </summary>
+    public static LoraRewriteResult Rewrite(ModelProto model, LoraConfig config, string baseModel, string baseSha256,
+                                            IReadOnlyDictionary<string, RoleOverride>? inputRoles = null)
     {
         ArgumentNullException.ThrowIfNull(model);
         ArgumentNullException.ThrowIfNull(config);
+        var roleOverrides = SignatureRoles.Merge(SignatureRoles.FromMetadata(model.MetadataProps.Select(p => KeyValuePair.Create(p.Key, p.Value)), baseModel), inputRoles);
+        // a model fed token ids must have a role for every input: one nobody can feed fails here, before any work
+        if (SignatureRoles.TakesTokens(model)) SignatureRoles.Decide(model, roleOverrides, baseModel);
         var layers = LinearLayers.Discover(model);
         var targets = LoraTargeting.Select(layers, config);
         var (training, _) = InjectLora.Run(model, targets, config);
         var (deployable, _) = BuildDeployable.Run(model, targets);
+        SignatureRoles.WriteMetadata(training, roleOverrides);
+        SignatureRoles.WriteMetadata(deployable, roleOverrides);
         var manifest = new LoraManifest
         {
             ToolVersion = ToolVersion, BaseModel = baseModel, BaseModelSha256 = baseSha256,
@@ -53,14 +64,14 @@ public static class LoraRewrite
 
     /// <summary>Loads <paramref name="modelPath"/>, rewrites it and writes <paramref name="outDir"/> atomically.</summary>
     /// <exception cref="IOException"><paramref name="outDir"/> exists and is not a previous rewrite output (no lora_config.json).</exception>
-    public static LoraRewriteResult RewriteFile(string modelPath, LoraConfig config, string outDir)
+    public static LoraRewriteResult RewriteFile(string modelPath, LoraConfig config, string outDir, IReadOnlyDictionary<string, RoleOverride>? inputRoles = null)
     {
         CheckOutputDir(outDir);
         var full = Path.GetFullPath(modelPath);
         if (Path.GetFullPath(outDir) == Path.GetDirectoryName(full))
             throw new IOException($"{outDir}: the output folder is the base model's folder; choose another --out");
         var model = OnnxFile.Load(modelPath);
-        var result = Rewrite(model, config, modelPath, Sha256(modelPath));
+        var result = Rewrite(model, config, modelPath, Sha256(modelPath), inputRoles);
         WriteOutput(outDir, result.TrainingModel, result.DeployableModel, result.Manifest);
         return result;
     }

@@ -1,4 +1,5 @@
 using Microsoft.ML.OnnxRuntime;
+using OnnxLora.GraphRewrite.Signature;
 using OnnxLora.Pipeline.Adapters;
 using OnnxLora.Pipeline.Runtime;
 using DataType = Onnx.TensorProto.Types.DataType;
@@ -13,6 +14,9 @@ public sealed class AdapterHostOptions
 
     /// <summary>Threads for one operator (0 = all cores).</summary>
     public int IntraOpThreads { get; init; }
+
+    /// <summary>Roles for inputs the names do not tell (<c>--input-role</c>), on top of those the rewrite recorded in the model.</summary>
+    public IReadOnlyDictionary<string, RoleOverride>? InputRoles { get; init; }
 }
 
 /// <summary>
@@ -38,9 +42,11 @@ public sealed class AdapterHost : IDisposable
     readonly object _gate = new();
     bool _disposed;
 
-    AdapterHost(string modelPath, InferenceSession session, ExecutionDevice device, OrtMemoryInfo? memory, OrtAllocator? allocator)
+    AdapterHost(string modelPath, InferenceSession session, ExecutionDevice device, OrtMemoryInfo? memory, OrtAllocator? allocator,
+                IReadOnlyDictionary<string, RoleOverride>? inputRoles)
     {
         ModelPath = modelPath;
+        InputRoles = SignatureRoles.Merge(SignatureRoles.FromMetadata(session.ModelMetadata.CustomMetadataMap, modelPath), inputRoles);
         Device = device;
         _session = session;
         _deviceMemory = memory;
@@ -73,7 +79,7 @@ public sealed class AdapterHost : IDisposable
                 memory = options.Device.DeviceMemoryInfo();
                 allocator = new OrtAllocator(session, memory);
             }
-            return new AdapterHost(modelPath, session, options.Device, memory, allocator);
+            return new AdapterHost(modelPath, session, options.Device, memory, allocator, options.InputRoles);
         }
         catch
         {
@@ -90,6 +96,9 @@ public sealed class AdapterHost : IDisposable
     /// <summary>The inputs a request feeds (not the adapter parameters).</summary>
     public IReadOnlyDictionary<string, NodeMetadata> Inputs => _session.InputMetadata;
     public IReadOnlyDictionary<string, NodeMetadata> Outputs => _session.OutputMetadata;
+
+    /// <summary>Input roles given by name: those recorded in the model's metadata by the rewrite, then the host's options.</summary>
+    public IReadOnlyDictionary<string, RoleOverride> InputRoles { get; }
 
     /// <summary>The model's metadata_props (e.g. the builder's "onnxlora.gpt_config").</summary>
     public IReadOnlyDictionary<string, string> ModelMetadata => _session.ModelMetadata.CustomMetadataMap;

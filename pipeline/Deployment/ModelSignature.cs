@@ -1,17 +1,23 @@
 using Microsoft.ML.OnnxRuntime;
 using Microsoft.ML.OnnxRuntime.Tensors;
+using OnnxLora.GraphRewrite.Onnx;
+using OnnxLora.GraphRewrite.Signature;
+using DataType = Onnx.TensorProto.Types.DataType;
 
 namespace OnnxLora.Pipeline.Deployment;
 
 /// <summary>
-/// How a GPT-style deployable model is fed: token ids [batch, tokens] (int64 "input_ids", or its only int64 input),
-/// optional "attention_mask" and "position_ids", and the logits output ("logits", or the first output).
+/// How a deployable decoder is fed, from the roles of its inputs and outputs (<see cref="SignatureRoles"/>, with the
+/// overrides the rewrite recorded in the model and those the host was given): token ids, optional attention_mask,
+/// position_ids, token_type_ids, cache_position and KV-cache inputs (fed empty: the graph recomputes the whole context),
+/// and the logits output.
 /// </summary>
 internal sealed class ModelSignature
 {
-    public required string InputIds { get; init; }
-    public string? AttentionMask { get; init; }
-    public string? PositionIds { get; init; }
+    public required ModelRoles Roles { get; init; }
+    public string InputIds => Roles.InputIds;
+    public string? AttentionMask => Roles.Input(IoRole.AttentionMask);
+    public string? PositionIds => Roles.Input(IoRole.PositionIds);
     public required string Logits { get; init; }
     /// <summary>Rank of the logits: 3 = [batch, tokens, vocab or classes], 2 = [batch, classes].</summary>
     public required int LogitsRank { get; init; }
@@ -25,30 +31,28 @@ internal sealed class ModelSignature
 
     public static ModelSignature Of(AdapterHost host)
     {
-        var inputs = host.Inputs;
-        var ids = inputs.ContainsKey("input_ids") ? "input_ids"
-            : inputs.Where(kv => kv.Value.ElementDataType is TensorElementType.Int64 or TensorElementType.Int32 && kv.Value.Dimensions.Length == 2)
-                    .Select(kv => kv.Key).SingleOrDefault()
-            ?? throw new InvalidDataException($"{host.ModelPath}: no token-ids input (expected 'input_ids' [batch, tokens]; inputs: {string.Join(", ", inputs.Keys)})");
-        string? mask = inputs.ContainsKey("attention_mask") ? "attention_mask" : null;
-        string? positions = inputs.ContainsKey("position_ids") ? "position_ids" : null;
-        var other = inputs.Keys.Where(k => k != ids && k != mask && k != positions).ToList();
-        if (other.Count > 0)
-            throw new InvalidDataException($"{host.ModelPath}: inputs {string.Join(", ", other.Select(o => $"'{o}'"))} are not token ids, attention_mask or position_ids " +
-                "(a model with a KV cache, past_key_values, is not supported yet; export it without)");
-        var outputs = host.Outputs;
-        var logits = outputs.ContainsKey("logits") ? "logits" : outputs.Keys.First();
-        var dims = outputs[logits].Dimensions;
+        ModelRoles roles;
+        try { roles = SignatureRoles.Decide(Describe(host.Inputs), Describe(host.Outputs), host.InputRoles, host.ModelPath); }
+        catch (ArgumentException e) { throw new InvalidDataException(e.Message, e); }
+        var logits = roles.Logits;
+        var dims = host.Outputs[logits].Dimensions;
         if (dims.Length is not (2 or 3)) throw new InvalidDataException($"{host.ModelPath}: output '{logits}' has rank {dims.Length}; expected [batch, tokens, vocab] or [batch, classes]");
-        int seq = inputs[ids].Dimensions[1];
+        var ids = host.Inputs[roles.InputIds];
+        int seq = ids.Dimensions[1];
         return new ModelSignature
         {
-            InputIds = ids, AttentionMask = mask, PositionIds = positions, Logits = logits, LogitsRank = dims.Length,
+            Roles = roles, Logits = logits, LogitsRank = dims.Length,
             LogitsWidth = dims[^1] > 0 ? dims[^1] : null, FixedTokens = seq > 0 ? seq : null,
-            IdsType = inputs[ids].ElementDataType,
+            IdsType = ids.ElementDataType,
             ContextLength = seq > 0 ? seq : PositionsFromMetadata(host),
         };
     }
+
+    static List<IoDescription> Describe(IReadOnlyDictionary<string, NodeMetadata> values) =>
+        values.Select(kv => new IoDescription(kv.Key, (DataType)(int)kv.Value.ElementDataType,
+            kv.Value.IsTensor ? kv.Value.Dimensions.Select((d, i) => d >= 0 ? new Dim(d) : new Dim(null, NullIfEmpty(kv.Value.SymbolicDimensions, i))).ToList() : null)).ToList();
+
+    static string? NullIfEmpty(string[] symbols, int i) => i < symbols.Length && symbols[i].Length > 0 ? symbols[i] : null;
 
     /// <summary>n_positions from the OnnxLora builder's "onnxlora.gpt_config" metadata (kept by rewrites), if present.</summary>
     static int? PositionsFromMetadata(AdapterHost host)
@@ -58,31 +62,24 @@ internal sealed class ModelSignature
         catch (Exception e) when (e is System.Text.Json.JsonException or InvalidOperationException or FormatException) { return null; }
     }
 
-    /// <summary>Builds the feeds for a right-padded batch of rows (each at most <paramref name="width"/> tokens).</summary>
-    public Dictionary<string, OrtValue> Feeds(IReadOnlyList<IReadOnlyList<int>> rows, int width, int padId)
+    /// <summary>
+    /// Builds the feeds for a batch of rows (each at most <paramref name="width"/> tokens), right-padded, or left-padded
+    /// for batched generation (every row's last token in the last column); positions come from the mask.
+    /// </summary>
+    public Dictionary<string, OrtValue> Feeds(IReadOnlyList<IReadOnlyList<int>> rows, int width, int padId, bool leftPad = false)
     {
-        int batch = rows.Count;
-        var ids = new long[batch * width];
-        var mask = new long[batch * width];
-        var positions = new long[batch * width];
-        for (int b = 0; b < batch; b++)
-            for (int t = 0; t < width; t++)
-            {
-                bool real = t < rows[b].Count;
-                ids[b * width + t] = real ? rows[b][t] : padId;
-                mask[b * width + t] = real ? 1 : 0;
-                positions[b * width + t] = t;
-            }
-        long[] shape = [batch, width];
-        var feeds = new Dictionary<string, OrtValue>
+        var tokens = PaddedTokens.Pad(rows, width, padId, leftPad);
+        var feeds = new Dictionary<string, OrtValue>();
+        try
         {
-            [InputIds] = IdsType == TensorElementType.Int32
-                ? OrtValue.CreateTensorValueFromMemory(Array.ConvertAll(ids, v => (int)v), shape)
-                : OrtValue.CreateTensorValueFromMemory(ids, shape),
-        };
-        if (AttentionMask is not null) feeds[AttentionMask] = OrtValue.CreateTensorValueFromMemory(mask, shape);
-        if (PositionIds is not null) feeds[PositionIds] = OrtValue.CreateTensorValueFromMemory(positions, shape);
-        return feeds;
+            foreach (var input in Roles.Inputs) feeds[input.Name] = SignatureFeeds.Create(input, tokens);
+            return feeds;
+        }
+        catch
+        {
+            foreach (var v in feeds.Values) v.Dispose();
+            throw;
+        }
     }
 
     public void CheckIds(IReadOnlyList<int> ids, string what)

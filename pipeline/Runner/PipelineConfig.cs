@@ -15,7 +15,7 @@ public sealed class PipelineConfig
     static readonly Dictionary<string, Dictionary<string, string?>> Schema = new()
     {
         [""] = new() { ["run_dir"] = "runs/default" },
-        ["model"] = new() { ["path"] = null, ["preset"] = null, ["weights"] = null, ["seed"] = "0" },
+        ["model"] = new() { ["path"] = null, ["preset"] = null, ["weights"] = null, ["seed"] = "0", ["input_roles"] = null },
         ["lora"] = new() { ["targets"] = "all-linear", ["exclude"] = null, ["layers"] = null, ["rank"] = "8", ["alpha"] = null, ["scaling"] = "peft", ["dropout"] = "0", ["init"] = "kaiming", ["seed"] = "0" },
         ["data"] = new() { ["train"] = null, ["eval"] = null, ["format"] = null, ["task"] = "lm", ["classes"] = "0", ["labels"] = null, ["seq"] = "128", ["skip_bad_rows"] = "false", ["generate"] = null },
         ["train"] = new()

@@ -4,6 +4,7 @@ using Microsoft.ML.OnnxRuntime;
 using TrainingSession = OnnxLora.Pipeline.Training.TrainingSession;
 using OnnxLora.GraphRewrite.Lora;
 using OnnxLora.GraphRewrite.Onnx;
+using OnnxLora.GraphRewrite.Signature;
 using OnnxLora.Models;
 using OnnxLora.Pipeline.Adapters;
 using OnnxLora.Pipeline.Data;
@@ -47,6 +48,7 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
             throw new InvalidDataException($"{config.Source}: give data.train (a data file) or data.generate: {DemoData.Name}");
         foreach (var f in config.List("export.formats")) AdapterFiles.ParseFormat(f);
         _ = LoraConfigFromSection();
+        _ = InputRoles();
         _ = TrainOptionsFrom("/", "/", "/", null);   // every train value parses
         ExecutionDevice.Parse(config.Required("train.device"));
     }
@@ -146,10 +148,13 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
         };
     }
 
+    // model.input_roles: [NAME=ROLE, …], recorded in the rewritten models so training and deployment feed them
+    Dictionary<string, RoleOverride> InputRoles() => RoleOverride.ParseAll(config.List("model.input_roles"));
+
     string Rewrite(string modelPath)
     {
         var dir = Path.Combine(_runDir, "rewrite");
-        var result = LoraRewrite.RewriteFile(modelPath, LoraConfigFromSection(), dir);
+        var result = LoraRewrite.RewriteFile(modelPath, LoraConfigFromSection(), dir, InputRoles());
         log?.Invoke($"  {result.Targets.Count} targets; {result.ParameterLine}");
         return dir;
     }

@@ -48,6 +48,8 @@ public sealed record TrainOptions
     public string? InitAdapter { get; init; }
     public int CheckpointEvery { get; init; } = 50;
     public bool SkipBadRows { get; init; }
+    /// <summary>Roles for inputs the names do not tell, each NAME=ROLE[:LAYER] (<c>--input-role</c>).</summary>
+    public IReadOnlyList<string> InputRoles { get; init; } = [];
 
     internal static readonly JsonSerializerOptions Json = new()
     {
@@ -71,6 +73,7 @@ public sealed record TrainOptions
         Require(HeadMode is "full" or "lora", $"--head must be full or lora (got '{HeadMode}')");
         Require(Task != TaskKind.Cls || Classes >= 2 || ClassNames is { Count: >= 2 } || Format == DataFormat.Tsv, "--task cls needs --classes N (≥ 2)");
         Require(CheckpointEvery >= 0 && EvalEvery >= 0 && WarmupSteps >= 0, "--checkpoint-every, --eval-every and --warmup must be ≥ 0");
+        GraphRewrite.Signature.RoleOverride.ParseAll(InputRoles);   // a malformed --input-role fails before any work
     }
 
     public string ToJson() => JsonSerializer.Serialize(this, Json);

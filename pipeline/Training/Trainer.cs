@@ -2,6 +2,7 @@ using System.Diagnostics;
 using OnnxLora.GraphRewrite.Autodiff;
 using OnnxLora.GraphRewrite.Lora;
 using OnnxLora.GraphRewrite.Onnx;
+using OnnxLora.GraphRewrite.Signature;
 using OnnxLora.Models;
 using OnnxLora.Pipeline.Adapters;
 using OnnxLora.Pipeline.Data;
@@ -184,6 +185,7 @@ public static class Trainer
             HeadMode = o.HeadMode == "lora" ? HeadMode.Lora : HeadMode.Full,
             Optimizer = o.Optimizer == "sgd" ? OptimizerKind.Sgd : OptimizerKind.AdamW,
             HeadSeed = o.Seed,
+            InputRoles = RoleOverride.ParseAll(o.InputRoles),
         });
         var tmp = dir + ".tmp-" + Guid.NewGuid().ToString("N")[..8];
         artifacts.Save(tmp);

@@ -3,6 +3,7 @@ using Microsoft.ML.OnnxRuntime;
 using Onnx;
 using OnnxLora.GraphRewrite.Autodiff;
 using OnnxLora.GraphRewrite.Lora;
+using OnnxLora.GraphRewrite.Signature;
 using OnnxLora.GraphRewrite.Onnx;
 using DataType = Onnx.TensorProto.Types.DataType;
 
@@ -144,13 +145,13 @@ public class ArtifactFileTests
         Assert.That(spec.Params.Select(p => p.Name), Does.Contain(TrainingArtifacts.HeadWeight));
         foreach (var (kind, model) in new[] { ("train", spec.Train), ("eval", spec.Eval), ("optimizer", spec.OptimizerModel) })
         {
-            Assert.That(model.Inputs.Concat(model.Outputs).Where(io => io.Role == "other").Select(io => io.Name), Is.Empty, $"{kind}: every input and output has a role");
+            Assert.That(model.Inputs.Concat(model.Outputs).Where(io => io.Role == IoRole.Other).Select(io => io.Name), Is.Empty, $"{kind}: every input and output has a role");
             using var session = new InferenceSession(Path.Combine(dir.Path, spec.Files[kind]));
-            Assert.That(session.InputMetadata.Keys, Is.SupersetOf(model.Inputs.Where(i => i.Role != "dropout_training_mode").Select(i => i.Name)));
+            Assert.That(session.InputMetadata.Keys, Is.SupersetOf(model.Inputs.Where(i => i.Role != IoRole.DropoutTrainingMode).Select(i => i.Name)));
             Assert.That(session.OutputMetadata.Keys, Is.EquivalentTo(model.Outputs.Select(o => o.Name)));
         }
         using var init = new InferenceSession(Path.Combine(dir.Path, spec.Files["initial_params"]));
         Assert.That(init.OutputMetadata.Keys, Is.EquivalentTo(spec.Params.Select(p => p.Name)));
-        Assert.That(spec.Train.Inputs.Where(i => i.Role == "param").Select(i => i.Name), Is.EqualTo(spec.Params.Select(p => p.Name)).AsCollection.Or.EquivalentTo(spec.Params.Select(p => p.Name)));
+        Assert.That(spec.Train.Inputs.Where(i => i.Role == IoRole.Param).Select(i => i.Name), Is.EqualTo(spec.Params.Select(p => p.Name)).AsCollection.Or.EquivalentTo(spec.Params.Select(p => p.Name)));
     }
 }

@@ -139,7 +139,8 @@ static class RewriteTestModels
         foreach (var input in model.Graph.Input.Where(i => !inits.Contains(i.Name)))
         {
             var dims = ValueInfos.Dims(input) ?? [];
-            var shape = dims.Select((d, i) => d.Value ?? (d.Param is { } p && p.Contains("past") ? 0 : i == 0 ? batch : seq)).ToArray();
+            // an empty cache: past length 0, and a mask over "past_sequence_length + sequence_length" as long as the tokens
+            var shape = dims.Select((d, i) => d.Value ?? (d.Param is { } p && p.Contains("past") && !p.Contains('+') ? 0 : i == 0 ? batch : seq)).ToArray();
             int n = (int)shape.Aggregate(1L, (a, b) => a * b);
             var type = (DataType)ValueInfos.ElemType(input);
             Array data = type switch

@@ -1,5 +1,6 @@
 using System.ComponentModel;
 using System.Globalization;
+using OnnxLora.GraphRewrite.Signature;
 using OnnxLora.GraphRewrite.Lora;
 using OnnxLora.Pipeline.Adapters;
 using OnnxLora.Pipeline.Deployment;
@@ -116,6 +117,10 @@ public class ServeSettings : CommandSettings
     [Description("cpu (default), cuda or cuda:ID; CUDA that cannot load is an error, never a silent CPU fallback.")]
     public string Device { get; init; } = "cpu";
 
+    [CommandOption("--input-role <NAME=ROLE>")]
+    [Description(InputRoleHelp.Text)]
+    public string[] InputRoles { get; init; } = [];
+
     /// <summary>The host with every adapter loaded, and the names to run (null = base model).</summary>
     internal (AdapterHost Host, IReadOnlyList<string?> Runs) OpenHost()
     {
@@ -123,7 +128,7 @@ public class ServeSettings : CommandSettings
         string deploy = Directory.Exists(Model) ? Path.Combine(Model, LoraManifest.DeployableModelFile) : Model;
         var manifestPath = Path.Combine(Path.GetDirectoryName(Path.GetFullPath(deploy))!, LoraManifest.FileName);
         var manifest = File.Exists(manifestPath) ? LoraManifest.Load(manifestPath) : null;
-        var host = AdapterHost.Create(deploy, new AdapterHostOptions { Device = ExecutionDevice.Parse(Device) });
+        var host = AdapterHost.Create(deploy, new AdapterHostOptions { Device = ExecutionDevice.Parse(Device), InputRoles = RoleOverride.ParseAll(InputRoles) });
         try
         {
             var names = new List<string?>();

@@ -3,6 +3,7 @@ using System.Globalization;
 using Onnx;
 using OnnxLora.GraphRewrite.Lora;
 using OnnxLora.GraphRewrite.Onnx;
+using OnnxLora.GraphRewrite.Signature;
 using Spectre.Console;
 using Spectre.Console.Cli;
 
@@ -16,6 +17,10 @@ public sealed class InspectCommand(IAnsiConsole console) : Command<InspectComman
         [CommandArgument(0, "<MODEL>")]
         [Description("The ONNX model to inspect.")]
         public string Model { get; init; } = "";
+
+        [CommandOption("--input-role <NAME=ROLE>")]
+        [Description(InputRoleHelp.Text)]
+        public string[] InputRoles { get; init; } = [];
     }
 
     public override int Execute(CommandContext context, Settings settings, CancellationToken cancellationToken)
@@ -25,11 +30,21 @@ public sealed class InspectCommand(IAnsiConsole console) : Command<InspectComman
         var inits = new HashSet<string>(graph.Initializer.Select(i => i.Name));
         console.MarkupLineInterpolated($"[bold]{settings.Model}[/]: IR version {model.IrVersion}, opsets {string.Join(", ", model.OpsetImport.Select(o => $"{(o.Domain is "" or "ai.onnx" ? "ai.onnx" : o.Domain)} {o.Version}"))}, producer '{model.ProducerName} {model.ProducerVersion}'");
 
-        var io = new Table().Title("inputs and outputs").AddColumns("", "name", "type", "shape");
-        foreach (var i in graph.Input.Where(i => !inits.Contains(i.Name))) io.AddRow("input", Markup.Escape(i.Name), TypeName(ValueInfos.ElemType(i)), Shape(i));
-        foreach (var i in graph.Input.Where(i => inits.Contains(i.Name))) io.AddRow("input (default)", Markup.Escape(i.Name), TypeName(ValueInfos.ElemType(i)), Shape(i));
-        foreach (var o in graph.Output) io.AddRow("output", Markup.Escape(o.Name), TypeName(ValueInfos.ElemType(o)), Shape(o));
+        // the role table: what each input and output is for, as train and deploy will feed and read them
+        ModelRoles? roles = null;
+        string? rolesError = null;
+        if (SignatureRoles.TakesTokens(model))
+        {
+            try { roles = SignatureRoles.Decide(model, RoleOverride.ParseAll(settings.InputRoles), settings.Model); }
+            catch (ArgumentException e) { rolesError = e.Message; }
+        }
+        string Role(string name) => roles?.RoleOf(name)?.ToString() ?? (rolesError is null ? "" : "?");
+        var io = new Table().Title("inputs and outputs").AddColumns("", "name", "role", "type", "shape");
+        foreach (var i in graph.Input.Where(i => !inits.Contains(i.Name))) io.AddRow("input", Markup.Escape(i.Name), Role(i.Name), TypeName(ValueInfos.ElemType(i)), Shape(i));
+        foreach (var i in graph.Input.Where(i => inits.Contains(i.Name))) io.AddRow("input (default)", Markup.Escape(i.Name), "", TypeName(ValueInfos.ElemType(i)), Shape(i));
+        foreach (var o in graph.Output) io.AddRow("output", Markup.Escape(o.Name), Role(o.Name), TypeName(ValueInfos.ElemType(o)), Shape(o));
         console.Write(io);
+        if (rolesError is not null) console.MarkupLineInterpolated($"[yellow]roles: {rolesError}[/]");
 
         var ops = new Table().Title($"operators ({graph.Node.Count} nodes)").AddColumns("op", "count");
         foreach (var group in graph.Node.GroupBy(n => n.Domain is "" or "ai.onnx" ? n.OpType : $"{n.Domain}.{n.OpType}").OrderByDescending(g => g.Count()).ThenBy(g => g.Key, StringComparer.Ordinal))

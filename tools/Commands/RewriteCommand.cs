@@ -1,5 +1,6 @@
 using System.ComponentModel;
 using System.Globalization;
+using OnnxLora.GraphRewrite.Signature;
 using OnnxLora.GraphRewrite.Lora;
 using Spectre.Console;
 using Spectre.Console.Cli;
@@ -65,13 +66,17 @@ public sealed class RewriteCommand(IAnsiConsole console) : Command<RewriteComman
         [CommandOption("--seed <N>")]
         [Description("Seed for A's initial values (default 0).")]
         public int Seed { get; init; }
+
+        [CommandOption("--input-role <NAME=ROLE>")]
+        [Description(InputRoleHelp.Text + " Recorded in both models, so train and deploy feed the same roles.")]
+        public string[] InputRoles { get; init; } = [];
     }
 
     public override int Execute(CommandContext context, Settings s, CancellationToken cancellationToken)
     {
         if (string.IsNullOrEmpty(s.Out)) throw new ArgumentException("--out DIR is required (the folder for model.onnx, deploy.onnx and lora_config.json)");
         var config = ToConfig(s);
-        var result = LoraRewrite.RewriteFile(s.Model, config, s.Out);
+        var result = LoraRewrite.RewriteFile(s.Model, config, s.Out, RoleOverride.ParseAll(s.InputRoles));
 
         var table = new Table().Title($"LoRA targets ({result.Targets.Count})").AddColumns("module", "nodes", "in", "out", "rank", "alpha", "scale", "params", "flags");
         foreach (var t in result.Targets)

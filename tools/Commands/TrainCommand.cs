@@ -76,6 +76,8 @@ public sealed class TrainCommand(IAnsiConsole console) : Command<TrainCommand.Se
         public int CheckpointEvery { get; init; } = 50;
         [CommandOption("--skip-bad-rows")][Description("Skip malformed data rows (counted) instead of failing.")]
         public bool SkipBadRows { get; init; }
+        [CommandOption("--input-role <NAME=ROLE>")][Description(InputRoleHelp.Text)]
+        public string[] InputRoles { get; init; } = [];
     }
 
     public override int Execute(CommandContext context, Settings s, CancellationToken cancellationToken)
@@ -116,6 +118,7 @@ public sealed class TrainCommand(IAnsiConsole console) : Command<TrainCommand.Se
             GradAccum = s.GradAccum, Clip = s.Clip, EvalDataPath = s.EvalData is null ? null : Path.GetFullPath(s.EvalData),
             EvalEvery = s.EvalEvery, EarlyStoppingPatience = s.EarlyStopping, Device = s.Device, Threads = s.Threads, Seed = s.Seed,
             Shuffle = !s.NoShuffle, InitAdapter = s.InitAdapter, CheckpointEvery = s.CheckpointEvery, SkipBadRows = s.SkipBadRows,
+            InputRoles = s.InputRoles,
         };
     }
 
