@@ -172,6 +172,79 @@ public class LlamaTests
             Assert.That(losses[step], Is.EqualTo(expected[step]).Within(1e-4 * expected[step]), $"{arch} {source} step {step + 1}");
     }
 
+    /// <summary>
+    /// The same parity as a user drives it: rewrite, then <c>onnxlora train</c> on a tokens file whose rows are the
+    /// golden batches' unpadded sequences (the trainer pads them on the right and feeds attention_mask and position_ids
+    /// by role), A/B from --init-adapter, 20 AdamW steps; metrics.jsonl's losses within 1e-4 relative of PyTorch's.
+    /// </summary>
+    [TestCase("llama", "opset14")]
+    [TestCase("qwen2", "opset17")]
+    [TestCase("llama", "builder")]
+    public void CliTrainingMatchesPyTorch(string arch, string source)
+    {
+        using var dir = new TempDir();
+        var golden = Golden(arch);
+        string model = dir.File("model.onnx");
+        if (source == "builder")
+            Assert.That(CliRunner.Run("model", "build", "--from", Fixture($"hf-{arch}"), "--out", model).Code, Is.EqualTo(0));
+        else File.Copy(Fixture($"{arch}_{source}.onnx"), model);
+        var lora = golden.GetProperty("lora");
+        var (code, _, err) = CliRunner.Run("rewrite", model, "--out", dir.File("rw"), "--rank", lora.GetProperty("rank").GetInt32().ToString(),
+            "--alpha", lora.GetProperty("alpha").GetDouble().ToString(System.Globalization.CultureInfo.InvariantCulture),
+            "--targets", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj");
+        Assert.That(code, Is.EqualTo(0), err);
+
+        // the init A/B under the rewrite's parameter names
+        var manifest = LoraManifest.Load(Path.Combine(dir.File("rw"), LoraManifest.FileName));
+        var (init, _) = SafeTensorsFile.Read(Fixture(lora.GetProperty("init").GetString()!));
+        SafeTensorsFile.Write(dir.File("init.safetensors"), manifest.Targets.SelectMany(t => new[]
+        {
+            KeyValuePair.Create(t.LoraA, init[t.Module + ".lora_A.weight"]), KeyValuePair.Create(t.LoraB, init[t.Module + ".lora_B.weight"]),
+        }));
+        int seq = 0;
+        var rows = new List<string>();
+        foreach (var b in golden.GetProperty("batches").EnumerateArray())
+        {
+            var ids = b.GetProperty("input_ids").EnumerateArray().ToList();
+            var mask = b.GetProperty("attention_mask").EnumerateArray().ToList();
+            seq = ids[0].GetArrayLength();
+            for (int r = 0; r < ids.Count; r++)
+            {
+                int length = mask[r].EnumerateArray().Count(m => m.GetInt32() == 1);
+                rows.Add(new JsonObject { ["input_ids"] = new JsonArray(ids[r].EnumerateArray().Take(length).Select(x => (JsonNode?)x.GetInt64()).ToArray()) }.ToJsonString());
+            }
+        }
+        File.WriteAllLines(dir.File("train.jsonl"), rows);
+        var hp = golden.GetProperty("adamw").GetProperty("hyperparameters");
+        string Num(string key) => hp.GetProperty(key).GetDouble().ToString("R", System.Globalization.CultureInfo.InvariantCulture);
+        (code, _, err) = CliRunner.Run("train", "--model", dir.File("rw"), "--data", dir.File("train.jsonl"), "--format", "tokens", "--seq", seq.ToString(),
+            "--batch", "2", "--no-shuffle", "--max-steps", "20", "--optimizer", "adamw", "--lr", Num("lr"), "--weight-decay", Num("weight_decay"),
+            "--schedule", "constant", "--init-adapter", dir.File("init.safetensors"), "--threads", "1", "--out", dir.File("run"));
+        Assert.That(code, Is.EqualTo(0), err);
+        var losses = File.ReadLines(Path.Combine(dir.File("run"), "metrics.jsonl")).Select(l => JsonNode.Parse(l)!.AsObject())
+            .Where(o => (string)o["kind"]! == "train").Select(o => (double)o["loss"]!).ToList();
+        var expected = golden.GetProperty("adamw").GetProperty("losses_float32").EnumerateArray().Select(x => x.GetDouble()).ToList();
+        Assert.That(losses, Has.Count.EqualTo(expected.Count));
+        TestContext.Out.WriteLine($"{arch} {source} via the CLI: max relative difference {losses.Zip(expected, (a, e) => Math.Abs(a - e) / e).Max():E2}");
+        for (int step = 0; step < expected.Count; step++)
+            Assert.That(losses[step], Is.EqualTo(expected[step]).Within(1e-4 * expected[step]), $"{arch} {source} step {step + 1}");
+    }
+
+    [Test]
+    public void Gpt2FolderImportsAsBefore()
+    {
+        // the GPT-2 fixture folder (config.json + model.safetensors without the transformer. prefix) through the same entry point
+        var gpt2 = Path.Combine(TestContext.CurrentContext.TestDirectory, "fixtures", "hf-gpt2-tiny");
+        var golden = JsonDocument.Parse(File.ReadAllText(Path.Combine(gpt2, "golden.json"))).RootElement;
+        var (model, description, _) = HfModels.Build(gpt2);
+        StringAssert.StartsWith("GPT-2", description);
+        var rows = golden.GetProperty("input_ids").EnumerateArray().Select(r => r.EnumerateArray().Select(x => x.GetInt64()).ToArray()).ToArray();
+        var ids = new long[rows.Length, rows[0].Length];
+        for (int b = 0; b < rows.Length; b++) for (int t = 0; t < rows[b].Length; t++) ids[b, t] = rows[b][t];
+        using var session = new InferenceSession(model.ToByteArray());
+        GptBuilderTests.AssertClose(GptBuilderTests.OrtLogits(session, ids, out _), GoldenLogits(golden), LogitTolerance, "hf-gpt2-tiny folder");
+    }
+
     static string CopyFolder(string arch, TempDir dir)
     {
         var target = Path.Combine(dir.Path, arch);
