@@ -31,8 +31,8 @@ public sealed record LlamaConfig(int VocabSize, int HiddenSize, int Intermediate
     // Presets in the order --help lists them; the real ones are the published config.json values.
     static readonly (string Name, LlamaConfig Config)[] Presets =
     [
-        ("tiny", new(256, 32, 64, 2, 4, 2, 8, 10000, 1e-5, 128, TieWordEmbeddings: false)),
-        ("tiny-qwen2", new(256, 32, 64, 2, 4, 2, 8, 1e6, 1e-6, 128, TieWordEmbeddings: true, QkvBias: true, ModelType: "qwen2")),
+        ("tiny", new(512, 32, 64, 2, 4, 2, 8, 10000, 1e-5, 128, TieWordEmbeddings: false)),
+        ("tiny-qwen2", new(512, 32, 64, 2, 4, 2, 8, 1e6, 1e-6, 128, TieWordEmbeddings: true, QkvBias: true, ModelType: "qwen2")),
         ("smollm2-135m", new(49152, 576, 1536, 30, 9, 3, 64, 100000, 1e-5, 8192, TieWordEmbeddings: true)),
         ("qwen2.5-0.5b", new(151936, 896, 4864, 24, 14, 2, 64, 1e6, 1e-6, 32768, TieWordEmbeddings: true, QkvBias: true, ModelType: "qwen2")),
         ("llama-3.2-1b", new(128256, 2048, 8192, 16, 32, 8, 64, 500000, 1e-5, 131072, TieWordEmbeddings: true,

@@ -23,7 +23,7 @@ public class TokenizerTests
 
     static readonly string[] Merges = ["h e", "l l", "ll o", "Ġ t", "Ġt he", "he llo"];
 
-    static string WriteTokenizerJson(TempDir dir, JsonNode preTokenizer)
+    internal static string WriteTokenizerJson(TempDir dir, JsonNode preTokenizer)
     {
         var vocab = new JsonObject();
         var symbols = ByteSymbols();
@@ -46,7 +46,7 @@ public class TokenizerTests
         return path;
     }
 
-    static JsonNode ByteLevel() => new JsonObject { ["type"] = "ByteLevel", ["add_prefix_space"] = false, ["use_regex"] = true };
+    internal static JsonNode ByteLevel() => new JsonObject { ["type"] = "ByteLevel", ["add_prefix_space"] = false, ["use_regex"] = true };
 
     // Llama 3 / Qwen2 style: a Split regex, then ByteLevel without its own regex
     static JsonNode SplitThenByteLevel() => new JsonObject
@@ -136,5 +136,32 @@ public class TokenizerTests
         var ids = tokenizer.Encode("hello world");
         Assert.That(ids, Is.EqualTo(new[] { Array.IndexOf(pieces, "▁hello"), Array.IndexOf(pieces, "▁world") }));
         Assert.That(tokenizer.Decode(ids), Is.EqualTo("hello world"));
+    }
+}
+
+/// <summary>A model folder's tokenizer through the CLI: train on text and generate from a prompt with --tokenizer.</summary>
+public class TokenizerCliTests
+{
+    [Test]
+    public void TrainAndGenerateUseTheModelsTokenizer()
+    {
+        using var dir = new TempDir();
+        TokenizerTests.WriteTokenizerJson(dir, TokenizerTests.ByteLevel());
+        Assert.That(CliRunner.Run("model", "build", "--arch", "llama", "--preset", "tiny", "--out", dir.File("m.onnx")).Code, Is.EqualTo(0));
+        var (code, _, err) = CliRunner.Run("rewrite", dir.File("m.onnx"), "--out", dir.File("rw"), "--rank", "2", "--targets", "q_proj,v_proj");
+        Assert.That(code, Is.EqualTo(0), err);
+        File.WriteAllText(dir.File("train.txt"), string.Concat(Enumerable.Repeat("hello the world. ", 40)));
+        (code, var stdout, err) = CliRunner.Run("train", "--model", dir.File("rw"), "--data", dir.File("train.txt"), "--format", "text", "--seq", "16",
+            "--batch", "2", "--max-steps", "3", "--tokenizer", dir.Path, "--threads", "1", "--out", dir.File("run"));
+        Assert.That(code, Is.EqualTo(0), err + stdout);
+
+        // GPT-2's tokenizer would give ids past this 512-token vocabulary: without --tokenizer, text is refused
+        (code, _, err) = CliRunner.Run("generate", "--model", dir.File("rw"), "--prompt", "hello the", "-n", "4");
+        Assert.That(code, Is.EqualTo(1));
+        StringAssert.Contains("--tokenizer", err);
+        (code, stdout, err) = CliRunner.Run("generate", "--model", dir.File("rw"), "--tokenizer", Path.Combine(dir.Path, "tokenizer.json"),
+            "--prompt", "hello the", "-n", "4", "--seed", "1");
+        Assert.That(code, Is.EqualTo(0), err);
+        StringAssert.StartsWith("hello the", stdout.Trim());
     }
 }
