@@ -46,6 +46,8 @@ public class GradientRuleTests
         new("Tanh", "Tanh", [R(2, 3)]),
         new("Erf (no float64 kernel)", "Erf", [R(2, 3)], Float32: true),
         new("Sigmoid", "Sigmoid", [R(2, 3)]),
+        new("Sin", "Sin", [R(2, 3)]),
+        new("Cos", "Cos", [R(2, 3)]),
         new("Relu", "Relu", [Range(0.1, 1, 2, 3)]),
         new("Relu negative side", "Relu", [Range(-1, -0.1, 2, 3)]),
         new("Gelu exact (opset 20; Erf has no float64 kernel)", "Gelu", [R(2, 5)], Opset: 20, Float32: true),

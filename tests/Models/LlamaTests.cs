@@ -231,6 +231,51 @@ public class LlamaTests
     }
 
     [Test]
+    public void ExportTrainsEvaluatesGeneratesAndExportsPeftFromTheCli()
+    {
+        using var dir = new TempDir();
+        string Run(params string[] args)
+        {
+            var (code, stdout, stderr) = CliRunner.Run(args);
+            Assert.That(code, Is.EqualTo(0), $"{string.Join(" ", args)}: {stderr}");
+            return stdout;
+        }
+        var inspect = Run("inspect", Fixture("qwen2_opset14.onnx"));
+        StringAssert.Contains("attention_mask", inspect);
+        StringAssert.Contains("position_ids", inspect);
+        Run("rewrite", Fixture("qwen2_opset14.onnx"), "--out", dir.File("rw"), "--rank", "4", "--targets", "all-linear");
+        var random = new Random(1);
+        File.WriteAllLines(dir.File("train.jsonl"), Enumerable.Range(0, 16).Select(i =>
+            new JsonObject { ["input_ids"] = new JsonArray(Enumerable.Range(0, 4 + i % 7).Select(_ => (JsonNode?)random.Next(1, 128)).ToArray()) }.ToJsonString()));
+        Run("train", "--model", dir.File("rw"), "--data", dir.File("train.jsonl"), "--format", "tokens", "--seq", "12", "--batch", "4",
+            "--max-steps", "4", "--lr", "1e-2", "--threads", "1", "--out", dir.File("run"));
+        var eval = Run("eval", "--model", dir.File("rw"), "--adapter", Path.Combine(dir.File("run"), "adapter.onnx_adapter"), "--data", dir.File("train.jsonl"), "--format", "tokens", "--seq", "12");
+        StringAssert.Contains("perplexity", eval);
+        var generated = Run("generate", "--model", dir.File("rw"), "--adapter", Path.Combine(dir.File("run"), "adapter.onnx_adapter"), "--ids", "5,6,7", "-n", "3");
+        var ids = generated.Trim().Split('\n')[^1].Split(',').Select(int.Parse).ToArray();   // after the adapter's name
+        Assert.That(ids, Has.Length.AnyOf(3, 6), generated);
+        Assert.That(ids, Has.All.InRange(0, 127));
+        Run("export", dir.File("run"), "--format", "peft", "--out", dir.File("peft"));
+        var (peft, _) = SafeTensorsFile.Read(Path.Combine(dir.File("peft"), "adapter_model.safetensors"));
+        Assert.That(peft.Keys, Does.Contain("base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"));
+    }
+
+    [Test]
+    public void EveryOpHasAGradientEntryAndAnInferredRank()
+    {
+        var models = new[] { "llama_opset14.onnx", "llama_opset17.onnx", "qwen2_opset14.onnx", "qwen2_opset17.onnx" }
+            .Select(f => (f, OnnxFile.Load(Fixture(f)))).Append(("builder", HfModels.Build(Fixture("hf-llama")).Model));
+        foreach (var (name, model) in models)
+        {
+            var missing = model.Graph.Node.Where(n => !GradientRegistry.IsRegistered(n.Domain, n.OpType)).Select(n => n.OpType).Distinct();
+            Assert.That(missing, Is.Empty, $"{name}: ops without a gradient registry entry");
+            var shapes = ShapeInference.Run(model);
+            var unknown = model.Graph.Node.Where(n => n.Output.Any(o => shapes.ShapeOf(o)?.Rank is null)).Select(n => $"{n.OpType} {n.Name}").ToList();
+            Assert.That(unknown, Is.Empty, $"{name}: outputs whose rank shape inference does not know");
+        }
+    }
+
+    [Test]
     public void Gpt2FolderImportsAsBefore()
     {
         // the GPT-2 fixture folder (config.json + model.safetensors without the transformer. prefix) through the same entry point
