@@ -54,6 +54,8 @@ public static class GradientRegistry
         ["LogSoftmax"] = new LogSoftmaxRule(),
         ["Loop"] = NotDifferentiable,
         ["MatMul"] = new MatMulRule(),
+        ["Max"] = new MaxMinRule(max: true),
+        ["Min"] = new MaxMinRule(max: false),
         ["Mod"] = NotDifferentiable,
         ["Mul"] = new MulRule(),
         ["Neg"] = new NegRule(),

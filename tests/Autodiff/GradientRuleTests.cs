@@ -34,6 +34,8 @@ public class GradientRuleTests
         new("Sub [2,3]-[2,1]", "Sub", [R(2, 3), R(2, 1)]),
         new("Mul [2,3,4]*[1,4]", "Mul", [R(2, 3, 4), R(1, 4)]),
         new("Mul same input shape", "Mul", [R(3, 2), R(3, 2)]),
+        new("Max broadcast [2,3] vs [3]", "Max", [R(2, 3), R(3)]),
+        new("Min broadcast [2,1,3] vs [4,1]", "Min", [R(2, 1, 3), R(4, 1)]),
         new("Div [2,3]/[3]", "Div", [R(2, 3), Range(0.5, 1.5, 3)]),
         new("Sum variadic", "Sum", [R(2, 3), R(3), R(1, 1)]),
         new("Neg", "Neg", [R(2, 3)]),
