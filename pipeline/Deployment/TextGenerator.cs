@@ -78,46 +78,88 @@ public sealed class TextGenerator
     public GenerationResult Generate(IReadOnlyList<int> promptIds, GenerationOptions options, string? adapter = null)
     {
         ArgumentNullException.ThrowIfNull(promptIds);
-        ArgumentNullException.ThrowIfNull(options);
-        if (promptIds.Count == 0) throw new ArgumentException("the prompt has no tokens", nameof(promptIds));
-        _signature.CheckIds(promptIds, nameof(promptIds));
-        int? context = options.ContextLength ?? _signature.ContextLength;
-        var sampler = new Sampler(options.Sampling);
-        var all = new List<int>(promptIds);
-        var generated = new List<int>();
-        string reason = "max_new_tokens";
-        string? text = null;
-        for (int step = 0; step < options.MaxNewTokens; step++)
-        {
-            int start = context is int c && all.Count > c ? all.Count - c : 0;
-            var window = all.GetRange(start, all.Count - start);
-            int width = _signature.FixedTokens ?? window.Count;
-            var next = sampler.Next(LastLogits(window, width, adapter));
-            if (options.StopTokenIds.Contains(next)) { reason = "stop_token"; break; }
-            all.Add(next);
-            generated.Add(next);
-            if (Tokenizer is not null && options.StopSequences.Count > 0)
-            {
-                text = Tokenizer.Decode(generated);
-                int cut = options.StopSequences.Select(s => text.IndexOf(s, StringComparison.Ordinal)).Where(i => i >= 0).DefaultIfEmpty(-1).Min();
-                if (cut >= 0) { text = text[..cut]; reason = "stop_sequence"; return new GenerationResult(generated, text, reason); }
-            }
-        }
-        return new GenerationResult(generated, Tokenizer?.Decode(generated), reason);
+        return GenerateBatch([promptIds], options, adapter)[0];
     }
 
-    /// <summary>Logits at the last real token of <paramref name="window"/>: [vocab].</summary>
-    float[] LastLogits(List<int> window, int width, string? adapter)
+    /// <summary>
+    /// Generates for several prompts at once, one run per new token for the whole batch. Rows are left-padded when the
+    /// model takes an attention mask (every row's last token in the last column, positions from the mask), right-padded
+    /// otherwise (a causal model without a mask never lets padding reach a real token). Each row samples with its own
+    /// <see cref="Sampler"/> from <see cref="GenerationOptions.Sampling"/>, so a row gets what it gets alone; rows that
+    /// stop drop out of later runs.
+    /// </summary>
+    public IReadOnlyList<GenerationResult> GenerateBatch(IReadOnlyList<IReadOnlyList<int>> prompts, GenerationOptions options, string? adapter = null)
     {
-        var feeds = _signature.Feeds([window], width, padId: 0);
+        ArgumentNullException.ThrowIfNull(prompts);
+        ArgumentNullException.ThrowIfNull(options);
+        foreach (var p in prompts)
+        {
+            if (p.Count == 0) throw new ArgumentException("a prompt has no tokens", nameof(prompts));
+            _signature.CheckIds(p, nameof(prompts));
+        }
+        int? context = options.ContextLength ?? _signature.ContextLength;
+        var rows = prompts.Select(p => new Row(new List<int>(p), new Sampler(options.Sampling))).ToList();
+        for (int step = 0; step < options.MaxNewTokens; step++)
+        {
+            var active = rows.Where(r => r.Reason is null).ToList();
+            if (active.Count == 0) break;
+            var windows = active.Select(r => r.Window(context)).ToList();
+            var logits = LastLogits(windows, adapter);
+            for (int i = 0; i < active.Count; i++)
+            {
+                var row = active[i];
+                var next = row.Sampler.Next(logits[i]);
+                if (options.StopTokenIds.Contains(next)) { row.Reason = "stop_token"; continue; }
+                row.All.Add(next);
+                row.Generated.Add(next);
+                if (Tokenizer is not null && options.StopSequences.Count > 0)
+                {
+                    var text = Tokenizer.Decode(row.Generated);
+                    int cut = options.StopSequences.Select(s => text.IndexOf(s, StringComparison.Ordinal)).Where(c => c >= 0).DefaultIfEmpty(-1).Min();
+                    if (cut >= 0) { row.Text = text[..cut]; row.Reason = "stop_sequence"; }
+                }
+            }
+        }
+        return rows.Select(r => new GenerationResult(r.Generated, r.Text ?? Tokenizer?.Decode(r.Generated), r.Reason ?? "max_new_tokens")).ToList();
+    }
+
+    /// <summary>The logits at each window's last token: [rows][vocab], from one run.</summary>
+    float[][] LastLogits(List<List<int>> windows, string? adapter)
+    {
+        int width = _signature.FixedTokens ?? windows.Max(w => w.Count);
+        bool left = _signature.AttentionMask is not null;
+        var feeds = _signature.Feeds(windows.Cast<IReadOnlyList<int>>().ToList(), width, padId: 0, leftPad: left);
         try
         {
             using var outputs = _host.Run(adapter, feeds, [_signature.Logits]);
-            var logits = outputs[0];                                  // [1, tokens, vocab]
-            var shape = logits.GetTensorTypeAndShape().Shape;
-            int vocab = (int)shape[2];
-            return logits.GetTensorDataAsSpan<float>().Slice((window.Count - 1) * vocab, vocab).ToArray();
+            var logits = outputs[0];                                  // [rows, tokens, vocab]
+            int vocab = (int)logits.GetTensorTypeAndShape().Shape[2];
+            var data = logits.GetTensorDataAsSpan<float>();
+            var result = new float[windows.Count][];
+            for (int b = 0; b < windows.Count; b++)
+            {
+                int column = left ? width - 1 : windows[b].Count - 1;
+                result[b] = data.Slice((b * width + column) * vocab, vocab).ToArray();
+            }
+            return result;
         }
         finally { foreach (var v in feeds.Values) v.Dispose(); }
+    }
+
+    /// <summary>One prompt's state: its tokens so far, what it generated, its sampler, and why it stopped (null = running).</summary>
+    sealed class Row(List<int> all, Sampler sampler)
+    {
+        public List<int> All { get; } = all;
+        public List<int> Generated { get; } = new();
+        public Sampler Sampler { get; } = sampler;
+        public string? Reason { get; set; }
+        public string? Text { get; set; }
+
+        /// <summary>The last <paramref name="context"/> tokens (all when null).</summary>
+        public List<int> Window(int? context)
+        {
+            int start = context is int c && All.Count > c ? All.Count - c : 0;
+            return All.GetRange(start, All.Count - start);
+        }
     }
 }

@@ -149,7 +149,11 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
     }
 
     // model.input_roles: [NAME=ROLE, …], recorded in the rewritten models so training and deployment feed them
-    Dictionary<string, RoleOverride> InputRoles() => RoleOverride.ParseAll(config.List("model.input_roles"));
+    Dictionary<string, RoleOverride> InputRoles()
+    {
+        try { return RoleOverride.ParseAll(config.List("model.input_roles")); }
+        catch (ArgumentException e) { throw new InvalidDataException($"{config.Source}: model.input_roles: {e.Message}", e); }
+    }
 
     string Rewrite(string modelPath)
     {

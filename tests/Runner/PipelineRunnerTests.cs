@@ -78,6 +78,26 @@ public class PipelineRunnerTests
         Assert.That(() => config.Override("train.lrr=1"), Throws.Exception.With.Message.Contain("train.lr"));
     }
 
+    [Test]
+    public void ModelInputRolesMapAnExportsInputsThroughEveryStage()
+    {
+        using var dir = new TempDir();
+        var model = Signature.SignatureRolesTests.RenamedMaskModel(dir);   // attention_mask renamed segment_mask
+        var data = dir.File("train.jsonl");
+        File.WriteAllLines(data, Enumerable.Range(0, 12).Select(i => $"{{\"input_ids\":[{string.Join(",", Enumerable.Range(0, 4 + i % 5).Select(j => 10 + 13 * i + j))}]}}"));
+        var config = PipelineConfig.Parse($"model:\n  path: {model}\n  input_roles: [segment_mask=attention_mask]\n" +
+            $"data:\n  train: {data}\n  format: tokens\n  task: lm\ntrain:\n  max_steps: 2\n  lr: 1e-2\n  batch: 4\n  threads: 1\nexport:\n  formats: onnx-adapter\n", "test", dir.Path);
+        config.Override($"run_dir={dir.File("run")}");
+        var report = new PipelineRunner(config).Run();
+        var adapters = report.Outputs.Values.Where(p => p.EndsWith(".onnx_adapter", StringComparison.Ordinal)).ToList();
+        Assert.That(adapters, Is.Not.Empty);
+        Assert.That(adapters.Select(File.Exists), Has.All.True);
+        Assert.That(report.AdaptedLoss, Is.LessThan(report.BaseLoss), "two steps on the training rows lower their loss");
+
+        config.Override("model.input_roles=segment_mask");
+        Assert.That(() => new PipelineRunner(config).Validate(), Throws.TypeOf<InvalidDataException>().With.Message.Contains("model.input_roles"));
+    }
+
     sealed class Stopper(Action<TrainProgress> report) : IProgress<TrainProgress>
     {
         public void Report(TrainProgress value) => report(value);

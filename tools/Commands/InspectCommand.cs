@@ -40,9 +40,9 @@ public sealed class InspectCommand(IAnsiConsole console) : Command<InspectComman
         }
         string Role(string name) => roles?.RoleOf(name)?.ToString() ?? (rolesError is null ? "" : "?");
         var io = new Table().Title("inputs and outputs").AddColumns("", "name", "role", "type", "shape");
-        foreach (var i in graph.Input.Where(i => !inits.Contains(i.Name))) io.AddRow("input", Markup.Escape(i.Name), Role(i.Name), TypeName(ValueInfos.ElemType(i)), Shape(i));
+        foreach (var i in graph.Input.Where(i => !inits.Contains(i.Name))) io.AddRow("input", Markup.Escape(i.Name), Markup.Escape(Role(i.Name)), TypeName(ValueInfos.ElemType(i)), Shape(i));
         foreach (var i in graph.Input.Where(i => inits.Contains(i.Name))) io.AddRow("input (default)", Markup.Escape(i.Name), "", TypeName(ValueInfos.ElemType(i)), Shape(i));
-        foreach (var o in graph.Output) io.AddRow("output", Markup.Escape(o.Name), Role(o.Name), TypeName(ValueInfos.ElemType(o)), Shape(o));
+        foreach (var o in graph.Output) io.AddRow("output", Markup.Escape(o.Name), Markup.Escape(Role(o.Name)), TypeName(ValueInfos.ElemType(o)), Shape(o));
         console.Write(io);
         if (rolesError is not null) console.MarkupLineInterpolated($"[yellow]roles: {rolesError}[/]");
 
