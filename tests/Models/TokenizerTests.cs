@@ -165,3 +165,38 @@ public class TokenizerCliTests
         StringAssert.StartsWith("hello the", stdout.Trim());
     }
 }
+
+/// <summary>`onnxlora run` with a Llama-family model: built from a preset with a folder's tokenizer, or read from a Hugging Face folder.</summary>
+public class LlamaPipelineTests
+{
+    [TestCase("preset")]
+    [TestCase("from")]
+    public void RunConfigBuildsTrainsAndExports(string source)
+    {
+        using var dir = new TempDir();
+        string model;
+        string data;
+        if (source == "preset")
+        {
+            TokenizerTests.WriteTokenizerJson(dir, TokenizerTests.ByteLevel());
+            File.WriteAllText(dir.File("train.txt"), string.Concat(Enumerable.Repeat("hello the world. ", 60)));
+            model = "  arch: llama\n  preset: tiny\n";
+            data = $"  train: {dir.File("train.txt")}\n  format: text\n  tokenizer: {dir.Path}\n";
+        }
+        else
+        {
+            var random = new Random(2);
+            File.WriteAllLines(dir.File("train.jsonl"), Enumerable.Range(0, 24).Select(i =>
+                "{\"input_ids\":[" + string.Join(",", Enumerable.Range(0, 6 + i % 5).Select(_ => random.Next(1, 128))) + "]}"));
+            model = $"  from: {Path.Combine(TestContext.CurrentContext.TestDirectory, "fixtures", "llama", "hf-llama")}\n";
+            data = $"  train: {dir.File("train.jsonl")}\n  eval: {dir.File("train.jsonl")}\n  format: tokens\n";
+        }
+        File.WriteAllText(dir.File("run.yaml"),
+            $"run_dir: {dir.File("run")}\nmodel:\n{model}lora:\n  targets: q_proj,v_proj\n  rank: 4\ndata:\n{data}  task: lm\n  seq: 16\n" +
+            "train:\n  epochs: 1\n  max_steps: 3\n  batch: 4\n  threads: 1\nexport:\n  formats: [onnx-adapter, peft]\nevaluate:\n  examples: 2\n");
+        var (code, stdout, stderr) = CliRunner.Run("run", dir.File("run.yaml"));
+        Assert.That(code, Is.EqualTo(0), stderr + stdout);
+        var onnx = Directory.GetFiles(dir.File("run"), "*.onnx_adapter", SearchOption.AllDirectories);
+        Assert.That(onnx, Is.Not.Empty);
+    }
+}
