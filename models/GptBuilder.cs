@@ -187,7 +187,7 @@ public static class GptBuilder
     }
 
     // The initializer wraps the float array's bytes instead of copying them (Google.Protobuf's UnsafeWrap).
-    static TensorProto WeightInitializer(string name, long[] shape, float[] values)
+    internal static TensorProto WeightInitializer(string name, long[] shape, float[] values)
     {
         var t = new TensorProto { Name = name, DataType = (int)DataType.Float, RawData = UnsafeByteOperations.UnsafeWrap(new FloatBytes(values).Memory) };
         t.Dims.AddRange(shape);

@@ -17,11 +17,15 @@ public static class GptLayout
     public const string PositionEmbedding = "transformer.wpe.weight";
 
     /// <summary>
-    /// GPT-2's Conv1D weights, relative to a block. Conv1D stores <c>[in, out]</c> (PEFT's <c>fan_in_fan_out=True</c>),
+    /// GPT-2's Conv1D modules, relative to a block (the one list: import and PEFT's fan_in_fan_out read it). Conv1D stores <c>[in, out]</c> (PEFT's <c>fan_in_fan_out=True</c>),
     /// which is also the layout of the builder's <c>MatMul(x, W)</c>, so they are copied as they are; a checkpoint
     /// from an <c>nn.Linear</c> port would hold them <c>[out, in]</c> and is rejected with a hint.
     /// </summary>
-    public static IReadOnlyList<string> Conv1DWeights { get; } = ["attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"];
+    public static IReadOnlyList<string> Conv1DModules { get; } = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"];
+
+    /// <summary>True for a module path that ends in one of GPT-2's <see cref="Conv1DModules"/> (<c>transformer.h.0.attn.c_attn</c>).</summary>
+    public static bool IsConv1DModule(string module) =>
+        Conv1DModules.Any(c => module == c || module.EndsWith("." + c, StringComparison.Ordinal));
 
     /// <summary>The separate projections of a <see cref="GptConfig.SplitQkv"/> model, relative to a block, in c_attn's column order.</summary>
     public static IReadOnlyList<string> SplitQkvModules { get; } = ["attn.q_proj", "attn.k_proj", "attn.v_proj"];
@@ -78,5 +82,5 @@ public static class GptLayout
 
     /// <summary>True for a Conv1D weight name (any block).</summary>
     public static bool IsConv1DWeight(string name) =>
-        Conv1DWeights.Concat(SplitQkvModules.Select(m => m + ".weight")).Any(w => name.EndsWith("." + w, StringComparison.Ordinal));
+        name.EndsWith(".weight", StringComparison.Ordinal) && (IsConv1DModule(name[..^".weight".Length]) || SplitQkvModules.Any(m => name.EndsWith($".{m}.weight", StringComparison.Ordinal)));
 }

@@ -24,7 +24,25 @@ public sealed partial class GptWeights
     {
         ArgumentNullException.ThrowIfNull(path);
         config?.Validate();
-        var (raw, _) = SafeTensorsFile.Read(path);
+        return Import(SafeTensorsFile.Read(path).Tensors, path, config);
+    }
+
+    /// <summary>
+    /// The weights of a Hugging Face GPT2LMHeadModel folder (<see cref="HfCheckpoint"/>: one model.safetensors or shards),
+    /// checked as <see cref="FromSafeTensors"/> checks them; the head count comes from its config.json.
+    /// </summary>
+    public static GptWeights FromCheckpoint(HfCheckpoint checkpoint, GptConfig? config = null)
+    {
+        ArgumentNullException.ThrowIfNull(checkpoint);
+        config?.Validate();
+        var files = checkpoint.Tensors.Values.Select(t => t.File).Distinct().ToList();
+        // errors name the one weights file, or the shard index (beside config.json either way)
+        var what = files.Count == 1 ? files[0] : Path.Combine(checkpoint.Directory, HfCheckpoint.IndexFile);
+        return Import(checkpoint.Tensors.ToDictionary(kv => kv.Key, kv => kv.Value.Tensor, StringComparer.Ordinal), what, config);
+    }
+
+    static GptWeights Import(Dictionary<string, SafeTensor> raw, string path, GptConfig? config)
+    {
         bool prefixed = raw.Keys.Any(k => k.StartsWith(GptLayout.Prefix, StringComparison.Ordinal));
         string InFile(string fullName) => prefixed ? fullName : fullName[GptLayout.Prefix.Length..];
         InvalidDataException Error(string message) =>

@@ -74,11 +74,10 @@ public sealed partial class GptWeights
     {
         ArgumentNullException.ThrowIfNull(config);
         config.Validate();
-        const int chunk = 1 << 18;
         const double std = 0.02;
         double residualStd = std / Math.Sqrt(2.0 * config.Layers);
         var tensors = new Dictionary<string, WeightTensor>(StringComparer.Ordinal);
-        var work = new List<(string Name, float[] Values, double Std, int Chunk)>();
+        var random = new List<(string Name, float[] Values, double Std)>();
         foreach (var (name, shape) in GptLayout.Tensors(config))
         {
             var values = new float[checked((int)shape.Aggregate(1L, (a, b) => a * b))];
@@ -86,14 +85,9 @@ public sealed partial class GptWeights
             bool isLayerNorm = name.Contains(".ln_", StringComparison.Ordinal);
             if (name.EndsWith(".bias", StringComparison.Ordinal)) continue;               // biases and LN shifts: 0
             if (isLayerNorm) { values.AsSpan().Fill(1f); continue; }                    // LN scales: 1
-            double s = GptLayout.ResidualProjections.Any(p => name.EndsWith("." + p, StringComparison.Ordinal)) ? residualStd : std;
-            for (int c = 0; c * (long)chunk < values.Length; c++) work.Add((name, values, s, c));
+            random.Add((name, values, GptLayout.ResidualProjections.Any(p => name.EndsWith("." + p, StringComparison.Ordinal)) ? residualStd : std));
         }
-        Parallel.ForEach(work, w =>
-        {
-            int start = w.Chunk * chunk, count = Math.Min(chunk, w.Values.Length - start);
-            new SeededNormal((ulong)seed, w.Name, w.Chunk).Fill(w.Values.AsSpan(start, count), w.Std);
-        });
+        SeededNormal.FillAll(random, seed);
         return new GptWeights(config, tensors);
     }
 

@@ -55,6 +55,23 @@ public struct SeededNormal
         for (int i = 0; i < values.Length; i++) values[i] = (float)(std * NextNormal());
     }
 
+    /// <summary>
+    /// Fills each tensor with N(0, std) samples from <paramref name="seed"/>: each tensor, in chunks of 2¹⁸ values, has
+    /// its own stream (named by the tensor), so the bits do not depend on the thread count or the order of the list.
+    /// </summary>
+    public static void FillAll(IReadOnlyList<(string Name, float[] Values, double Std)> tensors, long seed)
+    {
+        const int chunk = 1 << 18;
+        var work = new List<(string Name, float[] Values, double Std, int Chunk)>();
+        foreach (var (name, values, std) in tensors)
+            for (int c = 0; c * (long)chunk < values.Length; c++) work.Add((name, values, std, c));
+        Parallel.ForEach(work, w =>
+        {
+            int start = w.Chunk * chunk, count = Math.Min(chunk, w.Values.Length - start);
+            new SeededNormal((ulong)seed, w.Name, w.Chunk).Fill(w.Values.AsSpan(start, count), w.Std);
+        });
+    }
+
     static ulong Mix(ulong z)
     {
         z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9UL;

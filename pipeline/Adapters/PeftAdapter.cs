@@ -35,9 +35,6 @@ public static class PeftAdapter
     public const string ConfigFile = "adapter_config.json";
     public const string Prefix = "base_model.model.";
 
-    /// <summary>Hugging Face GPT-2's Conv1D modules (weight stored [in, out]): the reason for fan_in_fan_out.</summary>
-    public static readonly IReadOnlyList<string> Gpt2Conv1DModules = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"];
-
     /// <summary>Writes <paramref name="adapter"/> as a PEFT adapter folder (both files atomically).</summary>
     public static void Write(string directory, LoraAdapter adapter, PeftExportOptions? options = null)
     {
@@ -72,7 +69,7 @@ public static class PeftAdapter
         // module suffixes, PEFT's usual form (the manifest's own patterns may use OnnxLora's "re:"/"all-linear" forms)
         var targetModules = m.Targets.Select(t => t.Module.Split('.')[^1]).Distinct().ToList();
         var modulesToSave = adapter.Extras.Keys.Select(k => k.Contains('.') ? k[..k.LastIndexOf('.')] : k).Distinct().ToList();
-        bool fanInFanOut = options.FanInFanOut ?? m.Targets.All(t => !t.WeightTransposed && Gpt2Conv1DModules.Any(c => t.Module == c || t.Module.EndsWith("." + c, StringComparison.Ordinal)));
+        bool fanInFanOut = options.FanInFanOut ?? m.Targets.All(t => !t.WeightTransposed && GptLayout.IsConv1DModule(t.Module));
 
         var config = new JsonObject
         {

@@ -40,8 +40,10 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
     /// <summary>Checks the config's values before any work starts (unknown keys were refused on parsing).</summary>
     public void Validate()
     {
-        if (config.String("model.path") is null && config.String("model.preset") is null && config.String("model.weights") is null)
-            throw new InvalidDataException($"{config.Source}: give model.path (an ONNX file) or model.preset (and optionally model.weights)");
+        if (config.String("model.path") is null && config.String("model.preset") is null && config.String("model.weights") is null && config.String("model.from") is null)
+            throw new InvalidDataException($"{config.Source}: give model.path (an ONNX file), model.from (a Hugging Face folder) or model.preset (and optionally model.weights)");
+        if (config.Required("model.arch") is not ("gpt2" or "llama"))
+            throw new InvalidDataException($"{config.Source}: model.arch must be gpt2 or llama (got '{config.String("model.arch")}')");
         if (config.String("data.generate") is { } g && g != DemoData.Name)
             throw new InvalidDataException($"{config.Source}: data.generate must be '{DemoData.Name}' (got '{g}')");
         if (config.String("data.generate") is null && config.String("data.train") is null)
@@ -121,11 +123,21 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
             if (!File.Exists(path)) throw new FileNotFoundException($"{config.Source}: model.path '{path}' does not exist", path);
             return path;
         }
+        var output = Path.Combine(_runDir, "model", "base.onnx");
+        if (config.Path("model.from") is { } folder)
+        {
+            OnnxFile.Save(HfModels.Build(folder).Model, output);
+            return output;
+        }
+        if (config.Required("model.arch") == "llama")
+        {
+            OnnxFile.Save(LlamaBuilder.Build(LlamaWeights.Random(LlamaConfig.Preset(config.Required("model.preset")), config.Int("model.seed"))), output);
+            return output;
+        }
         var weights = config.Path("model.weights");
         var preset = config.String("model.preset");
         var gpt = weights is not null ? GptWeights.FromSafeTensors(weights, preset is null ? null : GptConfig.Preset(preset))
                                       : GptWeights.Random(GptConfig.Preset(preset!), config.Int("model.seed"));
-        var output = Path.Combine(_runDir, "model", "base.onnx");
         OnnxFile.Save(GptBuilder.Build(gpt.Config, gpt), output);
         return output;
     }
@@ -195,7 +207,7 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
                 : task == TaskKind.Cls ? DataFormat.Tsv : Path.GetExtension(trainData) == ".jsonl" ? DataFormat.Jsonl : DataFormat.Text,
             Classes = config.Int("data.classes"),
             ClassNames = config.String("data.generate") is not null ? DemoData.Labels : DatasetLoader.ParseClassNames(config.String("data.labels"), "data.labels"),
-            SeqLength = config.Int("data.seq"), SkipBadRows = config.Bool("data.skip_bad_rows"),
+            SeqLength = config.Int("data.seq"), SkipBadRows = config.Bool("data.skip_bad_rows"), Tokenizer = config.Path("data.tokenizer"),
             Optimizer = config.Required("train.optimizer").ToLowerInvariant(), Lr = config.Double("train.lr"), WeightDecay = config.Double("train.weight_decay"),
             WarmupSteps = config.Int("train.warmup"),
             Schedule = Key("train.schedule", () => ScheduleKinds.Parse(config.Required("train.schedule"))),
@@ -240,7 +252,7 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
         var options = TrainOptions.Load(runDir);
         var artifacts = Path.Combine(runDir, Trainer.ArtifactsDir);
         var device = ExecutionDevice.Parse(options.Device);
-        var data = DatasetLoader.Load(evalData, new DatasetOptions { Format = options.Format, Task = options.Task, SeqLength = options.SeqLength, ClassNames = options.ClassNames, SkipBadRows = options.SkipBadRows });
+        var data = DatasetLoader.Load(evalData, new DatasetOptions { Format = options.Format, Task = options.Task, SeqLength = options.SeqLength, ClassNames = options.ClassNames, SkipBadRows = options.SkipBadRows, Tokenizer = TokenizerOf(options) });
         _sampleIds = data.Examples[0].InputIds.Select(i => (long)i).ToArray();
         using var session = TrainingSession.Create(artifacts, device, options.Threads);
         var before = Score(session, data, options);
@@ -252,7 +264,7 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
         if (options.Task == TaskKind.Cls)
             for (int i = 0; i < Math.Min(count, before.Predictions.Count); i++)
                 examples.Add(new SideBySide(before.Texts[i], data.ClassNames[data.Examples[i].ClassLabel], before.Predictions[i], after.Predictions[i]));
-        else examples.AddRange(Generations(rewriteDir, data, adapter, count, showIds: options.Format == DataFormat.Tokens));
+        else examples.AddRange(Generations(rewriteDir, data, adapter, count, showIds: options.Format == DataFormat.Tokens, TokenizerOf(options)));
         log?.Invoke($"evaluate: loss {before.Loss:F4} → {after.Loss:F4}" + (before.Accuracy is double a ? $", accuracy {a:P1} → {after.Accuracy:P1}" : ""));
         _stages.Add(("evaluate", false, Path.Combine(_runDir, "evaluation.json")));
         AtomicFile.WriteAllText(Path.Combine(_runDir, "evaluation.json"), new JsonObject
@@ -267,6 +279,7 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
 
     static Scores Score(TrainingSession session, Dataset data, TrainOptions options)
     {
+        var tokenizer = TokenizerOf(options);
         double total = 0, weight = 0;
         int correct = 0;
         var predictions = new List<string>();
@@ -286,25 +299,28 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
                 double p = 1 / z.Sum(v => Math.Exp(v - z[best]));
                 if (best == members[row].ClassLabel) correct++;
                 predictions.Add($"{data.ClassNames[best]} ({p:P0})");
-                texts.Add(TextTokenizer.Gpt2.Decode(members[row].InputIds));
+                texts.Add(tokenizer.Decode(members[row].InputIds));
             }
         }
         return new Scores(total / weight, data.Task == TaskKind.Cls ? (double)correct / data.Examples.Count : null, predictions, texts);
     }
 
     /// <summary>Greedy continuations of eval prompts by the base and the adapted model; token ids are shown as ids when the data was pre-tokenized.</summary>
-    static IEnumerable<SideBySide> Generations(string rewriteDir, Dataset data, LoraAdapter adapter, int count, bool showIds)
+    // data.tokenizer's, else GPT-2's
+    static TextTokenizer TokenizerOf(TrainOptions options) => options.Tokenizer is null ? TextTokenizer.Gpt2 : TextTokenizer.Load(options.Tokenizer);
+
+    static IEnumerable<SideBySide> Generations(string rewriteDir, Dataset data, LoraAdapter adapter, int count, bool showIds, TextTokenizer tokenizer)
     {
         using var host = AdapterHost.Create(Path.Combine(rewriteDir, LoraManifest.DeployableModelFile));
         host.AddAdapter("adapted", OnnxAdapterFile.Serialize(OnnxAdapterFile.DeployableParameters(adapter)));
-        var generator = new TextGenerator(host, TextGenerator.Gpt2Tokenizer());
-        var options = new GenerationOptions { MaxNewTokens = 12, StopTokenIds = [TextGenerator.Gpt2EndOfText] };
+        var generator = new TextGenerator(host, tokenizer.Inner);
+        var options = new GenerationOptions { MaxNewTokens = 12, StopTokenIds = [tokenizer.EndOfText] };
         foreach (var e in data.Examples.Take(count))
         {
             int prompt = Array.FindIndex(e.Labels, l => l != Example.Ignore);
             if (prompt <= 0) prompt = Math.Max(1, e.Length / 2);
             var promptIds = e.InputIds[..prompt];
-            string Show(IEnumerable<int> ids) => showIds ? string.Join(" ", ids) : TextTokenizer.Gpt2.Decode(ids);
+            string Show(IEnumerable<int> ids) => showIds ? string.Join(" ", ids) : tokenizer.Decode(ids);
             yield return new SideBySide(Show(promptIds), Show(e.InputIds[prompt..]),
                 Show(generator.Generate(promptIds, options).TokenIds), Show(generator.Generate(promptIds, options, "adapted").TokenIds));
         }

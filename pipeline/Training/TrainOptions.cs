@@ -49,6 +49,8 @@ public sealed record TrainOptions
     public string? InitAdapter { get; init; }
     public int CheckpointEvery { get; init; } = 50;
     public bool SkipBadRows { get; init; }
+    /// <summary>The model's tokenizer for text data (a model folder, tokenizer.json or tokenizer.model); null = GPT-2's.</summary>
+    public string? Tokenizer { get; init; }
     /// <summary>Roles for inputs the names do not tell, each NAME=ROLE[:LAYER] (<c>--input-role</c>).</summary>
     public IReadOnlyList<string> InputRoles { get; init; } = [];
 

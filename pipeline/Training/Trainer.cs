@@ -202,6 +202,7 @@ public static class Trainer
         {
             Format = o.Format, Task = o.Task, SeqLength = o.SeqLength, VocabSize = vocab, SkipBadRows = o.SkipBadRows,
             ClassNames = classNames ?? o.ClassNames, ClassCount = o.Classes,
+            Tokenizer = o.Tokenizer is null || o.Format == DataFormat.Tokens ? null : TextTokenizer.Load(o.Tokenizer),
         });
         if (o.Task == TaskKind.Cls && o.Classes > 0 && ds.ClassNames.Count > o.Classes)
             throw new InvalidDataException($"{path}: has {ds.ClassNames.Count} labels ({string.Join(", ", ds.ClassNames)}) but --classes is {o.Classes}");

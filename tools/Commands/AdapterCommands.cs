@@ -4,6 +4,7 @@ using OnnxLora.GraphRewrite.Signature;
 using OnnxLora.GraphRewrite.Lora;
 using OnnxLora.GraphRewrite.Onnx;
 using OnnxLora.Pipeline.Adapters;
+using OnnxLora.Pipeline.Data;
 using OnnxLora.Pipeline.Deployment;
 using OnnxLora.Pipeline.Runtime;
 using Spectre.Console;
@@ -137,6 +138,10 @@ public class ServeSettings : CommandSettings
     [Description("cpu (default), cuda or cuda:ID; CUDA that cannot load is an error, never a silent CPU fallback.")]
     public string Device { get; init; } = "cpu";
 
+    [CommandOption("--tokenizer <PATH>")]
+    [Description("The model's tokenizer: a Hugging Face model folder, its tokenizer.json (BPE) or tokenizer.model (SentencePiece). Default: GPT-2's, for GPT-2's vocabulary.")]
+    public string? Tokenizer { get; init; }
+
     [CommandOption("--input-role <NAME=ROLE>")]
     [Description(InputRoleHelp.Text)]
     public string[] InputRoles { get; init; } = [];
@@ -175,7 +180,6 @@ public class ServeSettings : CommandSettings
         .Select(t => int.TryParse(t, NumberStyles.None, CultureInfo.InvariantCulture, out var id) ? id : throw new FormatException($"--ids: '{t}' is not a token id (a whole number ≥ 0)"))
         .ToList();
 
-    /// <summary>Class names from a comma-separated flag, each given once (two classes with one name cannot be told apart).</summary>
     /// <summary>The vocabulary: the last dim of [batch, tokens, vocab] logits; 0 when it is symbolic or the logits are [batch, classes].</summary>
     static int VocabularySize(AdapterHost host)
     {
@@ -183,14 +187,21 @@ public class ServeSettings : CommandSettings
         return logits.Dimensions.Length == 3 ? Math.Max(0, logits.Dimensions[^1]) : 0;
     }
 
-    /// <summary>GPT-2's tokenizer when the model's vocabulary is GPT-2's; otherwise token ids are required.</summary>
-    internal static Microsoft.ML.Tokenizers.Tokenizer? TokenizerFor(AdapterHost host, bool needed)
+    /// <summary>--tokenizer's, else GPT-2's when the model's vocabulary is GPT-2's; otherwise token ids are required.</summary>
+    internal TextTokenizer? TokenizerFor(AdapterHost host, bool needed)
     {
         int width = VocabularySize(host);
-        if (width == 50257) return TextGenerator.Gpt2Tokenizer();
+        if (Tokenizer is not null)
+        {
+            var tokenizer = TextTokenizer.Load(Tokenizer);
+            if (width > 0 && tokenizer.VocabSize > width)
+                throw new ArgumentException($"{Tokenizer}: the tokenizer has {tokenizer.VocabSize} tokens, more than the model's {width}; is it this model's tokenizer?");
+            return tokenizer;
+        }
+        if (width == 50257) return TextTokenizer.Gpt2;
         if (needed) throw new ArgumentException(width > 0
-            ? $"{host.ModelPath}: the vocabulary has {width} tokens, not GPT-2's 50,257; pass --ids instead of text"
-            : $"{host.ModelPath}: the vocabulary size (last dim of the logits) is not fixed, so GPT-2's tokenizer may not fit; pass --ids instead of text");
+            ? $"{host.ModelPath}: the vocabulary has {width} tokens, not GPT-2's 50,257; pass --tokenizer (the model's tokenizer.json or folder) or --ids instead of text"
+            : $"{host.ModelPath}: the vocabulary size (last dim of the logits) is not fixed, so GPT-2's tokenizer may not fit; pass --tokenizer (the model's tokenizer.json or folder) or --ids instead of text");
         return null;
     }
 }
@@ -248,14 +259,14 @@ public sealed class GenerateCommand(IAnsiConsole console) : Command<GenerateComm
         var (host, runs) = s.OpenHost();
         using (host)
         {
-            var tokenizer = ServeSettings.TokenizerFor(host, needed: ids is null);
-            var generator = new TextGenerator(host, tokenizer);
+            var tokenizer = s.TokenizerFor(host, needed: ids is null);
+            var generator = new TextGenerator(host, tokenizer?.Inner);
             var options = new GenerationOptions
             {
                 MaxNewTokens = s.MaxNewTokens,
                 Sampling = new SamplingOptions { Temperature = s.Temperature, TopK = s.TopK, TopP = s.TopP, Seed = s.Seed },
                 StopSequences = s.Stop,
-                StopTokenIds = tokenizer is null ? [] : [TextGenerator.Gpt2EndOfText],
+                StopTokenIds = tokenizer is null ? [] : [tokenizer.EndOfText],
                 ContextLength = s.Context,
             };
             foreach (var name in runs)
@@ -295,7 +306,7 @@ public sealed class ClassifyCommand(IAnsiConsole console) : Command<ClassifyComm
         var (host, runs) = s.OpenHost();
         using (host)
         {
-            var tokenizer = ServeSettings.TokenizerFor(host, needed: ids is null || s.LabelTokens is not null);
+            var tokenizer = s.TokenizerFor(host, needed: ids is null || s.LabelTokens is not null)?.Inner;
             IReadOnlyList<int>? labelTokens = s.LabelTokens?.Split(',').Select(w =>
             {
                 var t = tokenizer!.EncodeToIds(w);
@@ -376,8 +387,10 @@ public sealed class EvalCommand(IAnsiConsole console) : Command<EvalCommand.Sett
             var data = Pipeline.Data.DatasetLoader.Load(s.Data, new Pipeline.Data.DatasetOptions
             {
                 Format = format, Task = task, SeqLength = s.Seq, ClassNames = Pipeline.Data.DatasetLoader.ParseClassNames(s.Labels, "--labels"),
-                VocabSize = task == Pipeline.Data.TaskKind.Cls ? 50257   // tsv text goes through GPT-2's tokenizer
-                    : width > 0 ? width : throw new ArgumentException($"{host.ModelPath}: the vocabulary size (last dim of the logits) is not fixed, so token ids cannot be checked against it"),
+                VocabSize = width > 0 ? width
+                    : task == Pipeline.Data.TaskKind.Cls && s.Tokenizer is null ? 50257   // tsv text goes through GPT-2's tokenizer
+                    : throw new ArgumentException($"{host.ModelPath}: the vocabulary size (last dim of the logits) is not fixed, so token ids cannot be checked against it"),
+                Tokenizer = s.Tokenizer is null ? null : TextTokenizer.Load(s.Tokenizer),
             });
             console.WriteLine(string.Create(CultureInfo.InvariantCulture, $"{s.Data}: {data.Examples.Count:N0} examples, {data.TokenCount:N0} tokens ({data.Truncated} cut to {s.Seq})"));
             foreach (var name in runs)
@@ -390,7 +403,7 @@ public sealed class EvalCommand(IAnsiConsole console) : Command<EvalCommand.Sett
                     console.MarkupLine(string.Create(CultureInfo.InvariantCulture, $"[bold]{who}[/]: loss {r.MeanLoss:F4}, perplexity {r.Perplexity:F3} over {r.Tokens:N0} tokens"));
                     continue;
                 }
-                var tokenizer = s.LabelTokens is null ? null : ServeSettings.TokenizerFor(host, needed: true);
+                var tokenizer = s.LabelTokens is null ? null : s.TokenizerFor(host, needed: true)?.Inner;
                 var classifier = new Classifier(host, tokenizer, new ClassifierOptions
                 {
                     Labels = data.ClassNames.Count > 0 ? data.ClassNames : null,

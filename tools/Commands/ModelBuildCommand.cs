@@ -8,25 +8,33 @@ using Spectre.Console.Cli;
 namespace OnnxLora.Tools.Commands;
 
 /// <summary>
-/// <c>onnxlora model build</c>: writes a GPT-2 as ONNX from a preset with seeded random weights, or from a Hugging
-/// Face GPT-2 <c>model.safetensors</c>.
+/// <c>onnxlora model build</c>: writes a GPT-2 or a Llama-family decoder as ONNX from a preset with seeded random
+/// weights, from a Hugging Face GPT-2 <c>model.safetensors</c>, or from a Hugging Face model folder.
 /// </summary>
 public sealed class ModelBuildCommand(IAnsiConsole console) : Command<ModelBuildCommand.Settings>
 {
-    public const string Description = "Build a GPT-2 as ONNX (opset 17) from a preset with random weights, or from Hugging Face GPT-2 safetensors";
+    public const string Description = "Build a GPT-2 or Llama-family decoder as ONNX (opset 17): a preset with random weights, or Hugging Face weights";
 
     public sealed class Settings : CommandSettings
     {
+        [CommandOption("-a|--arch <ARCH>")]
+        [Description("Architecture of --preset: gpt2 (default) or llama (RMSNorm, RoPE, grouped-query attention, SwiGLU; Optimum's input_ids/attention_mask/position_ids)")]
+        public string? Arch { get; init; }
+
         [CommandOption("-p|--preset <PRESET>")]
-        [Description("Model shape: tiny, small, gpt2, gpt2-medium, gpt2-large or gpt2-xl. With --weights it may be left out (the shape is read from the file)")]
+        [Description("Model shape. gpt2: tiny, small, gpt2, gpt2-medium, gpt2-large, gpt2-xl. llama: tiny, tiny-qwen2, smollm2-135m, qwen2.5-0.5b, llama-3.2-1b. With --weights it may be left out")]
         public string? Preset { get; init; }
 
         [CommandOption("-w|--weights <FILE>")]
         [Description("Hugging Face GPT-2 model.safetensors to take the weights from (F32, F16 or BF16); without it the weights are random")]
         public string? Weights { get; init; }
 
+        [CommandOption("--from <DIR>")]
+        [Description("A Hugging Face model folder (config.json + model.safetensors or model.safetensors.index.json shards) of a GPT2LMHeadModel, LlamaForCausalLM or Qwen2ForCausalLM; the shape comes from config.json")]
+        public string? From { get; init; }
+
         [CommandOption("-s|--seed <N>")]
-        [Description("Seed of the random weights (GPT-2 init, the same bits on every machine). Default: 0")]
+        [Description("Seed of the random weights (the same bits on every machine). Default: 0")]
         public long? Seed { get; init; }
 
         [CommandOption("-o|--out <FILE>")]
@@ -40,33 +48,50 @@ public sealed class ModelBuildCommand(IAnsiConsole console) : Command<ModelBuild
         public override ValidationResult Validate()
         {
             if (string.IsNullOrWhiteSpace(Out)) return ValidationResult.Error("--out is required: the .onnx file to write");
-            if (Preset is null && Weights is null) return ValidationResult.Error($"give --preset ({string.Join(", ", GptConfig.PresetNames)}) or --weights model.safetensors");
-            if (Weights is not null && Seed is not null) return ValidationResult.Error("--seed applies to random weights only; leave it out with --weights");
+            if (Arch is not (null or "gpt2" or "llama")) return ValidationResult.Error($"--arch '{Arch}': use gpt2 or llama");
+            if (From is not null && (Preset ?? Weights ?? Arch) is not null) return ValidationResult.Error("--from reads the shape and weights from the folder's config.json; leave out --preset, --arch and --weights");
+            if (Weights is not null && Arch == "llama") return ValidationResult.Error("--weights reads GPT-2 safetensors; for a Llama-family model give its folder with --from DIR");
+            if (Preset is null && Weights is null && From is null)
+                return ValidationResult.Error($"give --preset (gpt2: {string.Join(", ", GptConfig.PresetNames)}; --arch llama: {string.Join(", ", LlamaConfig.PresetNames)}), --weights model.safetensors or --from DIR");
+            if ((Weights ?? From) is not null && Seed is not null) return ValidationResult.Error("--seed applies to random weights only; leave it out with --weights or --from");
             return ValidationResult.Success();
         }
     }
 
     public override int Execute(CommandContext context, Settings settings, CancellationToken cancellationToken)
     {
-        var config = settings.Preset is null ? null : GptConfig.Preset(settings.Preset);
         var outPath = Path.GetFullPath(settings.Out!);
         var dataPath = outPath + ".data";
         foreach (var path in new[] { outPath, dataPath })
             OutputFolder.CheckFile(path, "--out", [settings.Weights], settings.Force);
 
         var clock = Stopwatch.StartNew();
-        var weights = settings.Weights is null
-            ? GptWeights.Random(config!, settings.Seed ?? 0)
-            : GptWeights.FromSafeTensors(settings.Weights, config);
+        Onnx.ModelProto model;
+        string description;
+        long parameters;
+        if (settings.From is not null)
+            (model, description, parameters) = HfModels.Build(settings.From);
+        else if (settings.Arch == "llama")
+        {
+            var weights = LlamaWeights.Random(LlamaConfig.Preset(settings.Preset!), settings.Seed ?? 0);
+            (model, description, parameters) = (LlamaBuilder.Build(weights), weights.Config.ToString(), weights.ParameterCount);
+        }
+        else
+        {
+            var config = settings.Preset is null ? null : GptConfig.Preset(settings.Preset);
+            var weights = settings.Weights is null ? GptWeights.Random(config!, settings.Seed ?? 0) : GptWeights.FromSafeTensors(settings.Weights, config);
+            (model, description, parameters) = (GptBuilder.Build(weights.Config, weights), $"GPT-2 {weights.Config}", weights.ParameterCount);
+        }
         cancellationToken.ThrowIfCancellationRequested();
         if (File.Exists(dataPath)) File.Delete(dataPath);   // --force: a stale .data beside a new inline model would mislead
-        GptBuilder.Save(weights.Config, weights, outPath);
+        OnnxFile.Save(model, outPath);
 
         long bytes = new FileInfo(outPath).Length + (File.Exists(dataPath) ? new FileInfo(dataPath).Length : 0);
         bool external = File.Exists(dataPath);
-        console.WriteLine($"wrote {settings.Out}: {bytes:N0} bytes{(external ? $" with {Path.GetFileName(dataPath)}" : "")}, {weights.ParameterCount:N0} parameters");
-        console.WriteLine($"  model: GPT-2 {weights.Config}");
-        console.WriteLine($"  weights: {(settings.Weights is null ? $"random, seed {settings.Seed ?? 0}" : settings.Weights)} ({clock.Elapsed.TotalSeconds:F1} s)");
+        var source = settings.From ?? settings.Weights ?? $"random, seed {settings.Seed ?? 0}";
+        console.WriteLine($"wrote {settings.Out}: {bytes:N0} bytes{(external ? $" with {Path.GetFileName(dataPath)}" : "")}, {parameters:N0} parameters");
+        console.WriteLine($"  model: {description}");
+        console.WriteLine($"  weights: {source} ({clock.Elapsed.TotalSeconds:F1} s)");
         return 0;
     }
 }

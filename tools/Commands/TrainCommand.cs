@@ -78,6 +78,8 @@ public sealed class TrainCommand(IAnsiConsole console) : Command<TrainCommand.Se
         public int CheckpointEvery { get; init; } = 50;
         [CommandOption("--skip-bad-rows")][Description("Skip malformed data rows (counted) instead of failing.")]
         public bool SkipBadRows { get; init; }
+        [CommandOption("--tokenizer <PATH>")][Description("The model's tokenizer for text data: a Hugging Face model folder, its tokenizer.json (BPE) or tokenizer.model (SentencePiece). Default: GPT-2's.")]
+        public string? Tokenizer { get; init; }
         [CommandOption("--input-role <NAME=ROLE>")][Description(InputRoleHelp.Text)]
         public string[] InputRoles { get; init; } = [];
     }
@@ -119,7 +121,7 @@ public sealed class TrainCommand(IAnsiConsole console) : Command<TrainCommand.Se
             Schedule = Flag("--schedule", () => ScheduleKinds.Parse(s.Schedule)),
             GradAccum = s.GradAccum, Clip = s.Clip, EvalDataPath = s.EvalData is null ? null : Path.GetFullPath(s.EvalData),
             EvalEvery = s.EvalEvery, EarlyStoppingPatience = s.EarlyStopping, Device = s.Device, Threads = s.Threads, Seed = s.Seed,
-            Shuffle = !s.NoShuffle, InitAdapter = s.InitAdapter, CheckpointEvery = s.CheckpointEvery, SkipBadRows = s.SkipBadRows,
+            Shuffle = !s.NoShuffle, InitAdapter = s.InitAdapter, CheckpointEvery = s.CheckpointEvery, SkipBadRows = s.SkipBadRows, Tokenizer = s.Tokenizer,
             InputRoles = s.InputRoles,
         };
     }

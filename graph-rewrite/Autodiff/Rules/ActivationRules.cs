@@ -23,6 +23,18 @@ sealed class ErfRule : IGradientRule
     }
 }
 
+/// <summary>Y = sin X  ⇒  dX = dY·cos X (rotary embeddings of trainable positions or angles).</summary>
+sealed class SinRule : IGradientRule
+{
+    public void Build(GradientContext g) => g.SetInputGrad(0, g.Mul(g.OutputGrad(0)!, g.Op("Cos", [g.Input(0)])));
+}
+
+/// <summary>Y = cos X  ⇒  dX = −dY·sin X.</summary>
+sealed class CosRule : IGradientRule
+{
+    public void Build(GradientContext g) => g.SetInputGrad(0, g.Neg(g.Mul(g.OutputGrad(0)!, g.Op("Sin", [g.Input(0)]))));
+}
+
 /// <summary>Y = σ(X)  ⇒  dX = dY·Y·(1 − Y).</summary>
 sealed class SigmoidRule : IGradientRule
 {

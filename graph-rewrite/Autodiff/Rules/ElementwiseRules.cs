@@ -51,6 +51,28 @@ sealed class DivRule : IGradientRule
     }
 }
 
+/// <summary>
+/// Y = max(A, B) (or min), two inputs, as PyTorch's maximum/minimum differentiate: the larger (smaller) input gets dY,
+/// ties split it in half  ⇒  dA = unbroadcast(dY·w), dB = unbroadcast(dY·(1 − w)), w = [A wins] + ½[A = B]. Older
+/// transformers' Llama clamps the masked scores with torch.max(scores, finfo.min).
+/// </summary>
+sealed class MaxMinRule(bool max) : IGradientRule
+{
+    public void Build(GradientContext g)
+    {
+        if (g.Node.Input.Count != 2)
+            throw new GradientException($"{g.Node.Describe()}: {g.Node.OpType} with {g.Node.Input.Count} inputs has no gradient rule (two inputs only)");
+        string a = g.Input(0), b = g.Input(1);
+        int type = g.ElemTypeOf(a);
+        var wins = g.CastTo(g.Op(max ? "Greater" : "Less", [a, b]), type);
+        var ties = g.CastTo(g.Op("Equal", [a, b]), type);
+        var w = g.Add(wins, g.Mul(ties, g.Scalar(0.5, a)));
+        var dy = g.OutputGrad(0)!;
+        if (g.NeedsInputGrad(0)) g.SetInputGrad(0, g.Unbroadcast(g.Mul(dy, w), a));
+        if (g.NeedsInputGrad(1)) g.SetInputGrad(1, g.Unbroadcast(g.Mul(dy, g.Sub(g.Scalar(1, a), w)), b));
+    }
+}
+
 /// <summary>Y = −X  ⇒  dX = −dY.</summary>
 sealed class NegRule : IGradientRule
 {

@@ -1,0 +1,33 @@
+using Onnx;
+
+namespace OnnxLora.Models;
+
+/// <summary>Builds the ONNX model of a Hugging Face folder, for the architectures OnnxLora knows.</summary>
+public static class HfModels
+{
+    /// <summary>The <c>architectures[0]</c> values that can be imported.</summary>
+    public static IReadOnlyList<string> Architectures { get; } = ["GPT2LMHeadModel", "LlamaForCausalLM", "Qwen2ForCausalLM"];
+
+    /// <summary>
+    /// Reads <paramref name="directory"/> (<see cref="HfCheckpoint"/>), checks every tensor against its config.json and
+    /// builds the model (<see cref="GptBuilder"/> or <see cref="LlamaBuilder"/>). Returns the model, a one-line
+    /// description and the parameter count.
+    /// </summary>
+    /// <exception cref="InvalidDataException">An unsupported architecture, or weights that do not fit the config.</exception>
+    public static (ModelProto Model, string Description, long Parameters) Build(string directory)
+    {
+        var checkpoint = HfCheckpoint.Open(directory);
+        var architecture = checkpoint.Architecture;
+        switch (architecture)
+        {
+            case "GPT2LMHeadModel" or "GPT2Model" or "gpt2":
+                var gpt = GptWeights.FromCheckpoint(checkpoint);
+                return (GptBuilder.Build(gpt.Config, gpt), $"GPT-2 {gpt.Config}", gpt.ParameterCount);
+            case "LlamaForCausalLM" or "Qwen2ForCausalLM" or "llama" or "qwen2":
+                var llama = LlamaWeights.FromCheckpoint(checkpoint);
+                return (LlamaBuilder.Build(llama), llama.Config.ToString(), llama.ParameterCount);
+            default:
+                throw new InvalidDataException($"{checkpoint.ConfigPath}: architecture '{architecture}' cannot be imported; supported: {string.Join(", ", Architectures)}");
+        }
+    }
+}
