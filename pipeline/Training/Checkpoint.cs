@@ -24,6 +24,8 @@ public sealed record Checkpoint
     public string ConfigHash { get; init; } = "";
     public double BestEvalLoss { get; init; } = double.PositiveInfinity;
     public int EvalsWithoutImprovement { get; init; }
+    /// <summary>Processes that trained it (data parallelism); a resume on another count continues the same numbers, up to rounding.</summary>
+    public int WorldSize { get; init; } = 1;
     /// <summary>Tensors by name: parameters under their own names, moments as "&lt;param&gt;.exp_avg" etc.</summary>
     public required IReadOnlyDictionary<string, SafeTensor> Tensors { get; init; }
 
@@ -39,6 +41,7 @@ public sealed record Checkpoint
             ["config_hash"] = ConfigHash,
             ["best_eval_loss"] = BestEvalLoss.ToString("R", CultureInfo.InvariantCulture),
             ["evals_without_improvement"] = EvalsWithoutImprovement.ToString(CultureInfo.InvariantCulture),
+            ["world_size"] = WorldSize.ToString(CultureInfo.InvariantCulture),
         };
         SafeTensorsFile.Write(path, Tensors.OrderBy(kv => kv.Key, StringComparer.Ordinal), meta);
     }
@@ -58,6 +61,7 @@ public sealed record Checkpoint
             ConfigHash = meta.GetValueOrDefault("config_hash", ""),
             BestEvalLoss = double.Parse(meta.GetValueOrDefault("best_eval_loss", "Infinity"), CultureInfo.InvariantCulture),
             EvalsWithoutImprovement = int.Parse(meta.GetValueOrDefault("evals_without_improvement", "0"), CultureInfo.InvariantCulture),
+            WorldSize = int.Parse(meta.GetValueOrDefault("world_size", "1"), CultureInfo.InvariantCulture),
             Tensors = tensors,
         };
     }

@@ -15,9 +15,15 @@ public sealed class MetricsLog : IDisposable
     readonly StreamWriter _writer;
     readonly List<MetricsRow> _rows = new();
 
-    public MetricsLog(string path, int resumeFromStep = 0)
+    /// <summary>Opens <paramref name="path"/>; null keeps the rows in memory only (data-parallel ranks other than 0).</summary>
+    public MetricsLog(string? path, int resumeFromStep = 0)
     {
         Path = path;
+        if (path is null)
+        {
+            _writer = StreamWriter.Null;
+            return;
+        }
         if (File.Exists(path))
             _rows.AddRange(File.ReadLines(path).Where(l => l.Length > 0).Select(Parse).Where(r => r.Step <= resumeFromStep && resumeFromStep > 0));
         // rewrite the kept prefix atomically, then append
@@ -25,7 +31,7 @@ public sealed class MetricsLog : IDisposable
         _writer = new StreamWriter(new FileStream(path, FileMode.Append, FileAccess.Write, FileShare.Read));
     }
 
-    public string Path { get; }
+    public string? Path { get; }
     public IReadOnlyList<MetricsRow> Rows => _rows;
 
     public void Add(MetricsRow row)

@@ -6,6 +6,7 @@ using OnnxLora.Models;
 using OnnxLora.Pipeline.Adapters;
 using OnnxLora.Pipeline.Data;
 using OnnxLora.Pipeline.Runtime;
+using OnnxLora.Pipeline.Training.Distributed;
 
 namespace OnnxLora.Pipeline.Training;
 
@@ -27,14 +28,18 @@ public static class Trainer
     public const string ArtifactsDir = "artifacts", CheckpointFile = "checkpoint.safetensors", MetricsFile = "metrics.jsonl",
                         PlotFile = "loss.png", AdapterFile = "adapter.safetensors", OnnxAdapterFileName = "adapter.onnx_adapter";
 
-    /// <summary>Starts a new run in <c>options.OutDir</c> (which must not hold another run).</summary>
+    /// <summary>
+    /// Starts a new run in <c>options.OutDir</c> (which must not hold another run). Under an MPI launcher every process
+    /// calls this with the same options; see <see cref="DataParallel"/>.
+    /// </summary>
     public static TrainResult Train(TrainOptions options, IProgress<TrainProgress>? progress = null, CancellationToken cancel = default)
     {
         options.Validate();
         if (File.Exists(Path.Combine(options.OutDir, TrainOptions.FileName)))
             throw new IOException($"{options.OutDir}: holds a training run already; continue it with --resume {options.OutDir}, or choose another --out");
+        DataParallel.Current.Barrier();   // every rank has looked before rank 0 writes
         Directory.CreateDirectory(options.OutDir);
-        options.Save();
+        if (DataParallel.Current.IsRoot) options.Save();
         return Run(options, resume: false, progress, cancel);
     }
 
@@ -46,7 +51,8 @@ public static class Trainer
     {
         var manifestPath = Path.Combine(o.ModelDir, LoraManifest.FileName);
         var manifest = LoraManifest.Load(manifestPath);
-        File.Copy(manifestPath, Path.Combine(o.OutDir, LoraManifest.FileName), overwrite: true);
+        var dp = DataParallel.Current;
+        if (dp.IsRoot) File.Copy(manifestPath, Path.Combine(o.OutDir, LoraManifest.FileName), overwrite: true);
         var device = ExecutionDevice.Parse(o.Device);
 
         var view = OnnxFile.Load(Path.Combine(o.ModelDir, LoraManifest.TrainingModelFile));
@@ -54,9 +60,9 @@ public static class Trainer
         var train = LoadData(o, o.DataPath, vocab);
         var eval = o.EvalDataPath is null ? null : LoadData(o, o.EvalDataPath, vocab, train.ClassNames);
         int classes = o.Task == TaskKind.Cls ? Math.Max(o.Classes, train.ClassNames.Count) : 0;
-        var artifacts = EnsureArtifacts(o, view, manifest, classes);
+        var artifacts = dp.RootFirst(() => EnsureArtifacts(o, view, manifest, classes));
 
-        using var session = TrainingSession.Create(artifacts, device, o.Threads);
+        using var session = TrainingSession.Create(artifacts, device, dp.ThreadsPerProcess(o.Threads));
         session.WeightDecay = o.WeightDecay;
         session.MaxGradNorm = o.Clip > 0 ? o.Clip : double.PositiveInfinity;
 
@@ -83,7 +89,7 @@ public static class Trainer
         }
         else if (o.InitAdapter is not null) LoadInitAdapter(session, o.InitAdapter, manifest);
 
-        using var metrics = new MetricsLog(Path.Combine(o.OutDir, MetricsFile), resumeFromStep: resume ? step : 0);
+        using var metrics = new MetricsLog(dp.IsRoot ? Path.Combine(o.OutDir, MetricsFile) : null, resumeFromStep: resume ? step : 0);
         var clock = Stopwatch.StartNew();
         long tokens = 0;
         double firstLoss = double.NaN, lastLoss = double.NaN;
@@ -93,7 +99,7 @@ public static class Trainer
 
         void SaveCheckpoint() => new Checkpoint
         {
-            Step = step, Epoch = epoch, BatchInEpoch = batchIndex, ConfigHash = hash, BestEvalLoss = best, EvalsWithoutImprovement = evalsWithoutImprovement,
+            Step = step, Epoch = epoch, BatchInEpoch = batchIndex, ConfigHash = hash, BestEvalLoss = best, EvalsWithoutImprovement = evalsWithoutImprovement, WorldSize = dp.Size,
             Tensors = session.GetState(withMoments: true).ToDictionary(kv => kv.Key, kv => SafeTensor.FromFloats(kv.Value.Shape, kv.Value.Data)),
         }.Save(checkpointPath);
 
@@ -112,10 +118,11 @@ public static class Trainer
                     epoch++; batchIndex = 0; order = batcher.Order(epoch);
                     if (micro > 0) break;   // an epoch's last partial accumulation still makes a step
                 }
-                var batch = batcher.Get(epoch, batchIndex++, order);
-                loss += session.TrainStep(batch).Loss;
-                stepTokens += batch.TokenCount;
+                var (microLoss, microTokens) = dp.TrainStep(session, batcher, epoch, batchIndex++, order);
+                loss += microLoss;
+                stepTokens += microTokens;
             }
+            dp.ReduceGradients(session);
             session.OptimizerStep();
             step++;
             loss /= micro;
@@ -137,18 +144,22 @@ public static class Trainer
             }
             progress?.Report(new TrainProgress(step, totalSteps, epoch, loss, session.LearningRate, tokens / clock.Elapsed.TotalSeconds, clock.Elapsed, lastEval));
 
-            bool last = step == totalSteps || earlyStopped;
-            if (last || cancel.IsCancellationRequested || (o.CheckpointEvery > 0 && step % o.CheckpointEvery == 0)) SaveCheckpoint();
-            if (cancel.IsCancellationRequested)
+            bool last = step == totalSteps || earlyStopped, cancelled = dp.AnyRank(cancel.IsCancellationRequested);
+            if (dp.IsRoot && (last || cancelled || (o.CheckpointEvery > 0 && step % o.CheckpointEvery == 0))) SaveCheckpoint();
+            if (cancelled)
             {
-                LossPlot.Save(metrics.Rows, Path.Combine(o.OutDir, PlotFile));
+                if (dp.IsRoot) LossPlot.Save(metrics.Rows, Path.Combine(o.OutDir, PlotFile));
                 throw new OperationCanceledException($"interrupted after step {step}; the checkpoint is saved: continue with 'onnxlora train --resume {o.OutDir}'");
             }
             if (earlyStopped) break;
         }
 
-        LossPlot.Save(metrics.Rows, Path.Combine(o.OutDir, PlotFile));
-        var adapterPath = WriteAdapter(session, manifest, o);
+        var adapterPath = Path.Combine(o.OutDir, AdapterFile);
+        if (dp.IsRoot)
+        {
+            LossPlot.Save(metrics.Rows, Path.Combine(o.OutDir, PlotFile));
+            WriteAdapter(session, manifest, o);
+        }
         return new TrainResult(o.OutDir, step, firstLoss, lastLoss, double.IsInfinity(best) ? lastEval : best, lastAccuracy, clock.Elapsed,
             tokens / Math.Max(1e-9, clock.Elapsed.TotalSeconds), PeakMemoryBytes(), adapterPath, earlyStopped);
     }
@@ -204,12 +215,14 @@ public static class Trainer
         }
     }
 
+    /// <summary>The eval loss and accuracy; data-parallel ranks take every Size-th batch and sum, so all get one process's numbers.</summary>
     static (double Loss, double? Accuracy) Evaluate(TrainingSession session, Dataset eval, TrainOptions o, int padId)
     {
         var batcher = new Batcher(eval, o.BatchSize, padId, shuffle: false, 0);
         double weighted = 0, weight = 0;
         int correct = 0, seen = 0;
-        for (int i = 0; i < batcher.BatchesPerEpoch; i++)
+        var dp = DataParallel.Current;
+        for (int i = dp.Rank; i < batcher.BatchesPerEpoch; i += dp.Size)
         {
             var batch = batcher.Get(0, i);
             var r = session.EvalStep(batch);
@@ -226,17 +239,13 @@ public static class Trainer
                 }
             }
         }
+        Span<double> sums = [weighted, weight, correct, seen];
+        dp.Sum(sums);
+        (weighted, weight, correct, seen) = (sums[0], sums[1], (int)sums[2], (int)sums[3]);
         return (weighted / Math.Max(1e-9, weight), seen > 0 ? (double)correct / seen : null);
     }
 
-    static long CountedPositions(Batch b)
-    {
-        long n = 0;
-        for (int r = 0; r < b.BatchSize; r++)
-            for (int t = 1; t < b.SeqLength; t++)
-                if (b.Labels[r * b.SeqLength + t] != Example.Ignore) n++;
-        return Math.Max(1, n);
-    }
+    static long CountedPositions(Batch b) => Math.Max(1, b.CountedTargets);
 
     /// <summary>Writes the trained adapter in OnnxLora's layout and as an .onnx_adapter for the deployable model.</summary>
     static string WriteAdapter(TrainingSession session, LoraManifest manifest, TrainOptions o)

@@ -3,6 +3,7 @@ using System.Globalization;
 using System.Runtime.InteropServices;
 using OnnxLora.Pipeline.Data;
 using OnnxLora.Pipeline.Training;
+using OnnxLora.Pipeline.Training.Distributed;
 using Spectre.Console;
 using Spectre.Console.Cli;
 
@@ -166,6 +167,8 @@ public sealed class TrainCommand(IAnsiConsole console) : Command<TrainCommand.Se
         Row("time", $"{r.Elapsed.TotalSeconds:F1} s");
         Row("throughput", $"{r.TokensPerSecond:F0} tokens/s");
         Row("peak memory", $"{r.PeakMemoryBytes / (1024.0 * 1024):F0} MiB");
+        if (DataParallel.Current.Stats is { Steps: > 0 } dp)
+            Row("data parallel", $"{dp.Processes} processes; {dp.StepTime.TotalMilliseconds / dp.Steps:F1} ms/step, gradient Allreduce {dp.GradientAllReduce.TotalMilliseconds / dp.Steps:F2} ms ({dp.AllReduceShare:P1}, {dp.GradientBytes / 1e6:F2} MB), waiting for the slowest rank {dp.Sync.TotalMilliseconds / dp.Steps:F1} ms");
         Row("adapter", r.AdapterPath);
         Row("loss curve", Path.Combine(r.RunDir, Trainer.PlotFile));
         console.Write(new Panel(grid).Header("training finished"));
