@@ -43,9 +43,10 @@ public static class Cli
         var inner = e is CommandRuntimeException && e.InnerException is not null ? e.InnerException : e;
         var message = inner.Message.ReplaceLineEndings(" ");
         if (Environment.GetEnvironmentVariable("ONNXLORA_DEBUG") == "1") Console.Error.WriteLine(inner);
-        var rank = DataParallel.LauncherRank > 0 ? $"rank {DataParallel.LauncherRank}: " : "";
-        Console.Error.WriteLine($"error: {rank}{message}");
-        if (inner is OperationCanceledException) return 130;   // a stop every rank agreed on: each exits normally
+        int rank = DataParallel.LauncherRank;
+        if (inner is OperationCanceledException && rank > 0) return 130;   // a stop every rank agreed on: rank 0 says it
+        Console.Error.WriteLine($"error: {(rank > 0 ? $"rank {rank}: " : "")}{message}");
+        if (inner is OperationCanceledException) return 130;
         DataParallel.AbortIfDistributed(1);   // the other ranks may wait in a collective for this one: end them all
         return 1;
     }
