@@ -10,6 +10,7 @@ using OnnxLora.Pipeline.Data;
 using OnnxLora.Pipeline.Deployment;
 using OnnxLora.Pipeline.Runtime;
 using OnnxLora.Pipeline.Training;
+using OnnxLora.Pipeline.Training.Distributed;
 
 namespace OnnxLora.Pipeline.Runner;
 
@@ -57,6 +58,10 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
         var clock = System.Diagnostics.Stopwatch.StartNew();
         _runDir = config.Path("run_dir")!;
         Directory.CreateDirectory(_runDir);
+        // under mpiexec rank 0 makes the model, data and rewrite first; the other ranks then find them up to date, and
+        // all train together; evaluation, export and the deploy check are rank 0's alone
+        var dp = DataParallel.Current;
+        if (!dp.IsRoot) dp.Barrier();
         var stagesPath = Path.Combine(_runDir, StagesFile);
         _done = File.Exists(stagesPath) ? JsonNode.Parse(File.ReadAllText(stagesPath))!.AsObject() : new JsonObject();
 
@@ -65,8 +70,12 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
         var (trainData, evalData) = Data();
         var rewriteHash = Combine(modelHash, config.Hash("lora"));
         var rewriteDir = Stage("rewrite", rewriteHash, () => Rewrite(modelPath), d => File.Exists(Path.Combine(d, LoraManifest.FileName)));
+        if (dp.IsRoot) dp.Barrier();
         var trainHash = Combine(rewriteHash, config.Hash("data", "train"), FileHash(trainData), evalData is null ? "" : FileHash(evalData));
         var runDir = Stage("train", trainHash, () => Train(rewriteDir, trainData, evalData, cancel), d => File.Exists(Path.Combine(d, Trainer.AdapterFile)));
+        if (!dp.IsRoot)
+            return new PipelineReport(_runDir, _stages.Select(s => (s.Item1, s.Item2, s.Item3)).ToList(), "", double.NaN, double.NaN, null, null, [],
+                new Dictionary<string, string>(), double.NaN, clock.Elapsed);
         var manifest = LoraManifest.Load(Path.Combine(rewriteDir, LoraManifest.FileName));
         var adapter = AdapterFiles.ReadSafeTensors(Path.Combine(runDir, Trainer.AdapterFile), manifest);
 
@@ -90,7 +99,7 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
         log?.Invoke($"{name}: running");
         var result = work();
         _done[name] = new JsonObject { ["hash"] = hash, ["output"] = result };
-        AtomicFile.WriteAllText(Path.Combine(_runDir, StagesFile), _done.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
+        if (DataParallel.Current.IsRoot) AtomicFile.WriteAllText(Path.Combine(_runDir, StagesFile), _done.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
         _stages.Add((name, false, result));
         return result;
     }
@@ -205,7 +214,7 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
         }
         else
         {
-            if (Directory.Exists(dir)) Directory.Delete(dir, recursive: true);   // another config's run: start over
+            if (Directory.Exists(dir) && DataParallel.Current.IsRoot) Directory.Delete(dir, recursive: true);   // another config's run: start over
             result = Trainer.Train(options, trainProgress, cancel);
         }
         log?.Invoke($"  {result.Steps} steps in {result.Elapsed.TotalSeconds:F1} s, {result.TokensPerSecond:F0} tokens/s, loss {result.FirstLoss:F3} → {result.LastLoss:F3}");
