@@ -113,6 +113,44 @@ public class DataParallelTests
         Assert.That(RelativeDifference(a, b), Is.LessThanOrEqualTo(1e-4), "adapter relative L2 difference");
     }
 
+    /// <summary>SIGTERM to mpiexec (as Ctrl+C or a batch system sends it) reaches every rank; they agree on the step, rank 0 checkpoints it, all exit.</summary>
+    [Test]
+    public void StoppingTheLauncherStopsEveryRankAfterTheSameStep()
+    {
+        var mpiexec = MpiExec();
+        using var dir = new TempDir();
+        WriteVariedSequences(dir.File("train.jsonl"), 40, seed: 5);
+        var run = dir.File("run");
+        using var process = Process.Start(new ProcessStartInfo(mpiexec, ["-n", "2", "dotnet", CliRunner.ToolPath, "train", "--model", TrainerTests.RewriteTiny(dir),
+            "--data", dir.File("train.jsonl"), "--format", "tokens", "--out", run, "--max-steps", "100000", "--batch", "8", "--checkpoint-every", "0", "--threads", "1"])
+        { RedirectStandardOutput = true, RedirectStandardError = true })!;
+        var stderr = process.StandardError.ReadToEndAsync();
+        _ = process.StandardOutput.ReadToEndAsync();
+        var metrics = Path.Combine(run, Trainer.MetricsFile);
+        var clock = Stopwatch.StartNew();
+        while (clock.Elapsed < TimeSpan.FromSeconds(120) && !process.HasExited && (!File.Exists(metrics) || LineCount(metrics) < 3)) Thread.Sleep(100);
+        Assert.That(process.HasExited, Is.False, "the run ended before it could be stopped");
+        using (var kill = Process.Start("kill", ["-TERM", process.Id.ToString()])) kill.WaitForExit();
+        if (!process.WaitForExit(TimeSpan.FromSeconds(60)))
+        {
+            process.Kill(entireProcessTree: true);
+            Assert.Fail("a rank did not stop: the ranks disagreed on the last step");
+        }
+        Assert.That(process.ExitCode, Is.EqualTo(130), stderr.Result);
+        Assert.That(stderr.Result, Does.Contain("interrupted after step").And.Not.Contain("rank 1"));
+        var checkpoint = Checkpoint.Load(Path.Combine(run, Trainer.CheckpointFile));
+        Assert.That(checkpoint.Step, Is.EqualTo(Rows(run, "train").Length).And.GreaterThanOrEqualTo(3));
+        Assert.That(checkpoint.WorldSize, Is.EqualTo(2));
+    }
+
+    static int LineCount(string path)
+    {
+        using var reader = new StreamReader(new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.ReadWrite));
+        int lines = 0;
+        while (reader.ReadLine() is not null) lines++;
+        return lines;
+    }
+
     [Test]
     public void OpenMpisLauncherIsRefusedByName()
     {
