@@ -37,7 +37,7 @@ public sealed class TrainCommand(IAnsiConsole console) : Command<TrainCommand.Se
         public int Epochs { get; init; } = 1;
         [CommandOption("--max-steps <N>")][Description("Optimizer steps; overrides --epochs.")]
         public int MaxSteps { get; init; }
-        [CommandOption("--batch <B>")][Description("Sequences per micro-batch (default 8).")]
+        [CommandOption("--batch <B>")][Description("Sequences per micro-batch (default 8); under mpiexec the global batch, split across the ranks.")]
         public int Batch { get; init; } = 8;
         [CommandOption("--seq <T>")][Description("Longest sequence in tokens; longer examples are truncated and counted (default 128).")]
         public int Seq { get; init; } = 128;
@@ -63,7 +63,7 @@ public sealed class TrainCommand(IAnsiConsole console) : Command<TrainCommand.Se
         public int EarlyStopping { get; init; }
         [CommandOption("--device <DEVICE>")][Description("cpu (default), cuda or cuda:<id>.")]
         public string Device { get; init; } = "cpu";
-        [CommandOption("--threads <N>")][Description("Intra-op threads (default: all cores).")]
+        [CommandOption("--threads <N>")][Description("Intra-op threads (default: all cores; under mpiexec, the cores of a node shared by its ranks).")]
         public int Threads { get; init; }
         [CommandOption("--seed <N>")][Description("Seed for shuffling and the task head (default 42).")]
         public int Seed { get; init; } = 42;
