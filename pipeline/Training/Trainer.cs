@@ -145,7 +145,11 @@ public static class Trainer
             progress?.Report(new TrainProgress(step, totalSteps, epoch, loss, session.LearningRate, tokens / clock.Elapsed.TotalSeconds, clock.Elapsed, lastEval));
 
             bool last = step == totalSteps || earlyStopped, cancelled = dp.AnyRank(cancel.IsCancellationRequested);
-            if (dp.IsRoot && (last || cancelled || (o.CheckpointEvery > 0 && step % o.CheckpointEvery == 0))) SaveCheckpoint();
+            if (last || cancelled || (o.CheckpointEvery > 0 && step % o.CheckpointEvery == 0))
+            {
+                dp.VerifyReplicas(session);
+                if (dp.IsRoot) SaveCheckpoint();
+            }
             if (cancelled)
             {
                 if (dp.IsRoot) LossPlot.Save(metrics.Rows, Path.Combine(o.OutDir, PlotFile));

@@ -1,8 +1,11 @@
 using System.Diagnostics;
 using System.Text.Json.Nodes;
+using OnnxLora.GraphRewrite.Autodiff;
 using OnnxLora.Models;
 using OnnxLora.Pipeline.Data;
+using OnnxLora.Pipeline.Runtime;
 using OnnxLora.Pipeline.Training;
+using OnnxLora.Pipeline.Training.Distributed;
 using OnnxLora.Tests.Training;
 
 namespace OnnxLora.Tests.Distributed;
@@ -176,6 +179,29 @@ public class DataParallelTests
             "--out", dir.File("run"), "--max-steps", "2", "--batch", "4", "--threads", "1");
         Assert.That(code, Is.EqualTo(0), error);
         Assert.That(File.ReadAllText("/proc/self/maps"), Does.Not.Contain("libmpi"));
+    }
+
+    /// <summary>Rank 0's checkpoint stands for all ranks only while they hold the same numbers: a drift is an error, not a silent fork.</summary>
+    [Test]
+    public void RanksWhoseParametersDriftApartAreCaught()
+    {
+        using var dir = new TempDir();
+        using var session = TrainingSession.Create(TrainingSessionTests.BuildTinyArtifacts(dir, OptimizerKind.AdamW), ExecutionDevice.Parse("cpu"), threads: 1);
+        new DataParallel(new TwoRanks(peer => peer)).VerifyReplicas(session);
+        var e = Assert.Throws<InvalidOperationException>(() => new DataParallel(new TwoRanks(peer => peer + 1)).VerifyReplicas(session));
+        Assert.That(e!.Message, Does.Contain("no longer hold the same parameters"));
+    }
+
+    /// <summary>Rank 0 of two, whose peer contributes <paramref name="peer"/>(this rank's value) to every sum.</summary>
+    sealed class TwoRanks(Func<double, double> peer) : IProcessGroup
+    {
+        public int Rank => 0;
+        public int Size => 2;
+        public void AllReduceSum(Span<float> values) { for (int i = 0; i < values.Length; i++) values[i] += (float)peer(values[i]); }
+        public void AllReduceSum(Span<double> values) { for (int i = 0; i < values.Length; i++) values[i] += peer(values[i]); }
+        public void Barrier() { }
+        public void Abort(int exitCode) => throw new InvalidOperationException($"abort {exitCode}");
+        public void Dispose() { }
     }
 
     [TestCase(8, 2)]

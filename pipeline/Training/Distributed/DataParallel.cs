@@ -139,6 +139,28 @@ public sealed class DataParallel
         return v[0] > 0;
     }
 
+    /// <summary>
+    /// Checks that every rank holds bit-identical parameters and moments (call on every rank at the same step; rank 0's
+    /// checkpoint and adapter stand for all). They stay identical because every rank applies the same optimizer step
+    /// to the same reduced gradient; nodes whose kernels round differently (e.g. other SIMD widths) would drift apart.
+    /// </summary>
+    public void VerifyReplicas(TrainingSession session)
+    {
+        if (!IsDistributed) return;
+        ulong hash = 14695981039346656037;   // FNV-1a over names and float bits
+        foreach (var (name, (_, data)) in session.GetState(withMoments: true).OrderBy(kv => kv.Key, StringComparer.Ordinal))
+        {
+            foreach (var c in name) hash = (hash ^ c) * 1099511628211;
+            foreach (var v in data) hash = (hash ^ BitConverter.SingleToUInt32Bits(v)) * 1099511628211;
+        }
+        // sums of 40-bit values stay exact in a double for up to 2^13 ranks: all equal ⇔ each rank sees Size × its own
+        double own = hash >> 24;
+        Span<double> sum = [own];
+        _group.AllReduceSum(sum);
+        if (AnyRank(sum[0] != own * Size))
+            throw new InvalidOperationException($"the {Size} ranks no longer hold the same parameters (rank {Rank}: {own:R} × {Size} vs {sum[0]:R} summed): their ONNX Runtime kernels round differently; run all ranks on one kind of node");
+    }
+
     /// <summary>Replaces each value by its sum over the ranks (evaluation sums; nothing with one process).</summary>
     public void Sum(Span<double> values) => _group.AllReduceSum(values);
 
