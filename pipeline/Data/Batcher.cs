@@ -24,10 +24,7 @@ public sealed class Batcher(Dataset dataset, int batchSize, int padTokenId, bool
     }
 
     /// <summary>Batch <paramref name="index"/> of <paramref name="epoch"/>.</summary>
-    public Batch Get(int epoch, int index, int[]? order = null)
-    {
-        return Pad(Members(epoch, index, order), padTokenId);
-    }
+    public Batch Get(int epoch, int index, int[]? order = null) => Pad(Members(epoch, index, order), padTokenId);
 
     /// <summary>
     /// Rank <paramref name="rank"/>'s slice of batch <paramref name="index"/> when <paramref name="ranks"/> processes share
