@@ -1,3 +1,4 @@
+using OnnxLora.Pipeline.Training.Distributed;
 using OnnxLora.Tools.Commands;
 using Spectre.Console;
 using Spectre.Console.Cli;
@@ -9,6 +10,8 @@ public static class Cli
 {
     public static int Run(string[] args, IAnsiConsole? console = null)
     {
+        // under an MPI launcher only rank 0 prints; errors still come from every rank, on stderr
+        if (console is null && DataParallel.LauncherRank > 0) console = AnsiConsole.Create(new AnsiConsoleSettings { Out = new AnsiConsoleOutput(TextWriter.Null) });
         var app = new CommandApp();
         app.Configure(c =>
         {
@@ -30,7 +33,8 @@ public static class Cli
             c.AddCommand<Commands.EvalCommand>("eval").WithDescription("Evaluate the deployable model with adapters: perplexity (lm) or accuracy, precision, recall, F1 and a confusion matrix (cls).");
             c.AddCommand<BenchCommand>("bench").WithDescription(BenchCommand.Description).WithExample("bench", "--preset", "gpt2", "--task", "cls", "--peers", "../shared/bench", "--runs", "3");
         });
-        return app.Run(args);
+        try { return app.Run(args); }
+        finally { DataParallel.Shutdown(); }
     }
 
     /// <summary>The one failure gate: a one-line error on stderr and a non-zero exit code.</summary>
@@ -39,7 +43,11 @@ public static class Cli
         var inner = e is CommandRuntimeException && e.InnerException is not null ? e.InnerException : e;
         var message = inner.Message.ReplaceLineEndings(" ");
         if (Environment.GetEnvironmentVariable("ONNXLORA_DEBUG") == "1") Console.Error.WriteLine(inner);
-        Console.Error.WriteLine($"error: {message}");
-        return inner is OperationCanceledException ? 130 : 1;
+        int rank = DataParallel.LauncherRank;
+        if (inner is OperationCanceledException && rank > 0) return 130;   // a stop every rank agreed on: rank 0 says it
+        Console.Error.WriteLine($"error: {(rank > 0 ? $"rank {rank}: " : "")}{message}");
+        if (inner is OperationCanceledException) return 130;
+        DataParallel.AbortIfDistributed(1);   // the other ranks may wait in a collective for this one: end them all
+        return 1;
     }
 }

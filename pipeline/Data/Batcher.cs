@@ -24,12 +24,25 @@ public sealed class Batcher(Dataset dataset, int batchSize, int padTokenId, bool
     }
 
     /// <summary>Batch <paramref name="index"/> of <paramref name="epoch"/>.</summary>
-    public Batch Get(int epoch, int index, int[]? order = null)
+    public Batch Get(int epoch, int index, int[]? order = null) => Pad(Members(epoch, index, order), padTokenId);
+
+    /// <summary>
+    /// Rank <paramref name="rank"/>'s slice of batch <paramref name="index"/> when <paramref name="ranks"/> processes share
+    /// it (data parallelism): rows [r·n/R, (r+1)·n/R) of its n rows, padded on their own; null when the slice is empty.
+    /// </summary>
+    public Batch? GetShard(int epoch, int index, int[]? order, int rank, int ranks)
+    {
+        var members = Members(epoch, index, order);
+        int start = (int)((long)members.Count * rank / ranks), end = (int)((long)members.Count * (rank + 1) / ranks);
+        return end > start ? Pad(members.GetRange(start, end - start), padTokenId) : null;
+    }
+
+    List<Example> Members(int epoch, int index, int[]? order)
     {
         order ??= Order(epoch);
         var members = order.Skip(index * batchSize).Take(batchSize).Select(i => dataset.Examples[i]).ToList();
         if (members.Count == 0) throw new ArgumentOutOfRangeException(nameof(index), $"batch {index} is past the end of epoch {epoch}");
-        return Pad(members, padTokenId);
+        return members;
     }
 
     /// <summary>Pads examples to the longest one: pad id for inputs, −100 for labels.</summary>

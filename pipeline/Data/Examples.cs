@@ -31,4 +31,17 @@ public sealed record Batch(int BatchSize, int SeqLength, long[] InputIds, long[]
 {
     /// <summary>Tokens that count towards throughput (non-padding positions).</summary>
     public long TokenCount => Lengths.Sum();
+
+    /// <summary>Positions an LM loss counts: t whose next label (t+1) is not ignored, as the train graph counts them.</summary>
+    public long CountedTargets
+    {
+        get
+        {
+            long n = 0;
+            for (int r = 0; r < BatchSize; r++)
+                for (int t = 1; t < SeqLength; t++)
+                    if (Labels[r * SeqLength + t] != Example.Ignore) n++;
+            return n;
+        }
+    }
 }

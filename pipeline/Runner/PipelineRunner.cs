@@ -11,6 +11,7 @@ using OnnxLora.Pipeline.Data;
 using OnnxLora.Pipeline.Deployment;
 using OnnxLora.Pipeline.Runtime;
 using OnnxLora.Pipeline.Training;
+using OnnxLora.Pipeline.Training.Distributed;
 
 namespace OnnxLora.Pipeline.Runner;
 
@@ -62,8 +63,15 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
         _runDir = config.Path("run_dir")!;
         // the run folder is new or an earlier run's (reused: finished stages are kept); it never holds an input
         OutputFolder.CheckNotInput(_runDir, new[] { "model.path", "model.weights", "data.train", "data.eval", "train.init_adapter" }.Select(config.Path), "run_dir");
-        if (!OutputFolder.Check(_runDir, Verb, "run_dir", overwrite: false, reuse: true)) OutputFolder.Mark(_runDir, Verb);
-        OutputFolder.RemoveStaleTemps(_runDir);
+        // under mpiexec rank 0 makes the model, data and rewrite first; the other ranks then find them up to date, and
+        // all train together; evaluation, export and the deploy check are rank 0's alone
+        var dp = DataParallel.Current;
+        if (!dp.IsRoot) dp.Barrier();
+        else
+        {
+            if (!OutputFolder.Check(_runDir, Verb, "run_dir", overwrite: false, reuse: true)) OutputFolder.Mark(_runDir, Verb);
+            OutputFolder.RemoveStaleTemps(_runDir);
+        }
         var stagesPath = Path.Combine(_runDir, StagesFile);
         _done = File.Exists(stagesPath) ? ReadStages(stagesPath) : new JsonObject();
 
@@ -72,8 +80,12 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
         var (trainData, evalData) = Data();
         var rewriteHash = Combine(modelHash, config.Hash("lora"));
         var rewriteDir = Stage("rewrite", rewriteHash, () => Rewrite(modelPath), d => File.Exists(Path.Combine(d, LoraManifest.FileName)));
+        if (dp.IsRoot) dp.Barrier();
         var trainHash = Combine(rewriteHash, config.Hash("data", "train"), FileHash(trainData), evalData is null ? "" : FileHash(evalData));
         var runDir = Stage("train", trainHash, () => Train(rewriteDir, trainData, evalData, cancel), d => File.Exists(Path.Combine(d, Trainer.AdapterFile)));
+        if (!dp.IsRoot)
+            return new PipelineReport(_runDir, _stages.Select(s => (s.Item1, s.Item2, s.Item3)).ToList(), "", double.NaN, double.NaN, null, null, [],
+                new Dictionary<string, string>(), double.NaN, clock.Elapsed);
         var manifest = LoraManifest.Load(Path.Combine(rewriteDir, LoraManifest.FileName));
         var adapter = AdapterFiles.ReadSafeTensors(Path.Combine(runDir, Trainer.AdapterFile), manifest);
 
@@ -111,7 +123,7 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
         log?.Invoke($"{name}: running");
         var result = work();
         _done[name] = new JsonObject { ["hash"] = hash, ["output"] = result };
-        AtomicFile.WriteAllText(Path.Combine(_runDir, StagesFile), _done.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
+        if (DataParallel.Current.IsRoot) AtomicFile.WriteAllText(Path.Combine(_runDir, StagesFile), _done.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
         _stages.Add((name, false, result));
         return result;
     }

@@ -24,6 +24,8 @@ public sealed record Checkpoint
     public string ConfigHash { get; init; } = "";
     public double BestEvalLoss { get; init; } = double.PositiveInfinity;
     public int EvalsWithoutImprovement { get; init; }
+    /// <summary>Processes that trained it (data parallelism); a resume on another count continues the same numbers, up to rounding.</summary>
+    public int WorldSize { get; init; } = 1;
     /// <summary>Tensors by name: parameters under their own names, moments as "&lt;param&gt;.exp_avg" etc.</summary>
     public required IReadOnlyDictionary<string, SafeTensor> Tensors { get; init; }
 
@@ -46,6 +48,7 @@ public sealed record Checkpoint
             ["config_hash"] = ConfigHash,
             ["best_eval_loss"] = BestEvalLoss.ToString("R", CultureInfo.InvariantCulture),
             ["evals_without_improvement"] = EvalsWithoutImprovement.ToString(CultureInfo.InvariantCulture),
+            ["world_size"] = WorldSize.ToString(CultureInfo.InvariantCulture),
         };
         SafeTensorsFile.Write(path, Tensors.OrderBy(kv => kv.Key, StringComparer.Ordinal), meta);
     }
@@ -81,6 +84,7 @@ public sealed record Checkpoint
             BestEvalLoss = double.TryParse(best, NumberStyles.Float, CultureInfo.InvariantCulture, out var b) && !double.IsNaN(b) ? b
                 : throw new InvalidDataException($"{path}: checkpoint metadata 'best_eval_loss' is '{best}', expected a number"),
             EvalsWithoutImprovement = Count("evals_without_improvement", "0"),
+            WorldSize = Count("world_size", "1") is > 0 and var w ? w : throw new InvalidDataException($"{path}: checkpoint metadata 'world_size' is 0, expected at least 1"),
             Tensors = tensors,
         };
     }

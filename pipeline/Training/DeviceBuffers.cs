@@ -111,6 +111,36 @@ sealed class DeviceBuffers : IDisposable
         return result;
     }
 
+    /// <summary>Elements of all gradients together.</summary>
+    public int GradLength => checked((int)_params.Sum(p => ElementCount(_grads[p].Shape)));
+
+    /// <summary>Copies the current gradients to <paramref name="flat"/>, one parameter after another in the artifacts' order.</summary>
+    public void DownloadGrads(Span<float> flat)
+    {
+        int offset = 0;
+        foreach (var name in _params)
+        {
+            var pair = _grads[name];
+            ReadOnlySpan<float> values = pair.HostCurrent ?? CopyToHost(pair.Current);
+            values.CopyTo(flat[offset..]);
+            offset += values.Length;
+        }
+    }
+
+    /// <summary>Overwrites the current gradients from <paramref name="flat"/> (the layout of <see cref="DownloadGrads"/>).</summary>
+    public void UploadGrads(ReadOnlySpan<float> flat)
+    {
+        int offset = 0;
+        foreach (var name in _params)
+        {
+            var pair = _grads[name];
+            int length = (int)ElementCount(pair.Shape);
+            if (pair.HostCurrent is { } host) flat.Slice(offset, length).CopyTo(host);
+            else CopyToDevice(flat.Slice(offset, length).ToArray(), pair.Shape, pair.Current);
+            offset += length;
+        }
+    }
+
     void CopyToDevice(float[] data, long[] shape, OrtValue target)
     {
         using var source = OrtValue.CreateTensorValueFromMemory(data, shape);

@@ -15,9 +15,15 @@ public sealed class MetricsLog : IDisposable
     readonly StreamWriter _writer;
     readonly List<MetricsRow> _rows = new();
 
-    public MetricsLog(string path, int resumeFromStep = 0)
+    /// <summary>Opens <paramref name="path"/>; null keeps the rows in memory only (data-parallel ranks other than 0).</summary>
+    public MetricsLog(string? path, int resumeFromStep = 0)
     {
         Path = path;
+        if (path is null)
+        {
+            _writer = StreamWriter.Null;
+            return;
+        }
         if (File.Exists(path) && resumeFromStep > 0)
         {
             // a kill mid-append leaves a last line without its newline: that row was never complete, drop it
@@ -40,7 +46,7 @@ public sealed class MetricsLog : IDisposable
         _writer = new StreamWriter(new FileStream(path, FileMode.Append, FileAccess.Write, FileShare.Read));
     }
 
-    public string Path { get; }
+    public string? Path { get; }
     public IReadOnlyList<MetricsRow> Rows => _rows;
 
     public void Add(MetricsRow row)

@@ -7,6 +7,7 @@ using OnnxLora.Models;
 using OnnxLora.Pipeline.Adapters;
 using OnnxLora.Pipeline.Data;
 using OnnxLora.Pipeline.Runtime;
+using OnnxLora.Pipeline.Training.Distributed;
 
 namespace OnnxLora.Pipeline.Training;
 
@@ -34,21 +35,26 @@ public static class Trainer
     /// <summary>
     /// Starts a new run in <c>options.OutDir</c>: a new or empty folder, or (with <paramref name="overwrite"/>) an earlier
     /// run's folder, which is emptied. A start that fails before its first checkpoint removes what it wrote, so the same
-    /// --out works again.
+    /// --out works again. Under an MPI launcher every process calls this with the same options; see <see cref="DataParallel"/>.
     /// </summary>
     public static TrainResult Train(TrainOptions options, IProgress<TrainProgress>? progress = null, CancellationToken cancel = default, bool overwrite = false)
     {
         options.Validate();
         var outDir = options.OutDir;
+        var dp = DataParallel.Current;
         OutputFolder.CheckNotInput(outDir, [options.ModelDir, options.DataPath, options.EvalDataPath, options.InitAdapter], "--out");
         bool existed = Directory.Exists(outDir);
-        if (OutputFolder.Check(outDir, Verb, "--out", overwrite, hint: $"continue it with 'onnxlora train --resume {outDir}', or pass --overwrite to start it over"))
-            OutputFolder.Clear(outDir);
-        OutputFolder.RemoveStaleTemps(outDir);   // what a start killed at once left
-        OutputFolder.Mark(outDir, Verb);
-        options.Save();
+        bool replace = OutputFolder.Check(outDir, Verb, "--out", overwrite, hint: $"continue it with 'onnxlora train --resume {outDir}', or pass --overwrite to start it over");
+        dp.Barrier();   // every rank has looked before rank 0 writes
+        if (dp.IsRoot)
+        {
+            if (replace) OutputFolder.Clear(outDir);
+            OutputFolder.RemoveStaleTemps(outDir);   // what a start killed at once left
+            OutputFolder.Mark(outDir, Verb);
+            options.Save();
+        }
         try { return Run(options, resume: false, progress, cancel); }
-        catch when (!File.Exists(Path.Combine(outDir, CheckpointFile)))
+        catch when (dp.IsRoot && !File.Exists(Path.Combine(outDir, CheckpointFile)))
         {
             OutputFolder.Clear(outDir);
             File.Delete(Path.Combine(outDir, OutputFolder.MarkerFile));
@@ -72,7 +78,8 @@ public static class Trainer
     {
         var manifestPath = Path.Combine(o.ModelDir, LoraManifest.FileName);
         var manifest = LoraManifest.Load(manifestPath);
-        AtomicFile.WriteAllBytes(Path.Combine(o.OutDir, LoraManifest.FileName), File.ReadAllBytes(manifestPath));
+        var dp = DataParallel.Current;
+        if (dp.IsRoot) AtomicFile.WriteAllBytes(Path.Combine(o.OutDir, LoraManifest.FileName), File.ReadAllBytes(manifestPath));
         var device = ExecutionDevice.Parse(o.Device);
 
         var viewPath = Path.Combine(o.ModelDir, LoraManifest.TrainingModelFile);
@@ -82,9 +89,9 @@ public static class Trainer
         var train = LoadData(o, o.DataPath, vocab);
         var eval = o.EvalDataPath is null ? null : LoadData(o, o.EvalDataPath, vocab, train.ClassNames);
         int classes = o.Task == TaskKind.Cls ? Math.Max(o.Classes, train.ClassNames.Count) : 0;
-        var artifacts = EnsureArtifacts(o, view, manifest, classes);
+        var artifacts = dp.RootFirst(() => EnsureArtifacts(o, view, manifest, classes));
 
-        using var session = TrainingSession.Create(artifacts, device, o.Threads);
+        using var session = TrainingSession.Create(artifacts, device, dp.ThreadsPerProcess(o.Threads));
         session.WeightDecay = o.WeightDecay;
         session.MaxGradNorm = o.Clip > 0 ? o.Clip : double.PositiveInfinity;
 
@@ -120,7 +127,7 @@ public static class Trainer
         }
         else if (o.InitAdapter is not null) LoadInitAdapter(session, o.InitAdapter, manifest);
 
-        using var metrics = new MetricsLog(Path.Combine(o.OutDir, MetricsFile), resumeFromStep: resume ? step : 0);
+        using var metrics = new MetricsLog(dp.IsRoot ? Path.Combine(o.OutDir, MetricsFile) : null, resumeFromStep: resume ? step : 0);
         var clock = Stopwatch.StartNew();
         long tokens = 0;
         double firstLoss = double.NaN, lastLoss = double.NaN;
@@ -133,7 +140,7 @@ public static class Trainer
 
         void SaveCheckpoint() => new Checkpoint
         {
-            Step = step, Epoch = epoch, BatchInEpoch = batchIndex, ConfigHash = hash, RngState = session.TrainRuns, BestEvalLoss = best, EvalsWithoutImprovement = evalsWithoutImprovement,
+            Step = step, Epoch = epoch, BatchInEpoch = batchIndex, ConfigHash = hash, RngState = session.TrainRuns, BestEvalLoss = best, EvalsWithoutImprovement = evalsWithoutImprovement, WorldSize = dp.Size,
             Tensors = session.GetState(withMoments: true).ToDictionary(kv => kv.Key, kv => SafeTensor.FromFloats(kv.Value.Shape, kv.Value.Data)),
         }.Save(checkpointPath);
 
@@ -152,11 +159,14 @@ public static class Trainer
                     epoch++; batchIndex = 0; order = batcher.Order(epoch);
                     if (micro > 0) break;   // an epoch's last partial accumulation still makes a step
                 }
-                var batch = batcher.Get(epoch, batchIndex++, order);
-                try { loss += session.TrainStep(batch).Loss; }
+                double microLoss;
+                long microTokens;
+                try { (microLoss, microTokens) = dp.TrainStep(session, batcher, epoch, batchIndex++, order); }
                 catch (ArithmeticException e) { throw new InvalidDataException($"step {step + 1}: {e.Message}; training stopped and {LastGood()}", e); }
-                stepTokens += batch.TokenCount;
+                loss += microLoss;
+                stepTokens += microTokens;
             }
+            dp.ReduceGradients(session);
             double gradNorm = session.OptimizerStep();
             step++;
             loss /= micro;
@@ -180,18 +190,26 @@ public static class Trainer
             }
             progress?.Report(new TrainProgress(step, totalSteps, epoch, loss, session.LearningRate, tokens / clock.Elapsed.TotalSeconds, clock.Elapsed, lastEval));
 
-            bool last = step == totalSteps || earlyStopped;
-            if (last || cancel.IsCancellationRequested || (o.CheckpointEvery > 0 && step % o.CheckpointEvery == 0)) SaveCheckpoint();
-            if (cancel.IsCancellationRequested)
+            bool last = step == totalSteps || earlyStopped, cancelled = dp.AnyRank(cancel.IsCancellationRequested);
+            if (last || cancelled || (o.CheckpointEvery > 0 && step % o.CheckpointEvery == 0))
             {
-                LossPlot.Save(metrics.Rows, Path.Combine(o.OutDir, PlotFile));
+                dp.VerifyReplicas(session);
+                if (dp.IsRoot) SaveCheckpoint();
+            }
+            if (cancelled)
+            {
+                if (dp.IsRoot) LossPlot.Save(metrics.Rows, Path.Combine(o.OutDir, PlotFile));
                 throw new OperationCanceledException($"interrupted after step {step}; the checkpoint is saved: continue with 'onnxlora train --resume {o.OutDir}'");
             }
             if (earlyStopped) break;
         }
 
-        LossPlot.Save(metrics.Rows, Path.Combine(o.OutDir, PlotFile));
-        var adapterPath = WriteAdapter(session, manifest, o);
+        var adapterPath = Path.Combine(o.OutDir, AdapterFile);
+        if (dp.IsRoot)
+        {
+            LossPlot.Save(metrics.Rows, Path.Combine(o.OutDir, PlotFile));
+            WriteAdapter(session, manifest, o);
+        }
         return new TrainResult(o.OutDir, step, firstLoss, lastLoss, double.IsInfinity(best) ? lastEval : best, lastAccuracy, clock.Elapsed,
             tokens / Math.Max(1e-9, clock.Elapsed.TotalSeconds), PeakMemoryBytes(), adapterPath, earlyStopped);
     }
@@ -255,12 +273,14 @@ public static class Trainer
         }
     }
 
+    /// <summary>The eval loss and accuracy; data-parallel ranks take every Size-th batch and sum, so all get one process's numbers.</summary>
     static (double Loss, double? Accuracy) Evaluate(TrainingSession session, Dataset eval, TrainOptions o, int padId)
     {
         var batcher = new Batcher(eval, o.BatchSize, padId, shuffle: false, 0);
         double weighted = 0, weight = 0;
         int correct = 0, seen = 0;
-        for (int i = 0; i < batcher.BatchesPerEpoch; i++)
+        var dp = DataParallel.Current;
+        for (int i = dp.Rank; i < batcher.BatchesPerEpoch; i += dp.Size)
         {
             var batch = batcher.Get(0, i);
             var r = session.EvalStep(batch);
@@ -277,17 +297,13 @@ public static class Trainer
                 }
             }
         }
+        Span<double> sums = [weighted, weight, correct, seen];
+        dp.Sum(sums);
+        (weighted, weight, correct, seen) = (sums[0], sums[1], (int)sums[2], (int)sums[3]);
         return (weighted / Math.Max(1e-9, weight), seen > 0 ? (double)correct / seen : null);
     }
 
-    static long CountedPositions(Batch b)
-    {
-        long n = 0;
-        for (int r = 0; r < b.BatchSize; r++)
-            for (int t = 1; t < b.SeqLength; t++)
-                if (b.Labels[r * b.SeqLength + t] != Example.Ignore) n++;
-        return Math.Max(1, n);
-    }
+    static long CountedPositions(Batch b) => Math.Max(1, b.CountedTargets);
 
     /// <summary>Writes the trained adapter in OnnxLora's layout and as an .onnx_adapter for the deployable model.</summary>
     static string WriteAdapter(TrainingSession session, LoraManifest manifest, TrainOptions o)

@@ -209,6 +209,22 @@ public sealed class TrainingSession : IDisposable
         _microBatches = 0;
     }
 
+    /// <summary>How many gradient values there are: the trainable parameters' elements, in <see cref="ArtifactsSpec.Params"/> order.</summary>
+    internal int GradientLength => _buffers.GradLength;
+
+    /// <summary>Copies the current gradients (the sum since <see cref="LazyResetGrad"/>) to the host, parameter after parameter in <see cref="ArtifactsSpec.Params"/> order.</summary>
+    internal void CopyGradientsTo(Span<float> flat) => _buffers.DownloadGrads(flat);
+
+    /// <summary>
+    /// Replaces the gradients by <paramref name="flat"/> (same layout), taken as the sum over <paramref name="microBatches"/>
+    /// micro-batches for the next <see cref="OptimizerStep"/>: data-parallel training puts the all-reduced sum here.
+    /// </summary>
+    internal void SetGradients(ReadOnlySpan<float> flat, int microBatches)
+    {
+        _buffers.UploadGrads(flat);
+        _microBatches = microBatches;
+    }
+
     /// <summary>Copies every trainable parameter (and, with <paramref name="withMoments"/>, optimizer moment) to the host.</summary>
     public Dictionary<string, (long[] Shape, float[] Data)> GetState(bool withMoments) => _buffers.Download(withMoments);
 

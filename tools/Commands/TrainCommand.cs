@@ -3,6 +3,7 @@ using System.Globalization;
 using System.Runtime.InteropServices;
 using OnnxLora.Pipeline.Data;
 using OnnxLora.Pipeline.Training;
+using OnnxLora.Pipeline.Training.Distributed;
 using Spectre.Console;
 using Spectre.Console.Cli;
 
@@ -38,7 +39,7 @@ public sealed class TrainCommand(IAnsiConsole console) : Command<TrainCommand.Se
         public int Epochs { get; init; } = 1;
         [CommandOption("--max-steps <N>")][Description("Optimizer steps; overrides --epochs.")]
         public int MaxSteps { get; init; }
-        [CommandOption("--batch <B>")][Description("Sequences per micro-batch (default 8).")]
+        [CommandOption("--batch <B>")][Description("Sequences per micro-batch (default 8); under mpiexec the global batch, split across the ranks.")]
         public int Batch { get; init; } = 8;
         [CommandOption("--seq <T>")][Description("Longest sequence in tokens; longer examples are truncated and counted (default 128).")]
         public int Seq { get; init; } = 128;
@@ -64,7 +65,7 @@ public sealed class TrainCommand(IAnsiConsole console) : Command<TrainCommand.Se
         public int EarlyStopping { get; init; }
         [CommandOption("--device <DEVICE>")][Description("cpu (default), cuda or cuda:<id>.")]
         public string Device { get; init; } = "cpu";
-        [CommandOption("--threads <N>")][Description("Intra-op threads (default: all cores).")]
+        [CommandOption("--threads <N>")][Description("Intra-op threads (default: all cores; under mpiexec, the cores of a node shared by its ranks).")]
         public int Threads { get; init; }
         [CommandOption("--seed <N>")][Description("Seed for shuffling and the task head (default 42).")]
         public int Seed { get; init; } = 42;
@@ -173,6 +174,8 @@ public sealed class TrainCommand(IAnsiConsole console) : Command<TrainCommand.Se
         Row("time", $"{r.Elapsed.TotalSeconds:F1} s");
         Row("throughput", $"{r.TokensPerSecond:F0} tokens/s");
         Row("peak memory", $"{r.PeakMemoryBytes / (1024.0 * 1024):F0} MiB");
+        if (DataParallel.Current.Stats is { Steps: > 0 } dp)
+            Row("data parallel", $"{dp.Processes} processes; {dp.StepTime.TotalMilliseconds / dp.Steps:F1} ms/step, gradient Allreduce {dp.GradientAllReduce.TotalMilliseconds / dp.Steps:F2} ms ({dp.AllReduceShare:P1}, {dp.GradientBytes / 1e6:F2} MB), waiting for the slowest rank {dp.Sync.TotalMilliseconds / dp.Steps:F1} ms");
         Row("adapter", r.AdapterPath);
         Row("loss curve", Path.Combine(r.RunDir, Trainer.PlotFile));
         console.Write(new Panel(grid).Header("training finished"));
