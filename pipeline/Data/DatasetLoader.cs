@@ -65,7 +65,7 @@ public static class DatasetLoader
         public List<Example> Examples { get; } = new();
         public int Truncated;
         public int Skipped;
-        public List<string> ClassNames { get; set; } = CheckUnique(options.ClassNames)?.ToList() ?? new();
+        public List<string> ClassNames { get; set; } = CheckUnique(options.ClassNames, "labels")?.ToList() ?? new();
 
         /// <summary>Truncates, checks ids against the vocabulary and keeps the example.</summary>
         public void Add(int[] ids, int[] labels, int line, int classLabel = -1)
