@@ -214,10 +214,14 @@ static class RewriteTestModels
         return m;
     }
 
-    /// <summary>Model files under tests/fixtures (torch exports, our builder's), copied to the test output folder.</summary>
+    /// <summary>Model files under tests/fixtures (torch exports, our builder's), copied to the test output folder; the
+    /// fuzzing corpus (fixtures/fuzz) holds seeds for hostile-input tests, not models, and is left out.</summary>
     public static IEnumerable<string> FixtureFiles()
     {
         var dir = Path.Combine(AppContext.BaseDirectory, "fixtures");
-        return Directory.Exists(dir) ? Directory.EnumerateFiles(dir, "*.onnx", SearchOption.AllDirectories).Order() : [];
+        var fuzz = Path.Combine(dir, "fuzz") + Path.DirectorySeparatorChar;
+        return Directory.Exists(dir)
+            ? Directory.EnumerateFiles(dir, "*.onnx", SearchOption.AllDirectories).Where(f => !f.StartsWith(fuzz, StringComparison.Ordinal)).Order()
+            : [];
     }
 }

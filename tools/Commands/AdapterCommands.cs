@@ -200,8 +200,8 @@ public class ServeSettings : CommandSettings
         }
         if (width == 50257) return TextTokenizer.Gpt2;
         if (needed) throw new ArgumentException(width > 0
-            ? $"{host.ModelPath}: the vocabulary has {width} tokens, not GPT-2's 50,257; pass --tokenizer (the model's tokenizer.json or folder) or --ids instead of text"
-            : $"{host.ModelPath}: the vocabulary size (last dim of the logits) is not fixed, so GPT-2's tokenizer may not fit; pass --tokenizer (the model's tokenizer.json or folder) or --ids instead of text");
+            ? $"{host.ModelPath}: the vocabulary has {width} tokens, not GPT-2's 50,257; pass --ids, or --tokenizer with the model's tokenizer.json or folder, instead of text"
+            : $"{host.ModelPath}: the vocabulary size (last dim of the logits) is not fixed, so GPT-2's tokenizer may not fit; pass --ids, or --tokenizer with the model's tokenizer.json or folder, instead of text");
         return null;
     }
 }
@@ -384,13 +384,13 @@ public sealed class EvalCommand(IAnsiConsole console) : Command<EvalCommand.Sett
         {
             var logits = host.Outputs.TryGetValue("logits", out var l) ? l : host.Outputs.Values.First();
             int width = logits.Dimensions[^1];
+            var dataTokenizer = s.Tokenizer is null ? null : TextTokenizer.Load(s.Tokenizer);
             var data = Pipeline.Data.DatasetLoader.Load(s.Data, new Pipeline.Data.DatasetOptions
             {
                 Format = format, Task = task, SeqLength = s.Seq, ClassNames = Pipeline.Data.DatasetLoader.ParseClassNames(s.Labels, "--labels"),
-                VocabSize = width > 0 ? width
-                    : task == Pipeline.Data.TaskKind.Cls && s.Tokenizer is null ? 50257   // tsv text goes through GPT-2's tokenizer
-                    : throw new ArgumentException($"{host.ModelPath}: the vocabulary size (last dim of the logits) is not fixed, so token ids cannot be checked against it"),
-                Tokenizer = s.Tokenizer is null ? null : TextTokenizer.Load(s.Tokenizer),
+                VocabSize = task == Pipeline.Data.TaskKind.Cls ? dataTokenizer?.VocabSize ?? 50257   // tsv text goes through the tokenizer, GPT-2's by default
+                    : width > 0 ? width : throw new ArgumentException($"{host.ModelPath}: the vocabulary size (last dim of the logits) is not fixed, so token ids cannot be checked against it"),
+                Tokenizer = dataTokenizer,
             });
             console.WriteLine(string.Create(CultureInfo.InvariantCulture, $"{s.Data}: {data.Examples.Count:N0} examples, {data.TokenCount:N0} tokens ({data.Truncated} cut to {s.Seq})"));
             foreach (var name in runs)
