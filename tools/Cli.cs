@@ -12,6 +12,12 @@ public static class Cli
     {
         // under an MPI launcher only rank 0 prints; errors still come from every rank, on stderr
         if (console is null && DataParallel.LauncherRank > 0) console = AnsiConsole.Create(new AnsiConsoleSettings { Out = new AnsiConsoleOutput(TextWriter.Null) });
+        // only train and run share their work among ranks; another verb would do the same work (and write the same files) once per rank
+        if (DataParallel.LauncherSize > 1 && args.FirstOrDefault() is { } verb && !verb.StartsWith('-') && verb is not ("train" or "run"))
+        {
+            Console.Error.WriteLine($"error: 'onnxlora {verb}' runs in one process; under mpiexec only 'train' and 'run' are data-parallel");
+            return 1;
+        }
         var app = new CommandApp();
         app.Configure(c =>
         {

@@ -171,6 +171,17 @@ public class DataParallelTests
     }
 
     [Test]
+    public void VerbsThatAreNotDataParallelRefuseToRunUnderALauncher()
+    {
+        var start = new ProcessStartInfo("dotnet", [CliRunner.ToolPath, "inspect", Fixture("tiny.onnx")]) { RedirectStandardOutput = true, RedirectStandardError = true };
+        start.Environment["PMI_SIZE"] = "2";
+        start.Environment["PMI_RANK"] = "0";
+        var (code, output) = Run(start);
+        Assert.That(code, Is.EqualTo(1), output);
+        Assert.That(output.Trim(), Does.StartWith("error: 'onnxlora inspect' runs in one process"));
+    }
+
+    [Test]
     public void ASingleProcessRunLoadsNoMpiLibrary()
     {
         using var dir = new TempDir();

@@ -64,6 +64,9 @@ public sealed class DataParallel
     /// </summary>
     public static int LauncherRank => LauncherValue("PMI_RANK") ?? LauncherValue("OMPI_COMM_WORLD_RANK") ?? 0;
 
+    /// <summary>How many processes the launcher started, from its environment without starting MPI (1 outside a launcher).</summary>
+    public static int LauncherSize => LauncherValue("PMI_SIZE") ?? LauncherValue("OMPI_COMM_WORLD_SIZE") ?? 1;
+
     static int? LauncherValue(string name) =>
         int.TryParse(Environment.GetEnvironmentVariable(name), NumberStyles.None, CultureInfo.InvariantCulture, out var v) ? v : null;
 
