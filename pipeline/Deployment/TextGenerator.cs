@@ -83,8 +83,8 @@ public sealed class TextGenerator
 
     /// <summary>
     /// Generates for several prompts at once, one run per new token for the whole batch. Rows are left-padded when the
-    /// model takes an attention mask (every row's last token in the last column, positions from the mask), right-padded
-    /// otherwise (a causal model without a mask never lets padding reach a real token). Each row samples with its own
+    /// model takes an attention mask and position ids (every row's last token in the last column, positions from the
+    /// mask), right-padded otherwise (a causal model never lets right padding reach a real token). Each row samples with its own
     /// <see cref="Sampler"/> from <see cref="GenerationOptions.Sampling"/>, so a row gets what it gets alone; rows that
     /// stop drop out of later runs.
     /// </summary>
@@ -127,7 +127,9 @@ public sealed class TextGenerator
     float[][] LastLogits(List<List<int>> windows, string? adapter)
     {
         int width = _signature.FixedTokens ?? windows.Max(w => w.Count);
-        bool left = _signature.AttentionMask is not null;
+        // left padding needs the mask (padding must not be attended) and position_ids (a graph that counts positions
+        // itself would number the padding); otherwise right padding, which a causal model never lets reach a real token
+        bool left = _signature.AttentionMask is not null && _signature.PositionIds is not null;
         var feeds = _signature.Feeds(windows.Cast<IReadOnlyList<int>>().ToList(), width, padId: 0, leftPad: left);
         try
         {

@@ -46,6 +46,34 @@ public class OptimumCliTests
         var generated = output.Trim().Split('\n')[^1].Split(',');
         Assert.That(generated, Has.Length.EqualTo(4));
         Assert.That(generated.Select(int.Parse), Has.All.InRange(0, 299));
+
+        (code, output, error) = CliRunner.Run("classify", "--model", rw, "--adapter", adapter, "--ids", "5,12,19");
+        Assert.That(code, Is.EqualTo(0), error);
+        Assert.That(output, Does.Contain("5,12,19"));
+    }
+
+    [Test]
+    public void ClassificationTrainsOnAWithPastExport()
+    {
+        using var dir = new TempDir();
+        // the class is whether the row starts low: readable from the last token only through attention over the row
+        var rng = new Random(4);
+        var data = dir.File("cls.jsonl");
+        File.WriteAllLines(data, Enumerable.Range(0, 32).Select(i =>
+        {
+            int label = i % 2, n = rng.Next(3, 10);
+            var ids = Enumerable.Range(0, n).Select(j => (JsonNode?)(j == 0 ? (label == 0 ? rng.Next(1, 50) : rng.Next(200, 299)) : rng.Next(100, 150))).ToArray();
+            return new JsonObject { ["input_ids"] = new JsonArray(ids), ["label"] = label }.ToJsonString();
+        }));
+        var rw = dir.File("rw");
+        var (code, _, error) = CliRunner.Run("rewrite", OptimumGpt2Tests.Fixture("gpt2_opset17_with_past.onnx"), "--out", rw, "--rank", "4");
+        Assert.That(code, Is.EqualTo(0), error);
+        (code, var output, error) = CliRunner.Run("train", "--model", rw, "--data", data, "--format", "tokens", "--task", "cls", "--classes", "2",
+            "--out", dir.File("run"), "--epochs", "6", "--batch", "8", "--lr", "1e-2", "--threads", "1", "--eval-data", data);
+        Assert.That(code, Is.EqualTo(0), error);
+        var metrics = File.ReadAllLines(Path.Combine(dir.File("run"), Trainer.MetricsFile)).Select(l => JsonNode.Parse(l)!).Where(m => (string?)m["kind"] == "eval").ToList();
+        TestContext.Out.WriteLine(string.Join(" ", metrics.Select(m => m["accuracy"]?.ToJsonString())));
+        Assert.That(metrics[^1]["accuracy"]!.GetValue<double>(), Is.GreaterThanOrEqualTo(0.9), "the first token decides the class: a trained head finds it");
     }
 
     [Test]

@@ -1,4 +1,6 @@
 using System.Text.Json.Nodes;
+using Microsoft.ML.OnnxRuntime;
+using TrainingSession = OnnxLora.Pipeline.Training.TrainingSession;
 using OnnxLora.GraphRewrite.Autodiff;
 using OnnxLora.GraphRewrite.Lora;
 using OnnxLora.GraphRewrite.Onnx;
@@ -173,11 +175,36 @@ public class OptimumGpt2Tests
 
     /// <summary>Left-padded (models with a mask) or right-padded (tiny.onnx: ids only) batched generation, row by row equal to generation alone.</summary>
     [TestCaseSource(nameof(GenerationModels))]
-    public void BatchedGenerationGivesEachPromptWhatItGetsAlone(string file)
+    public void BatchedGenerationGivesEachPromptWhatItGetsAlone(string file) =>
+        AssertBatchedGenerationEqualsAlone(Path.Combine(TestContext.CurrentContext.TestDirectory, "fixtures", file));
+
+    /// <summary>
+    /// An export with a mask that counts positions itself (no position_ids input, as older Optimum GPT-2 exports): left
+    /// padding would shift its positions, so batched generation pads on the right and still matches each prompt alone.
+    /// </summary>
+    [Test]
+    public void AModelWithoutPositionIdsGeneratesInBatchesLikeAlone()
     {
+        var model = OnnxFile.Load(Fixture("gpt2_opset17.onnx"));
+        model.Graph.Input.Remove(model.Graph.Input.Single(i => i.Name == "position_ids"));
+        var g = new GraphEditor(model);
+        var seq = g.Add("Gather", [g.Add("Shape", ["input_ids"], "pos/shape"), g.AddConstant("pos/one", Tensors.Int64("", [], [1]))], "pos/seq");
+        var range = g.Add("Range", [g.AddConstant("pos/zero", Tensors.Int64("", [], [0])), seq, g.AddConstant("pos/step", Tensors.Int64("", [], [1]))], "pos/range");
+        g.AddNode("Unsqueeze", [range, g.AddConstant("pos/axes", Tensors.Int64Vector("", 0))], ["position_ids"], "pos/unsqueeze");   // [1, seq]
+        g.SortTopologically();
+        using var dir = new TempDir();
+        var path = dir.File("no_position_ids.onnx");
+        OnnxFile.Save(model, path);
+        Assert.That(SignatureRoles.Decide(model).Input(IoRole.PositionIds), Is.Null);
+        AssertBatchedGenerationEqualsAlone(path);
+    }
+
+    static void AssertBatchedGenerationEqualsAlone(string modelPath)
+    {
+        var file = Path.GetFileName(modelPath);
         using var dir = new TempDir();
         var rw = dir.File("rw");
-        LoraRewrite.RewriteFile(Path.Combine(TestContext.CurrentContext.TestDirectory, "fixtures", file), new LoraConfig { Rank = 2, TargetModules = ["c_attn"] }, rw);
+        LoraRewrite.RewriteFile(modelPath, new LoraConfig { Rank = 2, TargetModules = ["c_attn"] }, rw);
         using var host = AdapterHost.Create(Path.Combine(rw, LoraManifest.DeployableModelFile));
         var generator = new TextGenerator(host);
         IReadOnlyList<int>[] prompts = [[5, 17, 99, 3, 42, 8, 11], [7], [250, 1, 33]];
@@ -191,5 +218,55 @@ public class OptimumGpt2Tests
                 Assert.That((batched[r].TokenIds, batched[r].StopReason), Is.EqualTo((alone.TokenIds, alone.StopReason)), $"{file} prompt {r}, temperature {sampling.Temperature}");
             }
         }
+    }
+
+    /// <summary>
+    /// The with-past exports are real caches: the present.* of a prefix, fed back as past_key_values by role and layer
+    /// with the next token, give the logits the whole sequence gives (what a KV-cache generator will rely on).
+    /// </summary>
+    [TestCase("gpt2_opset14_with_past.onnx")]
+    [TestCase("gpt2_opset17_with_past.onnx")]
+    public void PresentOutputsFedBackAsPastContinueTheSequence(string file)
+    {
+        var roles = SignatureRoles.Decide(OnnxFile.Load(Fixture(file)));
+        using var session = new InferenceSession(Fixture(file));
+        int[] ids = [5, 17, 99, 3, 42];
+        int n = ids.Length;
+        using var run = new RunOptions();
+
+        IDisposableReadOnlyCollection<OrtValue> Run(IReadOnlyList<int> rowIds, Dictionary<string, OrtValue>? past)
+        {
+            var tokens = PaddedTokens.Pad([rowIds], rowIds.Count, 0);
+            var feeds = roles.Inputs.Where(i => !i.Role.IsPast()).ToDictionary(i => i.Name, i => SignatureFeeds.Create(i, tokens));
+            if (past is null) foreach (var i in roles.Inputs.Where(i => i.Role.IsPast())) feeds[i.Name] = SignatureFeeds.Create(i, tokens);
+            else
+            {
+                // one new token after the cache: the mask covers past + 1, the position is the past length
+                feeds[roles.Input(IoRole.AttentionMask)!].Dispose();
+                feeds[roles.Input(IoRole.AttentionMask)!] = OrtValue.CreateTensorValueFromMemory(Enumerable.Repeat(1L, n).ToArray(), [1, n]);
+                feeds[roles.Input(IoRole.PositionIds)!].Dispose();
+                feeds[roles.Input(IoRole.PositionIds)!] = OrtValue.CreateTensorValueFromMemory(new long[] { n - 1 }, [1, 1]);
+                foreach (var (name, value) in past) feeds[name] = value;
+            }
+            try { return session.Run(run, feeds.Keys.ToList(), feeds.Values.ToList(), roles.Outputs.Select(o => o.Name).ToList()); }
+            finally { foreach (var (name, v) in feeds) if (past is null || !past.ContainsKey(name)) v.Dispose(); }
+        }
+
+        using var whole = Run(ids, null);
+        using var prefix = Run(ids[..^1], null);
+        // present_key[i] → past_key[i], present_value[i] → past_value[i]
+        var past = new Dictionary<string, OrtValue>();
+        for (int o = 0; o < roles.Outputs.Count; o++)
+        {
+            var output = roles.Outputs[o];
+            if (!output.Role.IsPresent()) continue;
+            var pastRole = output.Role == IoRole.PresentKey ? IoRole.PastKey : IoRole.PastValue;
+            past[roles.Inputs.Single(i => i.Role == pastRole && i.Layer == output.Layer).Name] = prefix[o];
+        }
+        Assert.That(past, Has.Count.EqualTo(4));
+        using var next = Run([ids[^1]], past);
+        int vocab = Golden()["config"]!["vocab_size"]!.GetValue<int>();
+        var expected = whole[0].GetTensorDataAsSpan<float>().Slice((n - 1) * vocab, vocab).ToArray();
+        Assert.That(next[0].GetTensorDataAsSpan<float>().ToArray(), Is.EqualTo(expected).Within(2e-5));
     }
 }
