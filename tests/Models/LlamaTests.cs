@@ -96,6 +96,15 @@ public class LlamaTests
         var model = OnnxFile.Load(dir.File("tiny.onnx"));
         Assert.That(model.MetadataProps.Single(p => p.Key == LlamaBuilder.ConfigMetadataKey).Value, Does.Contain("\"num_key_value_heads\":2"));
 
+        var folder = Path.Combine(dir.Path, "hf");
+        Directory.CreateDirectory(folder);
+        foreach (var f in Directory.GetFiles(Fixture("hf-qwen2"))) File.Copy(f, Path.Combine(folder, Path.GetFileName(f)));
+        var before = File.ReadAllBytes(Path.Combine(folder, "model.safetensors"));
+        (code, _, stderr) = CliRunner.Run("model", "build", "--from", folder, "--out", Path.Combine(folder, "model.safetensors"), "--force");
+        Assert.That(code, Is.EqualTo(1));
+        StringAssert.Contains("would replace a file of the --from folder", stderr);
+        Assert.That(File.ReadAllBytes(Path.Combine(folder, "model.safetensors")), Is.EqualTo(before));
+
         (code, _, stderr) = CliRunner.Run("model", "build", "--arch", "llama", "--preset", "gpt2", "--out", dir.File("x.onnx"));
         Assert.That(code, Is.EqualTo(1));
         StringAssert.Contains("smollm2-135m", stderr);

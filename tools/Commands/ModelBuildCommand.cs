@@ -64,6 +64,9 @@ public sealed class ModelBuildCommand(IAnsiConsole console) : Command<ModelBuild
         var dataPath = outPath + ".data";
         if (settings.Weights is not null && Path.GetFullPath(settings.Weights) == outPath)
             throw new IOException($"{settings.Out}: --out is the --weights file; choose another output path");
+        if (settings.From is not null && Path.GetDirectoryName(outPath) == Path.GetFullPath(settings.From).TrimEnd(Path.DirectorySeparatorChar)
+            && Path.GetExtension(outPath) is ".json" or ".safetensors")
+            throw new IOException($"{settings.Out}: --out would replace a file of the --from folder; write the model as a .onnx file");
         if (!settings.Force && (File.Exists(outPath) || File.Exists(dataPath)))
             throw new IOException($"{settings.Out}: exists already; pass --force to overwrite it, or choose another --out");
 
