@@ -399,6 +399,29 @@ public class LlamaTests
     }
 
     [Test]
+    public void RandomInitIsSeededAndFollowsTransformers()
+    {
+        var config = LlamaConfig.Preset("tiny-qwen2");
+        var a = LlamaWeights.Random(config, seed: 4);
+        var b = LlamaWeights.Random(config, seed: 4);
+        var c = LlamaWeights.Random(config, seed: 5);
+        foreach (var (name, _) in LlamaLayout.Tensors(config))
+        {
+            Assert.That(a[name].Values, Is.EqualTo(b[name].Values), name);
+            var v = a[name].Values;
+            if (LlamaLayout.IsNorm(name)) Assert.That(v, Has.All.EqualTo(1f), name);
+            else if (name.EndsWith(".bias", StringComparison.Ordinal)) Assert.That(v, Has.All.EqualTo(0f), name);
+            else
+            {
+                Assert.That(v, Is.Not.EqualTo(c[name].Values), name);
+                double std = Math.Sqrt(v.Average(x => (double)x * x));
+                Assert.That(std, Is.EqualTo(0.02).Within(0.004), $"{name}: N(0, 0.02) (transformers' initializer_range)");
+            }
+        }
+        Assert.That(a.ParameterCount, Is.EqualTo(config.ParameterCount));
+    }
+
+    [Test]
     public void PresetsHaveThePublishedShapes()
     {
         // parameter counts of the published checkpoints (tied heads counted once)
