@@ -339,15 +339,24 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
         if (!outputs.TryGetValue(nameof(AdapterFormat.OnnxAdapter), out var adapterPath) || !outputs.TryGetValue(nameof(AdapterFormat.Merged), out var merged)) return double.NaN;
         using var host = AdapterHost.Create(Path.Combine(rewriteDir, LoraManifest.DeployableModelFile));
         host.AddAdapter("adapted", adapterPath);
-        var ids = _sampleIds;
-        using var input = OrtValue.CreateTensorValueFromMemory(ids, [1, ids.Length]);
-        var feeds = new Dictionary<string, OrtValue> { ["input_ids"] = input };
-        using var deployed = host.Run("adapted", feeds, ["logits"]);
-        using var session = new InferenceSession(merged);
-        using var run = new RunOptions();
-        using var reference = session.Run(run, ["input_ids"], [input], ["logits"]);
-        var a = deployed[0].GetTensorDataAsSpan<float>();
-        var b = reference[0].GetTensorDataAsSpan<float>();
+        // both models take the base's inputs (ids, and a mask, positions or caches when it has them): fed by role
+        var signature = ModelSignature.Of(host);
+        var feeds = signature.Feeds([_sampleIds.Select(i => (int)i).ToList()], _sampleIds.Length, padId: 0);
+        try
+        {
+            using var deployed = host.Run("adapted", feeds, [signature.Logits]);
+            using var session = new InferenceSession(merged);
+            using var run = new RunOptions();
+            using var reference = session.Run(run, feeds.Keys.ToList(), feeds.Values.ToList(), [signature.Logits]);
+            return MaxDifference(deployed[0], reference[0]);
+        }
+        finally { foreach (var v in feeds.Values) v.Dispose(); }
+    }
+
+    double MaxDifference(OrtValue deployed, OrtValue reference)
+    {
+        var a = deployed.GetTensorDataAsSpan<float>();
+        var b = reference.GetTensorDataAsSpan<float>();
         double max = 0;
         for (int i = 0; i < a.Length; i++) max = Math.Max(max, Math.Abs(a[i] - b[i]));
         log?.Invoke($"deploy check: deploy.onnx + adapter.onnx_adapter (OrtLoraAdapter) vs merged.onnx, max |Δlogit| = {max:E2}");

@@ -86,13 +86,14 @@ public class PipelineRunnerTests
         var data = dir.File("train.jsonl");
         File.WriteAllLines(data, Enumerable.Range(0, 12).Select(i => $"{{\"input_ids\":[{string.Join(",", Enumerable.Range(0, 4 + i % 5).Select(j => 10 + 13 * i + j))}]}}"));
         var config = PipelineConfig.Parse($"model:\n  path: {model}\n  input_roles: [segment_mask=attention_mask]\n" +
-            $"data:\n  train: {data}\n  format: tokens\n  task: lm\ntrain:\n  max_steps: 2\n  lr: 1e-2\n  batch: 4\n  threads: 1\nexport:\n  formats: onnx-adapter\n", "test", dir.Path);
+            $"data:\n  train: {data}\n  format: tokens\n  task: lm\ntrain:\n  max_steps: 2\n  lr: 1e-2\n  batch: 4\n  threads: 1\nexport:\n  formats: onnx-adapter,merged\n", "test", dir.Path);
         config.Override($"run_dir={dir.File("run")}");
         var report = new PipelineRunner(config).Run();
         var adapters = report.Outputs.Values.Where(p => p.EndsWith(".onnx_adapter", StringComparison.Ordinal)).ToList();
         Assert.That(adapters, Is.Not.Empty);
         Assert.That(adapters.Select(File.Exists), Has.All.True);
         Assert.That(report.AdaptedLoss, Is.LessThan(report.BaseLoss), "two steps on the training rows lower their loss");
+        Assert.That(report.DeployMaxAbsDiff, Is.LessThan(1e-4), "deploy.onnx + .onnx_adapter == merged.onnx, both fed by role");
 
         config.Override("model.input_roles=segment_mask");
         Assert.That(() => new PipelineRunner(config).Validate(), Throws.TypeOf<InvalidDataException>().With.Message.Contains("model.input_roles"));

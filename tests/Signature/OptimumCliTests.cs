@@ -106,5 +106,13 @@ public class OptimumCliTests
         Assert.That(code, Is.EqualTo(0), error);
         (code, output, error) = CliRunner.Run("generate", "--model", dir.File("rw"), "--ids", "5,6", "-n", "2");
         Assert.That(code, Is.EqualTo(0), error);
+
+        // a model served as it is (no rewrite metadata): the flag on the deployment verb itself
+        (code, _, error) = CliRunner.Run("generate", "--model", model, "--ids", "5,6", "-n", "2");
+        Assert.That(code, Is.EqualTo(1));
+        Assert.That(error, Does.StartWith("error:").And.Contain("'segment_mask'").And.Contain("--input-role"));
+        (code, output, error) = CliRunner.Run("generate", "--model", model, "--ids", "5,6", "-n", "2", "--input-role", "segment_mask=attention_mask");
+        Assert.That(code, Is.EqualTo(0), error);
+        Assert.That(output.Trim().Split('\n')[^1].Split(','), Has.Length.EqualTo(2));
     }
 }
