@@ -29,7 +29,8 @@ public sealed partial class GptWeights
 
     /// <summary>
     /// The weights of a Hugging Face GPT2LMHeadModel folder (<see cref="HfCheckpoint"/>: one model.safetensors or shards),
-    /// checked as <see cref="FromSafeTensors"/> checks them; the head count comes from its config.json.
+    /// checked as <see cref="FromSafeTensors"/> checks them; the head count comes from its config.json. Consumes
+    /// <paramref name="checkpoint"/> (its tensors are handed over).
     /// </summary>
     public static GptWeights FromCheckpoint(HfCheckpoint checkpoint, GptConfig? config = null)
     {
@@ -38,7 +39,9 @@ public sealed partial class GptWeights
         var files = checkpoint.Tensors.Values.Select(t => t.File).Distinct().ToList();
         // errors name the one weights file, or the shard index (beside config.json either way)
         var what = files.Count == 1 ? files[0] : Path.Combine(checkpoint.Directory, HfCheckpoint.IndexFile);
-        return Import(checkpoint.Tensors.ToDictionary(kv => kv.Key, kv => kv.Value.Tensor, StringComparer.Ordinal), what, config);
+        var raw = checkpoint.Tensors.ToDictionary(kv => kv.Key, kv => kv.Value.Tensor, StringComparer.Ordinal);
+        checkpoint.Tensors.Clear();   // Import drops each buffer once converted; the checkpoint must not keep them alive
+        return Import(raw, what, config);
     }
 
     static GptWeights Import(Dictionary<string, SafeTensor> raw, string path, GptConfig? config)

@@ -52,6 +52,7 @@ public sealed class LlamaWeights
     /// converted; errors name the file and the tensor. RoPE's <c>inv_freq</c> buffers are skipped; a tied model's
     /// <c>lm_head.weight</c> is accepted only as a copy of the embedding.
     /// </summary>
+    /// <remarks>Consumes <paramref name="checkpoint"/>: each tensor is removed from it once converted.</remarks>
     /// <exception cref="InvalidDataException">The config or a tensor does not fit.</exception>
     public static LlamaWeights FromCheckpoint(HfCheckpoint checkpoint)
     {
@@ -78,7 +79,12 @@ public sealed class LlamaWeights
             Check(headFile, LlamaLayout.LmHead, headTensor, [config.VocabSize, config.HiddenSize], config);
 
         var tensors = new Dictionary<string, WeightTensor>(layout.Count, StringComparer.Ordinal);
-        foreach (var (name, shape) in layout) tensors[name] = new WeightTensor(shape, available[name].Tensor.ToFloats());
+        foreach (var (name, shape) in layout)
+        {
+            tensors[name] = new WeightTensor(shape, available[name].Tensor.ToFloats());
+            checkpoint.Tensors.Remove(name);   // drop each file buffer once converted, so a large checkpoint is not held twice
+            available.Remove(name);
+        }
         if (tiedHead is var (file, tensor) && !tensor.ToFloats().AsSpan().SequenceEqual(tensors[LlamaLayout.TokenEmbedding].Values))
             throw new InvalidDataException($"{file}: tensor '{LlamaLayout.LmHead}' differs from '{LlamaLayout.TokenEmbedding}', but config.json says tie_word_embeddings is true");
         return new LlamaWeights(config, tensors);

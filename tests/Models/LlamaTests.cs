@@ -96,6 +96,15 @@ public class LlamaTests
         var model = OnnxFile.Load(dir.File("tiny.onnx"));
         Assert.That(model.MetadataProps.Single(p => p.Key == LlamaBuilder.ConfigMetadataKey).Value, Does.Contain("\"num_key_value_heads\":2"));
 
+        var folder = Path.Combine(dir.Path, "hf");
+        Directory.CreateDirectory(folder);
+        foreach (var f in Directory.GetFiles(Fixture("hf-qwen2"))) File.Copy(f, Path.Combine(folder, Path.GetFileName(f)));
+        var before = File.ReadAllBytes(Path.Combine(folder, "model.safetensors"));
+        (code, _, stderr) = CliRunner.Run("model", "build", "--from", folder, "--out", Path.Combine(folder, "model.safetensors"), "--force");
+        Assert.That(code, Is.EqualTo(1));
+        StringAssert.Contains("would replace a file of the --from folder", stderr);
+        Assert.That(File.ReadAllBytes(Path.Combine(folder, "model.safetensors")), Is.EqualTo(before));
+
         (code, _, stderr) = CliRunner.Run("model", "build", "--arch", "llama", "--preset", "gpt2", "--out", dir.File("x.onnx"));
         Assert.That(code, Is.EqualTo(1));
         StringAssert.Contains("smollm2-135m", stderr);
@@ -387,6 +396,29 @@ public class LlamaTests
         StringAssert.Contains("architecture 'MistralForCausalLM' cannot be imported", ImportError(qwen));
         File.WriteAllText(config, File.ReadAllText(config).Replace("MistralForCausalLM", "Qwen2ForCausalLM").Replace("\"num_key_value_heads\":2", "\"num_key_value_heads\":3"));
         StringAssert.Contains("num_attention_heads (4) must be a multiple of num_key_value_heads (3)", ImportError(qwen));
+    }
+
+    [Test]
+    public void RandomInitIsSeededAndFollowsTransformers()
+    {
+        var config = LlamaConfig.Preset("tiny-qwen2");
+        var a = LlamaWeights.Random(config, seed: 4);
+        var b = LlamaWeights.Random(config, seed: 4);
+        var c = LlamaWeights.Random(config, seed: 5);
+        foreach (var (name, _) in LlamaLayout.Tensors(config))
+        {
+            Assert.That(a[name].Values, Is.EqualTo(b[name].Values), name);
+            var v = a[name].Values;
+            if (LlamaLayout.IsNorm(name)) Assert.That(v, Has.All.EqualTo(1f), name);
+            else if (name.EndsWith(".bias", StringComparison.Ordinal)) Assert.That(v, Has.All.EqualTo(0f), name);
+            else
+            {
+                Assert.That(v, Is.Not.EqualTo(c[name].Values), name);
+                double std = Math.Sqrt(v.Average(x => (double)x * x));
+                Assert.That(std, Is.EqualTo(0.02).Within(0.004), $"{name}: N(0, 0.02) (transformers' initializer_range)");
+            }
+        }
+        Assert.That(a.ParameterCount, Is.EqualTo(config.ParameterCount));
     }
 
     [Test]

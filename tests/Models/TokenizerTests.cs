@@ -23,7 +23,7 @@ public class TokenizerTests
 
     static readonly string[] Merges = ["h e", "l l", "ll o", "Ġ t", "Ġt he", "he llo"];
 
-    internal static string WriteTokenizerJson(TempDir dir, JsonNode preTokenizer)
+    internal static string WriteTokenizerJson(TempDir dir, JsonNode preTokenizer, bool mergesAsPairs = false)
     {
         var vocab = new JsonObject();
         var symbols = ByteSymbols();
@@ -38,7 +38,8 @@ public class TokenizerTests
             ["model"] = new JsonObject
             {
                 ["type"] = "BPE", ["vocab"] = vocab,
-                ["merges"] = new JsonArray(Merges.Select(m => (JsonNode?)JsonValue.Create(m)).ToArray()),
+                // tokenizers ≥ 0.20 writes each merge as a pair
+                ["merges"] = new JsonArray(Merges.Select(m => mergesAsPairs ? new JsonArray(m.Split(' ').Select(p => (JsonNode?)p).ToArray()) : (JsonNode?)JsonValue.Create(m)).ToArray()),
             },
         };
         var path = dir.File(TextTokenizer.TokenizerJson);
@@ -59,10 +60,11 @@ public class TokenizerTests
 
     [TestCase("ByteLevel")]
     [TestCase("Split+ByteLevel")]
+    [TestCase("ByteLevel, merges as pairs")]
     public void TokenizerJsonBpeMergesAndRoundTrips(string kind)
     {
         using var dir = new TempDir();
-        WriteTokenizerJson(dir, kind == "ByteLevel" ? ByteLevel() : SplitThenByteLevel());
+        WriteTokenizerJson(dir, kind.StartsWith("Split", StringComparison.Ordinal) ? SplitThenByteLevel() : ByteLevel(), mergesAsPairs: kind.EndsWith("pairs", StringComparison.Ordinal));
         var tokenizer = TextTokenizer.FromDirectory(dir.Path);
         Assert.That(tokenizer.VocabSize, Is.EqualTo(263));
         Assert.That(tokenizer.EndOfText, Is.EqualTo(262));

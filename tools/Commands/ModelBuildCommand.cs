@@ -63,7 +63,7 @@ public sealed class ModelBuildCommand(IAnsiConsole console) : Command<ModelBuild
         var outPath = Path.GetFullPath(settings.Out!);
         var dataPath = outPath + ".data";
         foreach (var path in new[] { outPath, dataPath })
-            OutputFolder.CheckFile(path, "--out", [settings.Weights], settings.Force);
+            OutputFolder.CheckFile(path, "--out", [settings.Weights, settings.From], settings.Force);
 
         var clock = Stopwatch.StartNew();
         Onnx.ModelProto model;
