@@ -215,6 +215,7 @@ public class OutputsTests
         Directory.CreateDirectory(dir.File("runs"));
         File.WriteAllText(dir.File("runs/thesis.tex"), "years of work");
         Tree.FailsCleanly(dir.Path, "was not written by onnxlora", "run", config);
+        Tree.FailsCleanly(dir.Path, "holds the input", "run", config, "--out", dir.Path + "/./");
 
         File.Delete(dir.File("runs/thesis.tex"));
         OutputFolder.Mark(dir.File("runs"), "run");
