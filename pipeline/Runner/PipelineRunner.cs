@@ -61,7 +61,7 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
         if (!OutputFolder.Check(_runDir, Verb, "run_dir", overwrite: false, reuse: true)) OutputFolder.Mark(_runDir, Verb);
         OutputFolder.RemoveStaleTemps(_runDir);
         var stagesPath = Path.Combine(_runDir, StagesFile);
-        _done = File.Exists(stagesPath) ? JsonNode.Parse(File.ReadAllText(stagesPath))!.AsObject() : new JsonObject();
+        _done = File.Exists(stagesPath) ? ReadStages(stagesPath) : new JsonObject();
 
         var modelHash = config.Hash("model");
         var modelPath = Stage("model", modelHash, () => BuildModel(), p => File.Exists(p));
@@ -79,6 +79,12 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
         var task = config.Required("data.task");
         return new PipelineReport(_runDir, _stages.Select(s => (s.Item1, s.Item2, s.Item3)).ToList(),
             task == "cls" ? "accuracy" : "perplexity", baseLoss, adaptedLoss, baseAcc, adaptedAcc, examples, outputs, deployDiff, clock.Elapsed);
+    }
+
+    static JsonObject ReadStages(string path)
+    {
+        try { return JsonNode.Parse(File.ReadAllText(path)) as JsonObject ?? throw new JsonException("not an object"); }
+        catch (JsonException e) { throw new InvalidDataException($"{path}: not a stages record ({e.Message}); delete it to run every stage again", e); }
     }
 
     /// <summary>Runs <paramref name="work"/> unless stages.json says it ran with the same inputs and its output is still there.</summary>

@@ -230,6 +230,11 @@ public class OutputsTests
         (code, var stdout, err) = CliRunner.Run("run", config);
         Assert.That(code, Is.EqualTo(0), err);
         Assert.That(stdout, Does.Not.Contain("Δlogit"), "no merged export: no deploy check, and no NaN printed for it");
+        var stages = dir.File("runs/stages.json");
+        var saved = File.ReadAllText(stages);
+        File.WriteAllText(stages, "[1, 2");
+        Tree.FailsCleanly(dir.Path, "stages.json: not a stages record", "run", config);
+        File.WriteAllText(stages, saved);
         File.WriteAllText(config, File.ReadAllText(config).Replace("max_steps: 1", "max_steps: 2"));
         (code, _, err) = CliRunner.Run("run", config);
         Assert.That(code, Is.EqualTo(0), "its own train/ of another config is replaced: " + err);
