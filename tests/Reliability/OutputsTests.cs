@@ -143,6 +143,8 @@ public class OutputsTests
         Tree.FailsCleanly(dir.Path, "lies inside the input", "export", run, "--out", Path.Combine(run, Trainer.CheckpointFile));
         Tree.FailsCleanly(dir.Path, "is the input", "export", run, "--out", run + "/", "--format", "peft");
         Tree.FailsCleanly(dir.Path, "exists; pass --overwrite", "export", run, "--out", dir.File("existing.txt"));
+        Tree.FailsCleanly(dir.Path, "lies inside an 'onnxlora train' output", "export", Path.Combine(run, Trainer.OnnxAdapterFileName), "--model", rewrite,
+            "--out", Path.Combine(run, Trainer.CheckpointFile), "--overwrite");
         Directory.CreateDirectory(dir.File("mine"));
         File.WriteAllText(dir.File("mine/adapter_config.json"), "{}");
         Tree.FailsCleanly(dir.Path, "was not written by onnxlora", "export", run, "--out", dir.File("mine"), "--format", "peft", "--overwrite");
