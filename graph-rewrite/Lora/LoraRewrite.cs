@@ -103,7 +103,7 @@ public static class LoraRewrite
                 old = $"{full}{OutputFolder.TempInfix}old-{Guid.NewGuid().ToString("N")[..8]}";
                 Directory.Move(full, old);
             }
-            else if (Directory.Exists(full)) Directory.Delete(full);   // new and empty (Check said so)
+            else if (Directory.Exists(full)) Directory.Delete(full, recursive: true);   // empty, or only our marker and temps (Check said so)
             Directory.Move(tmp, full);
             if (old is not null) Directory.Delete(old, recursive: true);
         }

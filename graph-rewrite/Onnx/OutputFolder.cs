@@ -152,6 +152,10 @@ public static class OutputFolder
     {
         if (Directory.Exists(path)) throw new IOException($"{path}: {flag} is a folder; it needs a file name");
         CheckNotInput(path, inputs, flag);
+        // a run's or rewrite's own files (checkpoint, adapter, models) are never another verb's output
+        for (var folder = Path.GetDirectoryName(Resolve(path)); folder is not null; folder = Path.GetDirectoryName(folder))
+            if (MarkerVerb(folder) is { } verb)
+                throw new IOException($"{path}: {flag} lies inside an 'onnxlora {verb}' output ({folder}); choose a path outside it");
         if (File.Exists(path) && !overwrite) throw new IOException($"{path}: {flag} exists; pass --overwrite to replace it, or choose another {flag}");
         return Resolve(path);
     }

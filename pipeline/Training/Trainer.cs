@@ -234,8 +234,7 @@ public static class Trainer
         var dims = ValueInfos.Dims(logits);
         if (dims is { Length: > 0 } && dims[^1].Value is long v and > 0 and <= int.MaxValue) return (int)v;
         // a symbolic vocabulary dim: the rows of the token embedding (the Gather that reads the ids) say it too
-        var ids = model.Graph.Input.Select(i => i.Name).FirstOrDefault(n => n == "input_ids");
-        var table = model.Graph.Node.Where(n => n.OpType == "Gather" && n.Input.Count == 2 && n.Input[1] == ids)
+        var table = model.Graph.Node.Where(n => n.OpType == "Gather" && n.Input.Count == 2 && n.Input[1] == "input_ids")
             .Select(n => model.Graph.Initializer.FirstOrDefault(t => t.Name == n.Input[0])).FirstOrDefault(t => t is { Dims.Count: 2 });
         return table?.Dims[0] is long rows and > 0 and <= int.MaxValue ? (int)rows
             : throw new InvalidDataException($"{LoraManifest.TrainingModelFile}: the vocabulary size (last dim of '{logits.Name}') is not fixed and no token embedding states it, so token ids cannot be checked against it");

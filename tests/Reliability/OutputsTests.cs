@@ -143,6 +143,8 @@ public class OutputsTests
         Tree.FailsCleanly(dir.Path, "lies inside the input", "export", run, "--out", Path.Combine(run, Trainer.CheckpointFile));
         Tree.FailsCleanly(dir.Path, "is the input", "export", run, "--out", run + "/", "--format", "peft");
         Tree.FailsCleanly(dir.Path, "exists; pass --overwrite", "export", run, "--out", dir.File("existing.txt"));
+        Tree.FailsCleanly(dir.Path, "lies inside an 'onnxlora train' output", "export", Path.Combine(run, Trainer.OnnxAdapterFileName), "--model", rewrite,
+            "--out", Path.Combine(run, Trainer.CheckpointFile), "--overwrite");
         Directory.CreateDirectory(dir.File("mine"));
         File.WriteAllText(dir.File("mine/adapter_config.json"), "{}");
         Tree.FailsCleanly(dir.Path, "was not written by onnxlora", "export", run, "--out", dir.File("mine"), "--format", "peft", "--overwrite");
@@ -215,6 +217,7 @@ public class OutputsTests
         Directory.CreateDirectory(dir.File("runs"));
         File.WriteAllText(dir.File("runs/thesis.tex"), "years of work");
         Tree.FailsCleanly(dir.Path, "was not written by onnxlora", "run", config);
+        Tree.FailsCleanly(dir.Path, "holds the input", "run", config, "--out", dir.Path + "/./");
 
         File.Delete(dir.File("runs/thesis.tex"));
         OutputFolder.Mark(dir.File("runs"), "run");
@@ -229,6 +232,11 @@ public class OutputsTests
         (code, var stdout, err) = CliRunner.Run("run", config);
         Assert.That(code, Is.EqualTo(0), err);
         Assert.That(stdout, Does.Not.Contain("Δlogit"), "no merged export: no deploy check, and no NaN printed for it");
+        var stages = dir.File("runs/stages.json");
+        var saved = File.ReadAllText(stages);
+        File.WriteAllText(stages, "[1, 2");
+        Tree.FailsCleanly(dir.Path, "stages.json: not valid JSON", "run", config);
+        File.WriteAllText(stages, saved);
         File.WriteAllText(config, File.ReadAllText(config).Replace("max_steps: 1", "max_steps: 2"));
         (code, _, err) = CliRunner.Run("run", config);
         Assert.That(code, Is.EqualTo(0), "its own train/ of another config is replaced: " + err);
