@@ -102,7 +102,7 @@ public class LlamaTests
         var before = File.ReadAllBytes(Path.Combine(folder, "model.safetensors"));
         (code, _, stderr) = CliRunner.Run("model", "build", "--from", folder, "--out", Path.Combine(folder, "model.safetensors"), "--force");
         Assert.That(code, Is.EqualTo(1));
-        StringAssert.Contains("would replace a file of the --from folder", stderr);
+        StringAssert.Contains("--out lies inside the input", stderr);
         Assert.That(File.ReadAllBytes(Path.Combine(folder, "model.safetensors")), Is.EqualTo(before));
 
         (code, _, stderr) = CliRunner.Run("model", "build", "--arch", "llama", "--preset", "gpt2", "--out", dir.File("x.onnx"));
