@@ -172,7 +172,7 @@ public class ServeSettings : CommandSettings
             return tokenizer;
         }
         if (width == 50257 || width <= 0) return TextTokenizer.Gpt2;
-        if (needed) throw new ArgumentException($"{host.ModelPath}: the vocabulary has {width} tokens, not GPT-2's 50,257; pass --tokenizer (the model's tokenizer.json or folder) or --ids instead of text");
+        if (needed) throw new ArgumentException($"{host.ModelPath}: the vocabulary has {width} tokens, not GPT-2's 50,257; pass --ids instead of text, or --tokenizer with the model's tokenizer.json or folder");
         return null;
     }
 }
