@@ -111,8 +111,10 @@ public sealed class TextTokenizer
         }
         bool byteLevel = preTokenizers.Any(p => Type(p) == "ByteLevel") || Type(root["decoder"]) == "ByteLevel";
         var split = preTokenizers.FirstOrDefault(p => Type(p) == "Split")?["pattern"]?["Regex"]?.GetValue<string>();
+        // a Digits pre-tokenizer with individual_digits (SmolLM2) isolates every digit before ByteLevel's regex
+        bool singleDigits = preTokenizers.Any(p => Type(p) == "Digits" && p["individual_digits"] is JsonValue d && d.TryGetValue<bool>(out var one) && one);
         Regex pattern;
-        try { pattern = new Regex(split ?? Gpt2Pattern, RegexOptions.Compiled); }
+        try { pattern = new Regex(split ?? (singleDigits ? Gpt2Pattern.Replace(@" ?\p{N}+", @"\p{N}") : Gpt2Pattern), RegexOptions.Compiled); }
         catch (ArgumentException e) { throw new InvalidDataException($"{path}: pre_tokenizer Split regex is not one .NET can run ({e.Message})", e); }
         var options = new BpeOptions(vocab)
         {

@@ -76,6 +76,28 @@ public class TokenizerTests
             Assert.That(tokenizer.Decode(tokenizer.Encode(text)), Is.EqualTo(text), text);
     }
 
+    [TestCase(false, new[] { 256 })]
+    [TestCase(true, new[] { 49, 50 })]
+    public void DigitsPreTokenizerKeepsDigitsApart(bool individualDigits, int[] expected)
+    {
+        using var dir = new TempDir();
+        var vocab = new JsonObject();
+        var symbols = ByteSymbols();
+        for (int b = 0; b < 256; b++) vocab[symbols[b]] = b;
+        vocab["12"] = 256;
+        var pre = new JsonArray(new JsonObject { ["type"] = "ByteLevel", ["use_regex"] = true });
+        if (individualDigits) pre.Insert(0, new JsonObject { ["type"] = "Digits", ["individual_digits"] = true });
+        var json = new JsonObject
+        {
+            ["pre_tokenizer"] = new JsonObject { ["type"] = "Sequence", ["pretokenizers"] = pre },
+            ["model"] = new JsonObject { ["type"] = "BPE", ["vocab"] = vocab, ["merges"] = new JsonArray("1 2") },
+        };
+        File.WriteAllText(dir.File(TextTokenizer.TokenizerJson), json.ToJsonString());
+        var tokenizer = TextTokenizer.FromDirectory(dir.Path);
+        Assert.That(tokenizer.Encode("12"), Is.EqualTo(expected));
+        Assert.That(tokenizer.Decode(tokenizer.Encode("a 12 b")), Is.EqualTo("a 12 b"));
+    }
+
     [Test]
     public void BadTokenizerFilesAreNamed()
     {
