@@ -6,7 +6,7 @@ namespace OnnxLora.Models;
 public static class HfModels
 {
     /// <summary>The <c>architectures[0]</c> values that can be imported.</summary>
-    public static IReadOnlyList<string> Architectures { get; } = ["GPT2LMHeadModel", "LlamaForCausalLM", "Qwen2ForCausalLM"];
+    public static IReadOnlyList<string> Architectures { get; } = ["GPT2LMHeadModel", "LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM"];
 
     /// <summary>
     /// Reads <paramref name="directory"/> (<see cref="HfCheckpoint"/>), checks every tensor against its config.json and
@@ -23,7 +23,7 @@ public static class HfModels
             case "GPT2LMHeadModel" or "GPT2Model" or "gpt2":
                 var gpt = GptWeights.FromCheckpoint(checkpoint);
                 return (GptBuilder.Build(gpt.Config, gpt), $"GPT-2 {gpt.Config}", gpt.ParameterCount);
-            case "LlamaForCausalLM" or "Qwen2ForCausalLM" or "llama" or "qwen2":
+            case "LlamaForCausalLM" or "Qwen2ForCausalLM" or "MistralForCausalLM" or "llama" or "qwen2" or "mistral":
                 var llama = LlamaWeights.FromCheckpoint(checkpoint);
                 return (LlamaBuilder.Build(llama), llama.Config.ToString(), llama.ParameterCount);
             default:

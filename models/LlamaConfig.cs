@@ -21,7 +21,7 @@ namespace OnnxLora.Models;
 /// <param name="QkvBias">q/k/v projections have a bias (Qwen2 always; Llama with <c>attention_bias</c>).</param>
 /// <param name="OutputBias">o_proj has a bias (Llama with <c>attention_bias</c>).</param>
 /// <param name="MlpBias">gate/up/down projections have a bias (Llama's <c>mlp_bias</c>).</param>
-/// <param name="ModelType"><c>model_type</c>: "llama" or "qwen2" (names the architecture in files we write).</param>
+/// <param name="ModelType"><c>model_type</c>: "llama", "qwen2" or "mistral" (names the architecture in files we write).</param>
 /// <param name="RopeScaling">Llama 3's <c>rope_scaling</c> (<c>rope_type</c> "llama3" or "linear"), or null.</param>
 public sealed record LlamaConfig(int VocabSize, int HiddenSize, int IntermediateSize, int Layers, int Heads, int KvHeads, int HeadDim,
                                  double RopeTheta, double RmsNormEps, int MaxPositions, bool TieWordEmbeddings,
@@ -99,14 +99,18 @@ public sealed record LlamaConfig(int VocabSize, int HiddenSize, int Intermediate
     {
         ArgumentNullException.ThrowIfNull(json);
         var type = Str("model_type") ?? "llama";
-        if (type is not ("llama" or "qwen2"))
-            throw new InvalidDataException($"{path}: model_type '{type}' is not a Llama-family model (llama, qwen2)");
+        if (type is not ("llama" or "qwen2" or "mistral"))
+            throw new InvalidDataException($"{path}: model_type '{type}' is not a Llama-family model (llama, qwen2, mistral)");
         int hidden = Int("hidden_size"), heads = Int("num_attention_heads");
         int kvHeads = json["num_key_value_heads"] is null ? heads : Int("num_key_value_heads");
         int headDim = json["head_dim"] is null ? (hidden % heads == 0 ? hidden / heads : throw Field("head_dim", "is missing and hidden_size is not a multiple of num_attention_heads")) : Int("head_dim");
         bool attentionBias = Bool("attention_bias") ?? false;
         if (Str("hidden_act") is { } act && act != "silu") throw Field("hidden_act", $"is '{act}'; only silu (SwiGLU) is supported");
         if (type == "qwen2" && Bool("use_sliding_window") == true) throw Field("use_sliding_window", "is true; sliding-window attention is not supported");
+        // Mistral is Llama's graph plus a sliding window; without one (v0.2+) or one as long as the context, it is Llama's
+        if (type == "mistral" && json["sliding_window"] is JsonValue window && window.TryGetValue<int>(out var w)
+            && json["max_position_embeddings"] is JsonValue mp && mp.TryGetValue<int>(out var maxPositions) && w < maxPositions)
+            throw Field("sliding_window", $"is {w}, shorter than max_position_embeddings ({maxPositions}); sliding-window attention is not supported");
         RopeScaling? scaling = null;
         if (json["rope_scaling"] is JsonObject rs)
         {
@@ -147,7 +151,7 @@ public sealed record LlamaConfig(int VocabSize, int HiddenSize, int Intermediate
     {
         var json = new JsonObject
         {
-            ["architectures"] = new JsonArray(ModelType == "qwen2" ? "Qwen2ForCausalLM" : "LlamaForCausalLM"),
+            ["architectures"] = new JsonArray(ModelType switch { "qwen2" => "Qwen2ForCausalLM", "mistral" => "MistralForCausalLM", _ => "LlamaForCausalLM" }),
             ["model_type"] = ModelType, ["vocab_size"] = VocabSize, ["hidden_size"] = HiddenSize, ["intermediate_size"] = IntermediateSize,
             ["num_hidden_layers"] = Layers, ["num_attention_heads"] = Heads, ["num_key_value_heads"] = KvHeads, ["head_dim"] = HeadDim,
             ["rope_theta"] = RopeTheta, ["rms_norm_eps"] = RmsNormEps, ["max_position_embeddings"] = MaxPositions,

@@ -74,7 +74,8 @@ public sealed class TextTokenizer
     /// A Hugging Face <c>tokenizer.json</c> whose model is BPE: vocabulary and merges from the file, byte-level when its
     /// pre-tokenizer or decoder is ByteLevel (GPT-2, SmolLM2, Qwen2, Llama 3), with the file's Split regex when it has
     /// one (else GPT-2's); added tokens are special tokens. The end-of-text token is tokenizer_config.json's
-    /// <c>eos_token</c> beside it, else the first added token that looks like one.
+    /// <c>eos_token</c> beside it, else the first added token that looks like one. A SentencePiece-style file (Llama 2,
+    /// Mistral: byte_fallback, Metaspace) is read from the <c>tokenizer.model</c> beside it.
     /// </summary>
     /// <exception cref="InvalidDataException">Not a BPE tokenizer.json; the message names the field.</exception>
     public static TextTokenizer FromTokenizerJson(string path)
@@ -98,10 +99,22 @@ public sealed class TextTokenizer
             if (added is JsonObject o && o["content"]?.GetValue<string>() is { } content) special[content] = Id(o["id"], $"added_tokens '{content}'");
 
         var preTokenizers = Flatten(root["pre_tokenizer"]).ToList();
+        // Llama 2 / Mistral style: SentencePiece's BPE written as tokenizer.json ('▁' for spaces, byte fallback); its
+        // tokenizer.model beside it is read instead, since this reader would split such text differently
+        bool sentencePiece = model["byte_fallback"] is JsonValue fallback && fallback.TryGetValue<bool>(out var f) && f
+                             || preTokenizers.Any(p => Type(p) == "Metaspace") || MentionsMetaspace(root["normalizer"]);
+        if (sentencePiece)
+        {
+            var sp = Path.Combine(Path.GetDirectoryName(Path.GetFullPath(path))!, SentencePieceModel);
+            if (File.Exists(sp)) return FromSentencePiece(sp);
+            throw new InvalidDataException($"{path}: a SentencePiece-style BPE (byte_fallback, '▁' for spaces) is read from its {SentencePieceModel}, which is not beside it; add it, or give token ids with --format tokens");
+        }
         bool byteLevel = preTokenizers.Any(p => Type(p) == "ByteLevel") || Type(root["decoder"]) == "ByteLevel";
         var split = preTokenizers.FirstOrDefault(p => Type(p) == "Split")?["pattern"]?["Regex"]?.GetValue<string>();
+        // a Digits pre-tokenizer with individual_digits (SmolLM2) isolates every digit before ByteLevel's regex
+        bool singleDigits = preTokenizers.Any(p => Type(p) == "Digits" && p["individual_digits"] is JsonValue d && d.TryGetValue<bool>(out var one) && one);
         Regex pattern;
-        try { pattern = new Regex(split ?? Gpt2Pattern, RegexOptions.Compiled); }
+        try { pattern = new Regex(split ?? (singleDigits ? Gpt2Pattern.Replace(@" ?\p{N}+", @"\p{N}") : Gpt2Pattern), RegexOptions.Compiled); }
         catch (ArgumentException e) { throw new InvalidDataException($"{path}: pre_tokenizer Split regex is not one .NET can run ({e.Message})", e); }
         var options = new BpeOptions(vocab)
         {
@@ -148,6 +161,10 @@ public sealed class TextTokenizer
             if (name is not null && (special.TryGetValue(name, out var id) || vocab.TryGetValue(name, out id))) return id;
         return special.Count > 0 ? special.Values.Min() : 0;
     }
+
+    // a normalizer that writes '▁' (Replace " " → "▁", Prepend "▁"); ToJsonString escapes it as \u2581
+    static bool MentionsMetaspace(JsonNode? normalizer) =>
+        normalizer?.ToJsonString() is { } text && (text.Contains('▁') || text.Contains("\\u2581", StringComparison.OrdinalIgnoreCase));
 
     static IEnumerable<JsonObject> Flatten(JsonNode? node)
     {

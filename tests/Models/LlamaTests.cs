@@ -81,6 +81,26 @@ public class LlamaTests
     }
 
     [Test]
+    public void MistralFolderWithoutASlidingWindowIsLlama()
+    {
+        // MistralForCausalLM is Llama's state dict and graph; only a sliding window shorter than the context differs
+        using var dir = new TempDir();
+        var folder = CopyFolder("llama", dir);
+        var config = Path.Combine(folder, HfCheckpoint.ConfigFile);
+        var json = JsonNode.Parse(File.ReadAllText(config))!.AsObject();
+        json["architectures"] = new JsonArray("MistralForCausalLM");
+        json["model_type"] = "mistral";
+        json["sliding_window"] = null;
+        File.WriteAllText(config, json.ToJsonString());
+        var golden = Golden("llama");
+        using (var session = new InferenceSession(HfModels.Build(folder).Model.ToByteArray()))
+            GptBuilderTests.AssertClose(Logits(session, golden), GoldenLogits(golden), LogitTolerance, "hf-llama as mistral");
+        json["sliding_window"] = 16;
+        File.WriteAllText(config, json.ToJsonString());
+        StringAssert.Contains("sliding_window is 16, shorter than max_position_embeddings (64)", ImportError(folder));
+    }
+
+    [Test]
     public void CliBuildsFromAFolderAndFromAPreset()
     {
         using var dir = new TempDir();
@@ -392,9 +412,9 @@ public class LlamaTests
         SafeTensorsFile.Write(weights, tensors, meta);
         StringAssert.Contains("'lm_head.weight' differs from 'model.embed_tokens.weight'", ImportError(qwen));
         var config = Path.Combine(qwen, HfCheckpoint.ConfigFile);
-        File.WriteAllText(config, File.ReadAllText(config).Replace("Qwen2ForCausalLM", "MistralForCausalLM"));
-        StringAssert.Contains("architecture 'MistralForCausalLM' cannot be imported", ImportError(qwen));
-        File.WriteAllText(config, File.ReadAllText(config).Replace("MistralForCausalLM", "Qwen2ForCausalLM").Replace("\"num_key_value_heads\":2", "\"num_key_value_heads\":3"));
+        File.WriteAllText(config, File.ReadAllText(config).Replace("Qwen2ForCausalLM", "GemmaForCausalLM"));
+        StringAssert.Contains("architecture 'GemmaForCausalLM' cannot be imported", ImportError(qwen));
+        File.WriteAllText(config, File.ReadAllText(config).Replace("GemmaForCausalLM", "Qwen2ForCausalLM").Replace("\"num_key_value_heads\":2", "\"num_key_value_heads\":3"));
         StringAssert.Contains("num_attention_heads (4) must be a multiple of num_key_value_heads (3)", ImportError(qwen));
     }
 

@@ -76,6 +76,28 @@ public class TokenizerTests
             Assert.That(tokenizer.Decode(tokenizer.Encode(text)), Is.EqualTo(text), text);
     }
 
+    [TestCase(false, new[] { 256 })]
+    [TestCase(true, new[] { 49, 50 })]
+    public void DigitsPreTokenizerKeepsDigitsApart(bool individualDigits, int[] expected)
+    {
+        using var dir = new TempDir();
+        var vocab = new JsonObject();
+        var symbols = ByteSymbols();
+        for (int b = 0; b < 256; b++) vocab[symbols[b]] = b;
+        vocab["12"] = 256;
+        var pre = new JsonArray(new JsonObject { ["type"] = "ByteLevel", ["use_regex"] = true });
+        if (individualDigits) pre.Insert(0, new JsonObject { ["type"] = "Digits", ["individual_digits"] = true });
+        var json = new JsonObject
+        {
+            ["pre_tokenizer"] = new JsonObject { ["type"] = "Sequence", ["pretokenizers"] = pre },
+            ["model"] = new JsonObject { ["type"] = "BPE", ["vocab"] = vocab, ["merges"] = new JsonArray("1 2") },
+        };
+        File.WriteAllText(dir.File(TextTokenizer.TokenizerJson), json.ToJsonString());
+        var tokenizer = TextTokenizer.FromDirectory(dir.Path);
+        Assert.That(tokenizer.Encode("12"), Is.EqualTo(expected));
+        Assert.That(tokenizer.Decode(tokenizer.Encode("a 12 b")), Is.EqualTo("a 12 b"));
+    }
+
     [Test]
     public void BadTokenizerFilesAreNamed()
     {
@@ -124,13 +146,20 @@ public class TokenizerTests
         return ms.ToArray();
     }
 
-    [Test]
-    public void SentencePieceModelEncodesAndRoundTrips()
+    [TestCase(false)]
+    [TestCase(true)]
+    public void SentencePieceModelEncodesAndRoundTrips(bool besideSentencePieceStyleJson)
     {
         using var dir = new TempDir();
         string[] pieces = ["<unk>", "<s>", "</s>", "▁", "h", "e", "l", "o", "w", "r", "d", "▁h", "ll", "▁he", "llo", "▁hello", "▁w", "or", "▁wor", "ld", "▁world"];
         var scores = pieces.Select((_, i) => i < 11 ? 0f : -(float)i).ToArray();   // earlier merges score higher
         var types = pieces.Select((_, i) => i == 0 ? 2 : i < 3 ? 3 : 1).ToArray();  // UNKNOWN, CONTROL, NORMAL
+        if (besideSentencePieceStyleJson)
+        {
+            // Llama 2 style tokenizer.json (Metaspace, byte_fallback): without its tokenizer.model it is refused, with it that is read
+            File.WriteAllText(dir.File(TextTokenizer.TokenizerJson), """{"normalizer":{"type":"Sequence","normalizers":[{"type":"Prepend","prepend":"▁"},{"type":"Replace","pattern":{"String":" "},"content":"▁"}]},"pre_tokenizer":null,"model":{"type":"BPE","vocab":{"a":0},"merges":[]}}""");
+            StringAssert.Contains("tokenizer.model", Assert.Throws<InvalidDataException>(() => TextTokenizer.FromDirectory(dir.Path))!.Message);
+        }
         File.WriteAllBytes(dir.File(TextTokenizer.SentencePieceModel), SentencePieceModel(pieces, scores, types));
         var tokenizer = TextTokenizer.FromDirectory(dir.Path);
         Assert.That(tokenizer.EndOfText, Is.EqualTo(2));

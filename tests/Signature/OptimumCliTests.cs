@@ -28,6 +28,7 @@ public class OptimumCliTests
         var rw = dir.File("rw");
         var (code, output, error) = CliRunner.Run("rewrite", OptimumGpt2Tests.Fixture(file), "--out", rw, "--rank", "4", "--targets", "c_attn,c_fc");
         Assert.That(code, Is.EqualTo(0), error);
+        Assert.That(output, Does.Contain("inputs: input_ids (input_ids), attention_mask (attention_mask), position_ids (position_ids)"));
 
         var run = dir.File("run");
         (code, output, error) = CliRunner.Run("train", "--model", rw, "--data", data, "--format", "tokens", "--out", run,

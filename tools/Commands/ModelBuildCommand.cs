@@ -30,7 +30,7 @@ public sealed class ModelBuildCommand(IAnsiConsole console) : Command<ModelBuild
         public string? Weights { get; init; }
 
         [CommandOption("--from <DIR>")]
-        [Description("A Hugging Face model folder (config.json + model.safetensors or model.safetensors.index.json shards) of a GPT2LMHeadModel, LlamaForCausalLM or Qwen2ForCausalLM; the shape comes from config.json")]
+        [Description("A Hugging Face model folder (config.json + model.safetensors or model.safetensors.index.json shards) of a GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM or MistralForCausalLM; the shape comes from config.json")]
         public string? From { get; init; }
 
         [CommandOption("-s|--seed <N>")]

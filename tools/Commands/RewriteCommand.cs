@@ -93,6 +93,8 @@ public sealed class RewriteCommand(IAnsiConsole console) : Command<RewriteComman
         }
         console.Write(table);
         console.WriteLine(result.ParameterLine);
+        if (SignatureRoles.TakesTokens(result.DeployableModel))   // what train and deploy will feed, by role
+            console.WriteLine("inputs: " + string.Join(", ", SignatureRoles.Decide(result.DeployableModel, source: s.Model).Inputs.Select(e => $"{e.Name} ({e})")));
         console.WriteLine($"wrote {s.Out}: {LoraManifest.TrainingModelFile} (training view), {LoraManifest.DeployableModelFile} (deployable), {LoraManifest.FileName}");
         return 0;
     }
