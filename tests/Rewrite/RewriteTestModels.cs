@@ -213,10 +213,16 @@ static class RewriteTestModels
         return m;
     }
 
-    /// <summary>Model files under tests/fixtures (torch exports, our builder's), copied to the test output folder.</summary>
+    /// <summary>
+    /// Model files under tests/fixtures (torch exports, our builder's), copied to the test output folder; not the fuzz
+    /// corpus (fixtures/fuzz), whose models lean on files the fuzz harness writes beside them.
+    /// </summary>
     public static IEnumerable<string> FixtureFiles()
     {
         var dir = Path.Combine(AppContext.BaseDirectory, "fixtures");
-        return Directory.Exists(dir) ? Directory.EnumerateFiles(dir, "*.onnx", SearchOption.AllDirectories).Order() : [];
+        var fuzz = Path.Combine(dir, "fuzz") + Path.DirectorySeparatorChar;
+        return Directory.Exists(dir)
+            ? Directory.EnumerateFiles(dir, "*.onnx", SearchOption.AllDirectories).Where(f => !f.StartsWith(fuzz, StringComparison.Ordinal)).Order()
+            : [];
     }
 }
