@@ -148,7 +148,7 @@ public sealed partial class GptWeights
             if (!File.Exists(file)) return null;
             try
             {
-                var json = JsonNode.Parse(File.ReadAllText(file))?.AsObject();
+                var json = JsonNode.Parse(File.ReadAllText(file), documentOptions: new JsonDocumentOptions { AllowDuplicateProperties = false })?.AsObject();
                 if (json?["n_head"] is not { } heads) return null;
                 return (heads.GetValue<int>(), json["layer_norm_epsilon"]?.GetValue<double>() ?? 1e-5);
             }

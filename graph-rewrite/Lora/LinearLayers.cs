@@ -77,7 +77,8 @@ public static partial class LinearLayers
             if (!IsLinearOp(node, out bool nodeTransposed)) continue;
             if (node.Input.Count < 2 || TraceWeight(g, inputs, node.Input[0]) is not null) continue;
             if (TraceWeight(g, inputs, node.Input[1]) is not { } w || w.Init.Dims.Count != 2) continue;
-            if (!Tensors.IsFloatType(w.Init.DataType)) continue;
+            // LoRA factors take the type the node multiplies in: an integer weight, or a Cast to an integer, is no target
+            if (!Tensors.IsFloatType(w.Init.DataType) || !Tensors.IsFloatType(w.ComputeType)) continue;
             bool storedTransposed = w.Transposes % 2 == 1 ^ nodeTransposed;
             var use = new LinearUse(NodeName(node), node.OpType, node.Input[0], node.Output[0], w.Chain.Select(NodeName).ToList());
             var group = groups.FirstOrDefault(x => x.Weight == w.Init.Name && x.StoredTransposed == storedTransposed);

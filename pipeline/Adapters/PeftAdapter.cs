@@ -169,7 +169,9 @@ public static class PeftAdapter
             JsonObject json;
             try
             {
-                json = JsonNode.Parse(File.ReadAllText(path)) as JsonObject ?? throw Bad("expected a JSON object of PEFT settings");
+                // a key given twice is an error here, not later when JsonObject indexes its members (found by afl++)
+                json = JsonNode.Parse(File.ReadAllText(path), documentOptions: new JsonDocumentOptions { AllowDuplicateProperties = false }) as JsonObject
+                    ?? throw Bad("expected a JSON object of PEFT settings");
             }
             catch (JsonException e) { throw Bad($"not valid JSON ({e.Message})"); }
             var type = json["peft_type"] is { } t ? String(t, "peft_type") : null;

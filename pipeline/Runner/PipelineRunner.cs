@@ -102,7 +102,7 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
     {
         InvalidDataException Corrupt(string what) => new($"{path}: {what}; delete it to rerun every stage");
         JsonNode? json;
-        try { json = JsonNode.Parse(File.ReadAllText(path)); }
+        try { json = JsonNode.Parse(File.ReadAllText(path), documentOptions: new JsonDocumentOptions { AllowDuplicateProperties = false }); }
         catch (JsonException e) { throw Corrupt($"not valid JSON ({e.Message})"); }
         if (json is not JsonObject stages) throw Corrupt("expected a JSON object of stages");
         foreach (var (name, entry) in stages)

@@ -193,6 +193,28 @@ public partial class ReadersOnnxTests
     }
 
     [Test]
+    public void Merge_refuses_a_rewrite_whose_model_has_a_duplicate_initializer_instead_of_dropping_the_adapter()
+    {
+        using var dir = new TempDir();
+        var basePath = dir.File("mlp.onnx");
+        OnnxFile.Save(RewriteTestModels.Mlp(), basePath);
+        var rw = dir.File("rw");
+        Assert.That(CliRunner.Run("rewrite", basePath, "--out", rw, "--targets", "fc1", "--rank", "2").Code, Is.EqualTo(0));
+        var manifest = OnnxLora.GraphRewrite.Lora.LoraManifest.Load(Path.Combine(rw, "lora_config.json"));
+        var adapterPath = dir.File("a.onnx_adapter");
+        OnnxLora.Pipeline.Adapters.OnnxAdapterFile.Write(adapterPath, OnnxLora.Pipeline.Adapters.LoraAdapter.CreateRandom(manifest, 4));
+        var view = Path.Combine(rw, "model.onnx");
+        var model = ModelProto.Parser.ParseFrom(File.ReadAllBytes(view));
+        model.Graph.Initializer.Add(Init(model, "fc1.weight").Clone());
+        File.WriteAllBytes(view, model.ToByteArray());
+
+        var (code, _, err) = CliRunner.Run("merge", "--model", rw, "--adapter", adapterPath, "--out", dir.File("merged.onnx"));
+        Assert.That(code, Is.EqualTo(1));
+        Assert.That(err.Trim(), Is.EqualTo($"error: {view}: initializer 'fc1.weight' is defined twice"));
+        Assert.That(File.Exists(dir.File("merged.onnx")), Is.False);
+    }
+
+    [Test]
     public void Max_opset_is_the_newest_that_onnx_runtime_loads()
     {
         byte[] At(long opset)

@@ -214,8 +214,10 @@ static class RewriteTestModels
         return m;
     }
 
-    /// <summary>Model files under tests/fixtures (torch exports, our builder's), copied to the test output folder; the
-    /// fuzzing corpus (fixtures/fuzz) holds seeds for hostile-input tests, not models, and is left out.</summary>
+    /// <summary>
+    /// Model files under tests/fixtures (torch exports, our builder's), copied to the test output folder; not the fuzz
+    /// corpus (fixtures/fuzz), whose models lean on files the fuzz harness writes beside them.
+    /// </summary>
     public static IEnumerable<string> FixtureFiles()
     {
         var dir = Path.Combine(AppContext.BaseDirectory, "fixtures");
