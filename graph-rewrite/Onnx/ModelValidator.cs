@@ -172,8 +172,9 @@ public static class ModelValidator
     /// <summary>com.microsoft ops that OnnxLora writes (FusedMatMul, Gelu) or that ORT's transformer exports use.</summary>
     static readonly HashSet<string> MicrosoftOps = new(StringComparer.Ordinal)
     {
-        "Attention", "BiasAdd", "BiasGelu", "BiasSoftmax", "EmbedLayerNormalization", "FastGelu", "FusedMatMul", "Gelu",
-        "GroupQueryAttention", "MultiHeadAttention", "QuickGelu", "RotaryEmbedding", "SkipLayerNormalization",
-        "SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization",
+        "Attention", "BiasAdd", "BiasGelu", "BiasSoftmax", "DecoderMaskedMultiHeadAttention", "DequantizeLinear",
+        "EmbedLayerNormalization", "FastGelu", "FusedMatMul", "Gelu", "GemmFastGelu", "GroupQueryAttention", "MatMulNBits",
+        "MultiHeadAttention", "PackedMultiHeadAttention", "QuantizeLinear", "QuickGelu", "RotaryEmbedding",
+        "SkipLayerNormalization", "SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization", "Trilu",
     };
 }

@@ -11,13 +11,17 @@ namespace OnnxLora.GraphRewrite.Onnx;
 public static partial class SafeFile
 {
     /// <summary>
-    /// Opens <paramref name="path"/> for reading when it is a regular file. <paramref name="error"/> turns a reason
+    /// Opens <paramref name="path"/> for reading when it is a regular file (on Linux its type is checked before it is
+    /// opened). <paramref name="error"/> turns a reason
     /// ("is not a regular file …") into the reader's own exception, which names the file and the field.
     /// </summary>
     public static FileStream OpenRegular(string path, Func<string, Exception> error)
     {
         if (Directory.Exists(path)) throw error("is a folder, not a file");
         if (!File.Exists(path)) throw error("does not exist");
+        // the type is read without opening: opening a FIFO can release a writer waiting on it, or block
+        if (FileType(path) is { } type && type != RegularFileType)
+            throw error("is not a regular file (a FIFO, socket or device); refusing to open it");
         int? nonBlocking = OperatingSystem.IsLinux() ? LinuxNonBlock : OperatingSystem.IsMacOS() ? MacNonBlock : null;
         if (nonBlocking is not { } flags) return File.OpenRead(path);
         // open() of a FIFO with no writer blocks forever; O_NONBLOCK returns at once, and lseek then tells it apart
@@ -73,6 +77,29 @@ public static partial class SafeFile
         }
         return current;
     }
+
+    const int RegularFileType = 0x8000;                 // S_IFREG within S_IFMT (0xF000)
+
+    /// <summary>
+    /// The S_IFMT bits of <paramref name="path"/> (symlinks followed) from Linux's statx, whose buffer layout is the same
+    /// on every architecture; null where statx is unavailable (other systems, old kernels): the non-blocking open
+    /// and the seek check in <see cref="OpenRegular"/> still refuse a FIFO there.
+    /// </summary>
+    static unsafe int? FileType(string path)
+    {
+        if (!OperatingSystem.IsLinux()) return null;
+        byte* buffer = stackalloc byte[256];
+        try
+        {
+            // AT_FDCWD, no flags (follow links), STATX_TYPE; stx_mode is the u16 at offset 28
+            if (StatX(-100, path, 0, 1, buffer) != 0) return null;
+        }
+        catch (EntryPointNotFoundException) { return null; }
+        return *(ushort*)(buffer + 28) & 0xF000;
+    }
+
+    [LibraryImport("libc", EntryPoint = "statx", StringMarshalling = StringMarshalling.Utf8, SetLastError = true)]
+    private static unsafe partial int StatX(int dirfd, string path, int flags, uint mask, byte* buffer);
 
     const int LinuxNonBlock = 0x800 | 0x80000;          // O_RDONLY | O_NONBLOCK | O_CLOEXEC
     const int MacNonBlock = 0x4 | 0x1000000;

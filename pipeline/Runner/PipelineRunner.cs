@@ -100,7 +100,7 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
     /// <summary>stages.json as this runner writes it: stage → {"hash": string, "output": string}; anything else is refused.</summary>
     static JsonObject ReadStages(string path)
     {
-        InvalidDataException Corrupt(string what) => new($"{path}: {what}; delete it to rerun every stage");
+        InvalidDataException Corrupt(string what) => new($"{path}: {what}; delete it to run every stage again");
         JsonNode? json;
         try { json = JsonNode.Parse(File.ReadAllText(path), documentOptions: new JsonDocumentOptions { AllowDuplicateProperties = false }); }
         catch (JsonException e) { throw Corrupt($"not valid JSON ({e.Message})"); }

@@ -165,6 +165,6 @@ public class ReadersDataTests
         var config = PipelineConfig.Parse(DemoData.DefaultConfig, "test", runDir);
         config.Override($"run_dir={runDir}");
         var e = Assert.Throws<InvalidDataException>(() => new PipelineRunner(config).Run())!;
-        Assert.That(e.Message, Does.StartWith($"{stages}: ").And.Contain(expected).And.EndWith("; delete it to rerun every stage"));
+        Assert.That(e.Message, Does.StartWith($"{stages}: ").And.Contain(expected).And.EndWith("; delete it to run every stage again"));
     }
 }

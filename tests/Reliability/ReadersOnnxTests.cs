@@ -96,6 +96,17 @@ public partial class ReadersOnnxTests
     }
 
     [Test]
+    public void A_fifo_is_refused_from_its_type_before_any_open()
+    {
+        using var dir = new TempDir();
+        var fifo = dir.File("pipe.bin");
+        Assert.That(MakeFifo(fifo, 0x180), Is.Zero, "mkfifo");
+        // "refusing to open it" comes from the statx type check; the fallback after a non-blocking open says "read it"
+        var e = Assert.Throws<OnnxFormatException>(() => SafeFile.OpenRegular(fifo, why => new OnnxFormatException($"{fifo}: {why}")).Dispose())!;
+        Assert.That(e.Message, Is.EqualTo($"{fifo}: is not a regular file (a FIFO, socket or device); refusing to open it"));
+    }
+
+    [Test]
     public void Symlink_inside_the_folder_is_followed_and_rewrite_reads_the_right_bytes()
     {
         using var dir = new TempDir();
