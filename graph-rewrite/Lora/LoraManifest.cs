@@ -107,6 +107,54 @@ public sealed record LoraManifest
         catch (JsonException e) { throw new InvalidDataException($"{path}: not a valid {FileName} ({e.Message})", e); }
         if (m is null || m.Format != CurrentFormat)
             throw new InvalidDataException($"{path}: format '{m?.Format}' is not '{CurrentFormat}'; re-run 'onnxlora rewrite'");
+        m.Validate(path);
         return m;
+    }
+
+    /// <summary>
+    /// The manifest is read from disk and may come from anyone: every target needs a name, positive dims, a rank of 1 up
+    /// to 65,536, a finite positive alpha and the scale its scaling rule gives (a stray scale would train and export a
+    /// different adapter than the one described), and no module or parameter name twice.
+    /// </summary>
+    void Validate(string path)
+    {
+        InvalidDataException Bad(string what) => new($"{path}: {what}; re-run 'onnxlora rewrite'");
+        if (Targets is null || Targets.Count == 0) throw Bad("'targets' is empty");
+        var names = new HashSet<string>(StringComparer.Ordinal);
+        var modules = new HashSet<string>(StringComparer.Ordinal);
+        for (int i = 0; i < Targets.Count; i++)
+        {
+            var t = Targets[i] ?? throw Bad($"targets[{i}] is null");
+            string at = $"targets[{i}] ('{t.Module}')";
+            if (string.IsNullOrWhiteSpace(t.Module) || string.IsNullOrWhiteSpace(t.LoraA) || string.IsNullOrWhiteSpace(t.LoraB) || string.IsNullOrWhiteSpace(t.Weight))
+                throw Bad($"targets[{i}]: 'module', 'weight', 'lora_a' and 'lora_b' must be names");
+            if (!modules.Add(t.Module)) throw Bad($"{at}: the module is listed twice");
+            foreach (var n in new[] { t.LoraA, t.LoraB })
+                if (!names.Add(n)) throw Bad($"{at}: parameter '{n}' is named twice");
+            if (t.In < 1 || t.Out < 1 || t.In > int.MaxValue || t.Out > int.MaxValue) throw Bad($"{at}: 'in' {t.In} and 'out' {t.Out} must be between 1 and {int.MaxValue}");
+            if (t.Rank is < 1 or > 65536) throw Bad($"{at}: 'rank' is {t.Rank}, expected 1 to 65,536");
+            if (!double.IsFinite(t.Alpha) || t.Alpha <= 0) throw Bad($"{at}: 'alpha' is {t.Alpha}, expected a finite number > 0");
+            double expected = ScaleFor(Scaling, t.Alpha, t.Rank);
+            if (!double.IsFinite(t.Scale) || Math.Abs(t.Scale - expected) > 1e-9 * Math.Abs(expected))
+                throw Bad($"{at}: 'scale' is {t.Scale}, but {Scaling} scaling of alpha {t.Alpha} at rank {t.Rank} gives {expected}");
+        }
+    }
+
+    /// <summary>
+    /// Checks that <paramref name="model"/> (a rewrite's training view) has every target's A [in, rank] and B [rank, out]
+    /// as graph inputs of those shapes, so a manifest and a model from different rewrites fail here rather than after training.
+    /// </summary>
+    public void CheckAgainst(global::Onnx.ModelProto model, string modelPath)
+    {
+        var inputs = model.Graph.Input.ToDictionary(v => v.Name, StringComparer.Ordinal);
+        foreach (var t in Targets)
+            foreach (var (name, shape) in new[] { (t.LoraA, new[] { t.In, t.Rank }), (t.LoraB, new[] { (long)t.Rank, t.Out }) })
+            {
+                if (!inputs.TryGetValue(name, out var input))
+                    throw new InvalidDataException($"{modelPath}: has no input '{name}' for module '{t.Module}' of {FileName}; the model and {FileName} come from different rewrites");
+                var dims = input.Type?.TensorType?.Shape?.Dim.Select(d => d.ValueCase == global::Onnx.TensorShapeProto.Types.Dimension.ValueOneofCase.DimValue ? d.DimValue : -1).ToArray() ?? [];
+                if (!dims.SequenceEqual(shape))
+                    throw new InvalidDataException($"{modelPath}: input '{name}' has shape [{string.Join(", ", dims)}], but {FileName} needs [{string.Join(", ", shape)}] for module '{t.Module}'; the model and {FileName} come from different rewrites");
+            }
     }
 }

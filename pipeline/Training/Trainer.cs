@@ -85,6 +85,7 @@ public static class Trainer
         var viewPath = Path.Combine(o.ModelDir, LoraManifest.TrainingModelFile);
         var view = OnnxFile.Load(viewPath);
         ModelValidator.Check(view, viewPath);
+        manifest.CheckAgainst(view, viewPath);
         int vocab = VocabSize(view);
         var train = LoadData(o, o.DataPath, vocab);
         var eval = o.EvalDataPath is null ? null : LoadData(o, o.EvalDataPath, vocab, train.ClassNames);

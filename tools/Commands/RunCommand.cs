@@ -34,20 +34,13 @@ public sealed class RunCommand(IAnsiConsole console) : Command<RunCommand.Settin
             : PipelineConfig.Load(s.Config);
         foreach (var assignment in s.Set) config.Override(assignment);
         if (s.Out is not null) config.Override($"run_dir={Path.GetFullPath(s.Out)}");
-        using var stop = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
-        ConsoleCancelEventHandler onCancel = (_, e) => { e.Cancel = true; stop.Cancel(); };
-        Console.CancelKeyPress += onCancel;
-        try
-        {
-            console.MarkupLineInterpolated($"[bold]onnxlora run[/] ({config.Source})");
-            PipelineReport? report = null;
-            var runner = new PipelineRunner(config, line => console.MarkupLineInterpolated($"  {line}"), new TrainBar(console));
-            runner.Validate();
-            report = runner.Run(stop.Token);
-            Render(report);
-            return 0;
-        }
-        finally { Console.CancelKeyPress -= onCancel; }
+        using var stop = new StopSignals(cancellationToken);
+        console.MarkupLineInterpolated($"[bold]onnxlora run[/] ({config.Source})");
+        var runner = new PipelineRunner(config, line => console.MarkupLineInterpolated($"  {line}"), new TrainBar(console));
+        runner.Validate();
+        var report = runner.Run(stop.Token);
+        Render(report);
+        return 0;
     }
 
     void Render(PipelineReport r)

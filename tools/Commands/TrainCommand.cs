@@ -1,6 +1,5 @@
 using System.ComponentModel;
 using System.Globalization;
-using System.Runtime.InteropServices;
 using OnnxLora.Pipeline.Data;
 using OnnxLora.Pipeline.Training;
 using OnnxLora.Pipeline.Training.Distributed;
@@ -87,24 +86,17 @@ public sealed class TrainCommand(IAnsiConsole console) : Command<TrainCommand.Se
 
     public override int Execute(CommandContext context, Settings s, CancellationToken cancellationToken)
     {
-        using var stop = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
-        ConsoleCancelEventHandler onCancel = (_, e) => { e.Cancel = true; stop.Cancel(); };
-        Console.CancelKeyPress += onCancel;
-        using var onTerm = PosixSignalRegistration.Create(PosixSignal.SIGTERM, c => { c.Cancel = true; stop.Cancel(); });
-        try
+        using var stop = new StopSignals(cancellationToken);
+        TrainResult result;
+        if (s.Resume is not null) result = WithProgress(p => Trainer.Resume(s.Resume, p, stop.Token));
+        else
         {
-            TrainResult result;
-            if (s.Resume is not null) result = WithProgress(p => Trainer.Resume(s.Resume, p, stop.Token));
-            else
-            {
-                var options = ToOptions(s);
-                console.MarkupLineInterpolated($"training [bold]{options.ModelDir}[/] on [bold]{options.DataPath}[/] ({options.Task.ToString().ToLowerInvariant()}, {options.Optimizer}, lr {options.Lr}, batch {options.BatchSize}×{options.GradAccum}, device {options.Device})");
-                result = WithProgress(p => Trainer.Train(options, p, stop.Token, s.Overwrite));
-            }
-            PrintSummary(result);
-            return 0;
+            var options = ToOptions(s);
+            console.MarkupLineInterpolated($"training [bold]{options.ModelDir}[/] on [bold]{options.DataPath}[/] ({options.Task.ToString().ToLowerInvariant()}, {options.Optimizer}, lr {options.Lr}, batch {options.BatchSize}×{options.GradAccum}, device {options.Device})");
+            result = WithProgress(p => Trainer.Train(options, p, stop.Token, s.Overwrite));
         }
-        finally { Console.CancelKeyPress -= onCancel; }
+        PrintSummary(result);
+        return 0;
     }
 
     internal static TrainOptions ToOptions(Settings s)
