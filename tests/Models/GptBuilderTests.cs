@@ -4,6 +4,7 @@ using Microsoft.ML.OnnxRuntime;
 using Onnx;
 using OnnxLora.GraphRewrite.Onnx;
 using OnnxLora.Models;
+using OnnxLora.GraphRewrite.Numerics;
 
 namespace OnnxLora.Tests.Models;
 
