@@ -51,7 +51,7 @@ public class BenchCommandTests
         Assert.That(doc.RootElement.GetProperty("task").GetString(), Is.EqualTo("lm"));
     }
 
-    [TestCase("--task", "mlm", "--task must be cls or lm")]
+    [TestCase("--task", "mlm", "--task: task must be lm or cls")]
     [TestCase("--preset", "gpt3", "--preset must be one of")]
     [TestCase("--seq", "100", "longer than tiny's context")]
     [TestCase("--artifacts", "x", "--artifacts goes with --self-only")]
