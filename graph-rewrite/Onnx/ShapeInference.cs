@@ -106,6 +106,9 @@ public sealed class ShapeInference
     long[]? Ints(NodeProto n, int i) => Val(n, i) is { } v && v.All(d => d.IsKnown) ? v.Select(d => d.Value!.Value).ToArray() : null;
     int TypeOf(NodeProto n, int i) => In(n, i)?.ElemType ?? 0;
 
+    // a shape tensor declared longer than any real rank (a malformed model) is not expanded into that many dims
+    const long MaxRank = 64;
+
     static ValueShape?[] One(ValueShape? s) => [s];
     static ValueShape Shape(int type, IEnumerable<Dim>? dims) => new(type, dims?.ToArray());
     static Dim Unknown => new(null);
@@ -212,14 +215,9 @@ public sealed class ShapeInference
         ["com.microsoft.QuickGelu"] = SameAsInput,
     };
 
-    static string Key(string domain, string op) => domain is "" or "ai.onnx" ? op : domain + "." + op;
-
-    /// <summary>Registered op keys ("Op" or "domain.Op").</summary>
-    public static IEnumerable<string> Ops => Inferers.Keys;
-
     ValueShape?[] InferNode(NodeProto n)
     {
-        if (!Inferers.TryGetValue(Key(n.Domain, n.OpType), out var infer))
+        if (!Inferers.TryGetValue(NodeAttributes.OpKey(n.Domain, n.OpType), out var infer))
         {
             _notInferred.Add(new NotInferredNode(n, "no shape inferer for this op"));
             return new ValueShape?[n.Output.Count];
@@ -355,7 +353,7 @@ public sealed class ShapeInference
     {
         // the target shape: its tracked contents, else its length as that many unknown dims
         var target = Val(n, 1) is { } v ? new ValueShape(0, v)
-            : In(n, 1)?.Dims is [{ Value: long len }] ? new ValueShape(0, Enumerable.Repeat(Unknown, (int)len).ToArray()) : null;
+            : In(n, 1)?.Dims is [{ Value: long len and >= 0 and <= MaxRank }] ? new ValueShape(0, Enumerable.Repeat(Unknown, (int)len).ToArray()) : null;
         return One(Shape(TypeOf(n, 0), Broadcast([In(n, 0), target])));
     }
 
@@ -393,7 +391,7 @@ public sealed class ShapeInference
     {
         int type = n.GetTensor("value")?.DataType ?? (int)DataType.Float;
         if (Val(n, 0) is { } v) return One(Shape(type, v));
-        return One(Shape(type, In(n, 0)?.Dims is [{ Value: long len }] ? Enumerable.Repeat(Unknown, (int)len) : null));
+        return One(Shape(type, In(n, 0)?.Dims is [{ Value: long len and >= 0 and <= MaxRank }] ? Enumerable.Repeat(Unknown, (int)len) : null));
     }
 
     ValueShape?[] Range(NodeProto n)
