@@ -1,4 +1,5 @@
 using System.Text.RegularExpressions;
+using OnnxLora.GraphRewrite.Numerics;
 
 namespace OnnxLora.Models;
 

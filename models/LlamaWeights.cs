@@ -1,3 +1,5 @@
+using OnnxLora.GraphRewrite.Numerics;
+
 namespace OnnxLora.Models;
 
 /// <summary>

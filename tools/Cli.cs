@@ -8,6 +8,13 @@ namespace OnnxLora.Tools;
 /// <summary>The `onnxlora` command: every verb is registered here, one line each.</summary>
 public static class Cli
 {
+    /// <summary>Runs a shared parser and names the flag in its message ("--format: format must be …").</summary>
+    internal static T Flag<T>(string flag, Func<T> parse)
+    {
+        try { return parse(); }
+        catch (ArgumentException e) { throw new ArgumentException($"{flag}: {e.Message}", e); }
+    }
+
     public static int Run(string[] args, IAnsiConsole? console = null)
     {
         // under an MPI launcher only rank 0 prints; errors still come from every rank, on stderr

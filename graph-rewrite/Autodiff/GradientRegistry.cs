@@ -99,15 +99,13 @@ public static class GradientRegistry
     };
 
     /// <summary>The entry for a node's op, or null when none is registered.</summary>
-    public static IGradientRule? Find(NodeProto node) => Rules.GetValueOrDefault(Key(node.Domain, node.OpType));
+    public static IGradientRule? Find(NodeProto node) => Rules.GetValueOrDefault(NodeAttributes.OpKey(node.Domain, node.OpType));
 
     /// <summary>True when the op has an entry (a rule, no-gradient or not-differentiable).</summary>
-    public static bool IsRegistered(string domain, string opType) => Rules.ContainsKey(Key(domain, opType));
+    public static bool IsRegistered(string domain, string opType) => Rules.ContainsKey(NodeAttributes.OpKey(domain, opType));
 
     /// <summary>Registered op keys ("Op" or "domain.Op").</summary>
     public static IEnumerable<string> Ops => Rules.Keys;
-
-    static string Key(string domain, string op) => domain is "" or "ai.onnx" ? op : domain + "." + op;
 
     sealed class NoGradientRule : IGradientRule
     {

@@ -138,6 +138,20 @@ public sealed record LoraConfig
 
     // ---- parsing of the command-line forms, shared by `onnxlora rewrite` and the pipeline runner ----
 
+    /// <summary>Parses peft, rslora or alpha (any case); the message names the accepted values.</summary>
+    public static LoraScaling ParseScaling(string name) => name.Trim().ToLowerInvariant() switch
+    {
+        "peft" => LoraScaling.Peft, "rslora" => LoraScaling.RsLora, "alpha" => LoraScaling.Alpha,
+        _ => throw new ArgumentException($"scaling must be peft, rslora or alpha (got '{name}')"),
+    };
+
+    /// <summary>Parses kaiming or gaussian (any case); the message names the accepted values.</summary>
+    public static LoraInit ParseInit(string name) => name.Trim().ToLowerInvariant() switch
+    {
+        "kaiming" => LoraInit.Kaiming, "gaussian" => LoraInit.Gaussian,
+        _ => throw new ArgumentException($"init must be kaiming or gaussian (got '{name}')"),
+    };
+
     /// <summary>"a,b, c" → ["a", "b", "c"] (a "re:" entry may not contain commas; use one regex with alternation).</summary>
     public static IReadOnlyList<string> ParseList(string text) =>
         text.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);

@@ -7,9 +7,18 @@ namespace OnnxLora.GraphRewrite.Lora;
 /// <summary>Adds or subtracts scale·A·B into the frozen weights (shared by <see cref="MergeLora"/> and <see cref="UnmergeLora"/>).</summary>
 internal static class LoraFold
 {
-    public static (ModelProto Model, bool Modified) Fold(ModelProto model, LoraManifest manifest, IReadOnlyDictionary<string, TensorProto> parameters,
-                                                          bool bIncludesScale, int sign, string what)
+    /// <summary>W + scale·A·B.</summary>
+    public static (ModelProto Model, bool Modified) Add(ModelProto model, LoraManifest manifest, IReadOnlyDictionary<string, TensorProto> parameters, bool bIncludesScale) =>
+        Fold(model, manifest, parameters, bIncludesScale, subtract: false);
+
+    /// <summary>W − scale·A·B.</summary>
+    public static (ModelProto Model, bool Modified) Subtract(ModelProto model, LoraManifest manifest, IReadOnlyDictionary<string, TensorProto> parameters, bool bIncludesScale) =>
+        Fold(model, manifest, parameters, bIncludesScale, subtract: true);
+
+    static (ModelProto Model, bool Modified) Fold(ModelProto model, LoraManifest manifest, IReadOnlyDictionary<string, TensorProto> parameters,
+                                                  bool bIncludesScale, bool subtract)
     {
+        string what = subtract ? "unmerge" : "merge";
         ArgumentNullException.ThrowIfNull(model);
         ArgumentNullException.ThrowIfNull(manifest);
         ArgumentNullException.ThrowIfNull(parameters);
@@ -31,7 +40,7 @@ internal static class LoraFold
                 throw new ArgumentException($"{what}: weight '{layer.Weight}' of module '{t.Module}' is {layer.In}→{layer.Out}, the manifest says {t.In}→{t.Out}; wrong base model?");
             var init = g.Initializer(layer.Weight)!;
             var type = (DataType)init.DataType;
-            if (sign < 0 && type is DataType.Float16 or DataType.Bfloat16)
+            if (subtract && type is DataType.Float16 or DataType.Bfloat16)
                 throw new NotSupportedException($"{what}: weight '{layer.Weight}' is {type}; merging rounded W + ΔW to {type} (relative error up to {(type == DataType.Float16 ? "2^-11" : "2^-8")} of |W|), so subtracting cannot give W back. Use the base model instead of unmerging.");
 
             double scale = bIncludesScale ? 1 : t.Scale;
@@ -44,11 +53,11 @@ internal static class LoraFold
                 {
                     double delta = 0;
                     for (long k = 0; k < rank; k++) delta += av[i * rank + k] * bv[k * m + o];
-                    w[layer.WeightTransposed ? o * n + i : i * m + o] += sign * scale * delta;
+                    w[layer.WeightTransposed ? o * n + i : i * m + o] += (subtract ? -scale : scale) * delta;
                 }
             var folded = Tensors.FromDoubles(init.Name, type, init.Dims.ToArray(), w);
 
-            if (sign > 0 && layer.SharedWith.Count > 0)
+            if (!subtract && layer.SharedWith.Count > 0)
             {
                 // the weight is also read elsewhere (a tied embedding Gather): give the linear nodes their own merged copy
                 folded.Name = g.UniqueName(layer.Weight + ".merged");

@@ -1,3 +1,5 @@
+using OnnxLora.GraphRewrite.Numerics;
+
 namespace OnnxLora.GraphRewrite.Lora;
 
 /// <summary>Initial values of A; deterministic for (seed, module), independent of which other modules are adapted.</summary>
@@ -9,22 +11,20 @@ public static class LoraInitialValues
     /// </summary>
     public static double[] A(long inFeatures, int rank, LoraInit init, int seed, string module)
     {
-        var random = new Random(StreamSeed(seed, module));
         var a = new double[checked(inFeatures * rank)];
         switch (init)
         {
             case LoraInit.Kaiming:
                 double bound = 1 / Math.Sqrt(inFeatures);
+                var random = new Random(StreamSeed(seed, module));
                 for (int i = 0; i < a.Length; i++) a[i] = (2 * random.NextDouble() - 1) * bound;
                 break;
             case LoraInit.Gaussian:
+                // SeededNormal, not Box–Muller over Math.Log/Math.Cos: those come from the platform's C library and
+                // may differ in the last bit between machines
                 double sigma = 1.0 / rank;
-                for (int i = 0; i < a.Length; i++)
-                {
-                    // Box–Muller; 1 − u keeps the log's argument in (0, 1]
-                    double u = 1 - random.NextDouble(), v = random.NextDouble();
-                    a[i] = sigma * Math.Sqrt(-2 * Math.Log(u)) * Math.Cos(2 * Math.PI * v);
-                }
+                var normal = new SeededNormal((ulong)seed, module);
+                for (int i = 0; i < a.Length; i++) a[i] = sigma * normal.NextNormal();
                 break;
             default: throw new ArgumentOutOfRangeException(nameof(init), init, null);
         }

@@ -1,5 +1,6 @@
 using System.Collections.Concurrent;
 using System.Text.RegularExpressions;
+using OnnxLora.GraphRewrite.Numerics;
 
 namespace OnnxLora.GraphRewrite.Lora;
 
@@ -101,23 +102,7 @@ public static class LoraTargeting
         var p = pattern.StartsWith(LoraConfig.RegexPrefix, StringComparison.Ordinal) ? pattern[LoraConfig.RegexPrefix.Length..] : pattern;
         var names = layers.SelectMany(l => l.Aliases.Prepend(l.Module)).ToList();
         var candidates = names.Select(m => m.Split('.')[^1]).Concat(names).Distinct()
-            .OrderBy(c => Distance(p, c)).ThenBy(c => c.Length).Take(8).ToList();
+            .OrderBy(c => EditDistance.Levenshtein(p, c)).ThenBy(c => c.Length).Take(8).ToList();
         return string.Join(", ", candidates) + $" ({layers.Count} modules in all)";
-    }
-
-    /// <summary>Levenshtein distance.</summary>
-    internal static int Distance(string a, string b)
-    {
-        var prev = new int[b.Length + 1];
-        var cur = new int[b.Length + 1];
-        for (int j = 0; j <= b.Length; j++) prev[j] = j;
-        for (int i = 1; i <= a.Length; i++)
-        {
-            cur[0] = i;
-            for (int j = 1; j <= b.Length; j++)
-                cur[j] = Math.Min(Math.Min(cur[j - 1] + 1, prev[j] + 1), prev[j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1));
-            (prev, cur) = (cur, prev);
-        }
-        return prev[b.Length];
     }
 }

@@ -19,7 +19,7 @@ public static class MergeLora
     /// <param name="bIncludesScale">True when B already carries the scale (deployable adapters, Olive's convention).</param>
     public static (ModelProto Model, bool Modified) Run(ModelProto model, LoraManifest manifest,
                                                         IReadOnlyDictionary<string, TensorProto> parameters, bool bIncludesScale = false) =>
-        LoraFold.Fold(model, manifest, parameters, bIncludesScale, +1, "merge");
+        LoraFold.Add(model, manifest, parameters, bIncludesScale);
 
     /// <summary>The LoRA parameters a rewritten model carries as default initializers (the training view's initial or trained values).</summary>
     public static IReadOnlyDictionary<string, TensorProto> ParametersOf(ModelProto model, LoraManifest manifest)
@@ -38,5 +38,5 @@ public static class UnmergeLora
 {
     public static (ModelProto Model, bool Modified) Run(ModelProto mergedModel, LoraManifest manifest,
                                                         IReadOnlyDictionary<string, TensorProto> parameters, bool bIncludesScale = false) =>
-        LoraFold.Fold(mergedModel, manifest, parameters, bIncludesScale, -1, "unmerge");
+        LoraFold.Subtract(mergedModel, manifest, parameters, bIncludesScale);
 }

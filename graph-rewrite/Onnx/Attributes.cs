@@ -39,7 +39,10 @@ public static class NodeAttributes
     /// <summary>The node's i-th input, or null where it is absent or the empty "optional input" name.</summary>
     public static string? InputOrNull(this NodeProto node, int i) => i < node.Input.Count && node.Input[i].Length > 0 ? node.Input[i] : null;
 
+    /// <summary>The key op tables use: "Op" for the ONNX domain ("" or "ai.onnx"), else "domain.Op".</summary>
+    public static string OpKey(string domain, string opType) => domain is "" or "ai.onnx" ? opType : domain + "." + opType;
+
     /// <summary>"op 'name'" for error messages.</summary>
     public static string Describe(this NodeProto node) =>
-        $"{(node.Domain is "" or "ai.onnx" ? "" : node.Domain + ".")}{node.OpType} node '{(node.Name.Length > 0 ? node.Name : string.Join(",", node.Output))}'";
+        $"{OpKey(node.Domain, node.OpType)} node '{(node.Name.Length > 0 ? node.Name : string.Join(",", node.Output))}'";
 }

@@ -12,6 +12,12 @@ public sealed record ValueShape(int ElemType, Dim[]? Dims)
     public override string ToString() => Dims is null ? $"{(DataType)ElemType}[?]" : $"{(DataType)ElemType}[{string.Join(", ", Dims)}]";
 }
 
+/// <summary>A node whose outputs shape inference could not infer, and why.</summary>
+public sealed record NotInferredNode(NodeProto Node, string Reason)
+{
+    public override string ToString() => $"{Node.Describe()}: {Reason}";
+}
+
 /// <summary>
 /// Shape and rank inference for the op set of exported GPT models. Known dims stay numbers, symbolic dims keep
 /// their names, and anything this pass cannot see becomes an unknown dim (rank is kept wherever it follows).
@@ -45,9 +51,7 @@ public sealed class ShapeInference
         foreach (var t in g.Initializer) if (inputs.Contains(t.Name)) s._shapes[t.Name] = Merge(new ValueShape(t.DataType, t.Dims.Select(d => new Dim(d)).ToArray()), g.Input.First(i => i.Name == t.Name)); else s.SetTensor(t.Name, t);
         foreach (var n in new GraphEditor(model).TopologicalOrder())
         {
-            ValueShape?[] outs;
-            try { outs = s.InferNode(n); }
-            catch (Exception e) when (e is not OnnxFormatException) { outs = new ValueShape?[n.Output.Count]; }
+            var outs = s.InferNode(n);
             for (int k = 0; k < n.Output.Count; k++)
             {
                 var name = n.Output[k];
@@ -60,6 +64,13 @@ public sealed class ShapeInference
     }
 
     int _unknowns;
+    readonly List<NotInferredNode> _notInferred = new();
+
+    /// <summary>
+    /// Nodes whose outputs this pass could not infer (an op with no inferer, or a malformed node), in graph order.
+    /// Their outputs keep only what value_info declares; the backward pass then reads such shapes at run time.
+    /// </summary>
+    public IReadOnlyList<NotInferredNode> NotInferred => _notInferred;
 
     // An unknown dim gets a fresh symbol, so that values derived from it (elementwise ops, reshapes that copy it)
     // are known to share it; two different symbols say nothing either way.
@@ -95,163 +106,305 @@ public sealed class ShapeInference
     long[]? Ints(NodeProto n, int i) => Val(n, i) is { } v && v.All(d => d.IsKnown) ? v.Select(d => d.Value!.Value).ToArray() : null;
     int TypeOf(NodeProto n, int i) => In(n, i)?.ElemType ?? 0;
 
+    // a shape tensor declared longer than any real rank (a malformed model) is not expanded into that many dims
+    const long MaxRank = 64;
+
     static ValueShape?[] One(ValueShape? s) => [s];
     static ValueShape Shape(int type, IEnumerable<Dim>? dims) => new(type, dims?.ToArray());
     static Dim Unknown => new(null);
     static int Norm(long axis, int rank) => (int)(axis < 0 ? axis + rank : axis);
 
+    /// <summary>Infers one node's outputs; <see cref="ShapeInference"/> and the node are its whole context.</summary>
+    delegate ValueShape?[] Inferer(ShapeInference s, NodeProto n);
+
+    // Every op inference knows, alphabetically, one line each (as GradientRegistry is for gradients). An op with
+    // no entry gets unknown outputs and is listed in NotInferred.
+    static readonly Dictionary<string, Inferer> Inferers = new()
+    {
+        ["Abs"] = SameAsInput,
+        ["Add"] = static (s, n) => s.Arithmetic(n),
+        ["And"] = static (s, n) => s.Comparison(n),
+        ["ArgMax"] = static (s, n) => s.ArgReduce(n),
+        ["ArgMin"] = static (s, n) => s.ArgReduce(n),
+        ["Cast"] = static (s, n) => s.Cast(n),
+        ["CastLike"] = static (s, n) => One(Shape(s.TypeOf(n, 1), s.In(n, 0)?.Dims)),
+        ["Ceil"] = SameAsInput,
+        ["Clip"] = SameAsInput,
+        ["Concat"] = static (s, n) => s.Concat(n),
+        ["Constant"] = static (s, n) => One(s.ConstantShape(n)),
+        ["ConstantOfShape"] = static (s, n) => s.ConstantOfShape(n),
+        ["Cos"] = SameAsInput,
+        ["CumSum"] = SameAsInput,
+        ["Div"] = static (s, n) => s.Arithmetic(n),
+        ["Dropout"] = static (s, n) => s.In(n, 0) is { } x ? [x, x with { ElemType = (int)DataType.Bool }] : [null, null],
+        ["Elu"] = SameAsInput,
+        ["Equal"] = static (s, n) => s.Comparison(n),
+        ["Erf"] = SameAsInput,
+        ["Exp"] = SameAsInput,
+        ["Expand"] = static (s, n) => s.Expand(n),
+        ["Flatten"] = static (s, n) => s.Flatten(n),
+        ["Floor"] = SameAsInput,
+        ["Gather"] = static (s, n) => s.Gather(n),
+        ["GatherElements"] = static (s, n) => One(Shape(s.TypeOf(n, 0), s.In(n, 1)?.Dims)),
+        ["Gelu"] = SameAsInput,
+        ["Gemm"] = static (s, n) => s.Gemm(n),
+        ["Greater"] = static (s, n) => s.Comparison(n),
+        ["GreaterOrEqual"] = static (s, n) => s.Comparison(n),
+        ["HardSigmoid"] = SameAsInput,
+        ["Identity"] = static (s, n) => s.Identity(n),
+        ["LayerNormalization"] = static (s, n) => s.LayerNormalization(n),
+        ["LeakyRelu"] = SameAsInput,
+        ["Less"] = static (s, n) => s.Comparison(n),
+        ["LessOrEqual"] = static (s, n) => s.Comparison(n),
+        ["Log"] = SameAsInput,
+        ["LogSoftmax"] = SameAsInput,
+        ["MatMul"] = static (s, n) => s.MatMul(n),
+        ["Max"] = static (s, n) => s.Arithmetic(n),
+        ["Mean"] = static (s, n) => s.Arithmetic(n),
+        ["Min"] = static (s, n) => s.Arithmetic(n),
+        ["Mod"] = static (s, n) => s.Arithmetic(n),
+        ["Mul"] = static (s, n) => s.Arithmetic(n),
+        ["Neg"] = static (s, n) => s.Neg(n),
+        ["NonZero"] = static (s, n) => One(Shape((int)DataType.Int64, [s.In(n, 0)?.Rank is int r ? new Dim(r) : Unknown, Unknown])),
+        ["Not"] = SameAsInput,
+        ["OneHot"] = static (s, n) => s.OneHot(n),
+        ["Or"] = static (s, n) => s.Comparison(n),
+        ["Pad"] = SameRankUnknownDims,
+        ["Pow"] = static (s, n) => s.Arithmetic(n),
+        ["Range"] = static (s, n) => s.Range(n),
+        ["Reciprocal"] = SameAsInput,
+        ["ReduceL1"] = static (s, n) => s.Reduce(n),
+        ["ReduceL2"] = static (s, n) => s.Reduce(n),
+        ["ReduceLogSum"] = static (s, n) => s.Reduce(n),
+        ["ReduceLogSumExp"] = static (s, n) => s.Reduce(n),
+        ["ReduceMax"] = static (s, n) => s.Reduce(n),
+        ["ReduceMean"] = static (s, n) => s.Reduce(n),
+        ["ReduceMin"] = static (s, n) => s.Reduce(n),
+        ["ReduceProd"] = static (s, n) => s.Reduce(n),
+        ["ReduceSum"] = static (s, n) => s.Reduce(n),
+        ["ReduceSumSquare"] = static (s, n) => s.Reduce(n),
+        ["Relu"] = SameAsInput,
+        ["Reshape"] = static (s, n) => One(Shape(s.TypeOf(n, 0), ReshapeDims(s.In(n, 0)?.Dims, s.Val(n, 1), n.GetInt("allowzero", 0) != 0))),
+        ["Round"] = SameAsInput,
+        ["ScatterElements"] = SameAsInput,
+        ["ScatterND"] = SameAsInput,
+        ["Shape"] = static (s, n) => s.ShapeOp(n),
+        ["Sigmoid"] = SameAsInput,
+        ["Sign"] = SameAsInput,
+        ["Sin"] = SameAsInput,
+        ["Size"] = static (s, n) => One(Shape((int)DataType.Int64, [])),
+        ["Slice"] = static (s, n) => s.Slice(n),
+        ["Softmax"] = SameAsInput,
+        ["Softplus"] = SameAsInput,
+        ["Split"] = static (s, n) => s.SplitShapes(n, s.In(n, 0)),
+        ["Sqrt"] = SameAsInput,
+        ["Squeeze"] = static (s, n) => s.Squeeze(n),
+        ["Sub"] = static (s, n) => s.Arithmetic(n),
+        ["Sum"] = static (s, n) => s.Arithmetic(n),
+        ["Tanh"] = SameAsInput,
+        ["Tile"] = SameRankUnknownDims,
+        ["Transpose"] = static (s, n) => s.Transpose(n),
+        ["Trilu"] = SameAsInput,
+        ["Unsqueeze"] = static (s, n) => s.Unsqueeze(n),
+        ["Where"] = static (s, n) => One(Shape(s.TypeOf(n, 1), Broadcast([s.In(n, 0), s.In(n, 1), s.In(n, 2)]))),
+        ["Xor"] = static (s, n) => s.Comparison(n),
+        ["com.microsoft.BiasGelu"] = SameAsInput,
+        ["com.microsoft.FastGelu"] = SameAsInput,
+        ["com.microsoft.FusedMatMul"] = static (s, n) => s.MatMul(n),
+        ["com.microsoft.Gelu"] = SameAsInput,
+        ["com.microsoft.QuickGelu"] = SameAsInput,
+    };
+
     ValueShape?[] InferNode(NodeProto n)
     {
-        var x = In(n, 0);
-        int t0 = TypeOf(n, 0);
-        switch (n.OpType)
+        if (!Inferers.TryGetValue(NodeAttributes.OpKey(n.Domain, n.OpType), out var infer))
         {
-            case "Identity" or "Neg" or "Sqrt" or "Reciprocal" or "Exp" or "Log" or "Tanh" or "Erf" or "Sigmoid" or "Relu"
-                or "Gelu" or "FastGelu" or "Abs" or "Softmax" or "LogSoftmax" or "Floor" or "Ceil" or "Sin" or "Cos" or "Clip"
-                or "LeakyRelu" or "Trilu" or "CumSum" or "Not" or "Round" or "Sign" or "Elu" or "Softplus" or "HardSigmoid"
-                or "BiasGelu" or "QuickGelu":
-                if (n.OpType == "Identity" && Val(n, 0) is { } iv) _values[n.Output[0]] = iv;
-                if (n.OpType == "Neg" && Ints(n, 0) is { } nv) _values[n.Output[0]] = nv.Select(v => new Dim(-v)).ToArray();
-                return One(x);
-            case "Dropout":
-                return [x, x is null ? null : x with { ElemType = (int)DataType.Bool }];
-            case "Cast":
-                if (Val(n, 0) is { } cv) _values[n.Output[0]] = cv;
-                return One(Shape((int)n.GetInt("to", 0), x?.Dims));
-            case "CastLike":
-                return One(Shape(TypeOf(n, 1), x?.Dims));
-            case "Add" or "Sub" or "Mul" or "Div" or "Pow" or "Max" or "Min" or "Sum" or "Mean" or "Mod":
-                FoldArithmetic(n);
-                return One(Shape(t0, Broadcast(Enumerable.Range(0, n.Input.Count).Select(i => In(n, i)))));
-            case "Equal" or "Less" or "Greater" or "LessOrEqual" or "GreaterOrEqual" or "And" or "Or" or "Xor":
-                return One(Shape((int)DataType.Bool, Broadcast([In(n, 0), In(n, 1)])));
-            case "Where":
-                return One(Shape(TypeOf(n, 1), Broadcast([In(n, 0), In(n, 1), In(n, 2)])));
-            case "MatMul" or "FusedMatMul":
-                return One(Shape(t0, MatMulDims(x, In(n, 1), n.GetInt("transA", 0) != 0, n.GetInt("transB", 0) != 0)));
-            case "Gemm":
-            {
-                var a = x?.Dims; var b = In(n, 1)?.Dims;
-                Dim m = a is { Length: 2 } ? a[n.GetInt("transA", 0) != 0 ? 1 : 0] : Unknown;
-                Dim k = b is { Length: 2 } ? b[n.GetInt("transB", 0) != 0 ? 0 : 1] : Unknown;
-                return One(Shape(t0, [m, k]));
-            }
-            case "Reshape": return One(Shape(t0, ReshapeDims(x?.Dims, Val(n, 1), n.GetInt("allowzero", 0) != 0)));
-            case "Flatten":
-            {
-                if (x?.Dims is not { } d) return One(Shape(t0, [Unknown, Unknown]));
-                int axis = Norm(n.GetInt("axis", 1), d.Length);
-                return One(Shape(t0, [Product(d[..axis]), Product(d[axis..])]));
-            }
-            case "Transpose":
-            {
-                if (x?.Dims is not { } d) return One(Shape(t0, null));
-                var perm = n.GetInts("perm") ?? Enumerable.Range(0, d.Length).Reverse().Select(i => (long)i).ToArray();
-                return One(Shape(t0, perm.Select(p => d[p])));
-            }
-            case "Squeeze":
-            {
-                var axes = _opset >= 13 ? (n.InputOrNull(1) is null ? [] : Ints(n, 1)) : n.GetInts("axes") ?? [];
-                if (Val(n, 0) is { Length: 1 } sv) _values[n.Output[0]] = sv;
-                if (x?.Dims is not { } d || axes is null) return One(Shape(t0, null));
-                var drop = axes.Length == 0 ? Enumerable.Range(0, d.Length).Where(i => d[i].Value == 1).ToHashSet() : axes.Select(a => Norm(a, d.Length)).ToHashSet();
-                return One(Shape(t0, d.Where((_, i) => !drop.Contains(i))));
-            }
-            case "Unsqueeze":
-            {
-                var axes = _opset >= 13 ? Ints(n, 1) : n.GetInts("axes");
-                if (Val(n, 0) is { Length: 1 } uv && x?.Rank == 0) _values[n.Output[0]] = uv;
-                if (x?.Dims is not { } d || axes is null) return One(Shape(t0, null));
-                int rank = d.Length + axes.Length;
-                var at = axes.Select(a => Norm(a, rank)).ToHashSet();
-                var dims = new List<Dim>(); int j = 0;
-                for (int i = 0; i < rank; i++) dims.Add(at.Contains(i) ? new Dim(1) : d[j++]);
-                return One(Shape(t0, dims));
-            }
-            case "Slice":
-                if (Val(n, 0) is { } slv && Ints(n, 1) is [var ss] && Ints(n, 2) is [var se]
-                    && (n.InputOrNull(3) is null || Ints(n, 3) is [0] or [-1]) && (n.InputOrNull(4) is null || Ints(n, 4) is [1]))
-                {
-                    int len = slv.Length;
-                    long lo = Math.Clamp(ss < 0 ? ss + len : ss, 0, len), hi = Math.Clamp(se < 0 ? se + len : se, 0, len);
-                    _values[n.Output[0]] = slv[(int)lo..(int)Math.Max(lo, hi)];
-                }
-                return One(Shape(t0, SliceDims(n, x?.Dims)));
-            case "Split": return SplitShapes(n, x);
-            case "Concat":
-            {
-                var parts = Enumerable.Range(0, n.Input.Count).Select(i => In(n, i)).ToArray();
-                var vals = Enumerable.Range(0, n.Input.Count).Select(i => Val(n, i)).ToArray();
-                if (vals.All(v => v is not null)) _values[n.Output[0]] = vals.SelectMany(v => v!).ToArray();
-                var first = parts.FirstOrDefault(p => p?.Dims is not null)?.Dims;
-                if (first is null) return One(Shape(t0, null));
-                int axis = Norm(n.GetInt("axis", 0), first.Length);
-                var dims = first.ToArray();
-                dims[axis] = parts.All(p => p?.Dims is not null && p.Dims[axis].IsKnown) ? new Dim(parts.Sum(p => p!.Dims![axis].Value!.Value)) : Unknown;
-                return One(Shape(t0, dims));
-            }
-            case "Gather":
-            {
-                var idx = In(n, 1);
-                if (x?.Dims is not { } d || idx?.Dims is not { } q) return One(Shape(t0, null));
-                int axis = Norm(n.GetInt("axis", 0), d.Length);
-                if (axis == 0 && Val(n, 0) is { } gv && Ints(n, 1) is { } gi)
-                    _values[n.Output[0]] = gi.Select(i => gv[Norm(i, gv.Length)]).ToArray();
-                return One(Shape(t0, d[..axis].Concat(q).Concat(d[(axis + 1)..])));
-            }
-            case "GatherElements": return One(Shape(t0, In(n, 1)?.Dims));
-            case "ScatterND" or "ScatterElements": return One(x);
-            case "Expand": return One(Shape(t0, Broadcast([x, Val(n, 1) is { } ev ? new ValueShape(0, ev) : In(n, 1)?.Dims is [{ Value: long elen }] ? new ValueShape(0, Enumerable.Repeat(Unknown, (int)elen).ToArray()) : null])));
-            case "ReduceSum" or "ReduceMean" or "ReduceMax" or "ReduceMin" or "ReduceProd" or "ReduceSumSquare" or "ReduceLogSumExp"
-                or "ReduceL2" or "ReduceL1" or "ReduceLogSum":
-                return One(Shape(t0, ReduceDims(n, x?.Dims)));
-            case "ArgMax" or "ArgMin":
-            {
-                if (x?.Dims is not { } d) return One(Shape((int)DataType.Int64, null));
-                int axis = Norm(n.GetInt("axis", 0), d.Length);
-                bool keep = n.GetInt("keepdims", 1) != 0;
-                return One(Shape((int)DataType.Int64, d.Select((v, i) => (v, i)).Where(p => keep || p.i != axis).Select(p => p.i == axis ? new Dim(1) : p.v)));
-            }
-            case "LayerNormalization":
-            {
-                if (x?.Dims is not { } d) return [x, null, null];
-                int axis = Norm(n.GetInt("axis", -1), d.Length);
-                int stash = (int)n.GetInt("stash_type", 1) == 1 ? (int)DataType.Float : t0;
-                var stat = Shape(stash, d.Select((v, i) => i >= axis ? new Dim(1) : v));
-                return [x, stat, stat];
-            }
-            case "Shape":
-            {
-                if (x?.Dims is not { } d) return One(Shape((int)DataType.Int64, [Unknown]));
-                long start = n.GetInt("start", 0), end = n.GetInt("end", d.Length);
-                int s0 = Math.Clamp(Norm(start, d.Length), 0, d.Length), e0 = Math.Clamp(Norm(end, d.Length), 0, d.Length);
-                var dims = d[s0..Math.Max(s0, e0)];
-                _values[n.Output[0]] = dims;
-                return One(Shape((int)DataType.Int64, [new Dim(dims.Length)]));
-            }
-            case "Size": return One(Shape((int)DataType.Int64, []));
-            case "Constant": return One(ConstantShape(n));
-            case "ConstantOfShape":
-            {
-                int type = n.GetTensor("value")?.DataType ?? (int)DataType.Float;
-                if (Val(n, 0) is { } sv) return One(Shape(type, sv));
-                return One(Shape(type, In(n, 0)?.Dims is [{ Value: long clen }] ? Enumerable.Repeat(Unknown, (int)clen) : null));
-            }
-            case "Range":
-            {
-                if (Ints(n, 0) is [var s] && Ints(n, 1) is [var e] && Ints(n, 2) is [var st] && st != 0)
-                    return One(Shape(t0, [new Dim(Math.Max(0, (e - s + st - (st > 0 ? 1 : -1)) / st))]));
-                if (Ints(n, 0) is [0] && Ints(n, 2) is [1] && Val(n, 1) is [var limit]) return One(Shape(t0, [limit]));   // arange(seq)
-                return One(Shape(t0, [Unknown]));
-            }
-            case "NonZero": return One(Shape((int)DataType.Int64, [x?.Rank is int r ? new Dim(r) : Unknown, Unknown]));
-            case "Tile" or "Pad": return One(Shape(t0, x?.Dims?.Select(_ => Unknown)));
-            case "OneHot":
-                return One(Shape(TypeOf(n, 2), x?.Dims is { } od ? od.Append(Ints(n, 1) is [var depth] ? new Dim(depth) : Unknown) : null));
-            default:
-                return new ValueShape?[n.Output.Count];
+            _notInferred.Add(new NotInferredNode(n, "no shape inferer for this op"));
+            return new ValueShape?[n.Output.Count];
+        }
+        try { return infer(this, n); }
+        // what a malformed node raises (an axis or perm index out of range, a split list too short): its outputs
+        // become unknown, reported here; any other exception is a bug in an inferer and propagates
+        catch (Exception e) when (e is IndexOutOfRangeException or ArgumentException or OverflowException)
+        {
+            _notInferred.Add(new NotInferredNode(n, e.Message));
+            return new ValueShape?[n.Output.Count];
         }
     }
+
+    static ValueShape?[] SameAsInput(ShapeInference s, NodeProto n) => One(s.In(n, 0));
+
+    static ValueShape?[] SameRankUnknownDims(ShapeInference s, NodeProto n) => One(Shape(s.TypeOf(n, 0), s.In(n, 0)?.Dims?.Select(_ => Unknown)));
+
+    ValueShape?[] Identity(NodeProto n)
+    {
+        if (Val(n, 0) is { } v) _values[n.Output[0]] = v;
+        return One(In(n, 0));
+    }
+
+    ValueShape?[] Neg(NodeProto n)
+    {
+        if (Ints(n, 0) is { } v) _values[n.Output[0]] = v.Select(x => new Dim(-x)).ToArray();
+        return One(In(n, 0));
+    }
+
+    ValueShape?[] Cast(NodeProto n)
+    {
+        if (Val(n, 0) is { } v) _values[n.Output[0]] = v;
+        return One(Shape((int)n.GetInt("to", 0), In(n, 0)?.Dims));
+    }
+
+    ValueShape?[] Arithmetic(NodeProto n)
+    {
+        FoldArithmetic(n);
+        return One(Shape(TypeOf(n, 0), Broadcast(Enumerable.Range(0, n.Input.Count).Select(i => In(n, i)))));
+    }
+
+    ValueShape?[] Comparison(NodeProto n) => One(Shape((int)DataType.Bool, Broadcast([In(n, 0), In(n, 1)])));
+
+    ValueShape?[] MatMul(NodeProto n) =>
+        One(Shape(TypeOf(n, 0), MatMulDims(In(n, 0), In(n, 1), n.GetInt("transA", 0) != 0, n.GetInt("transB", 0) != 0)));
+
+    ValueShape?[] Gemm(NodeProto n)
+    {
+        var a = In(n, 0)?.Dims; var b = In(n, 1)?.Dims;
+        Dim m = a is { Length: 2 } ? a[n.GetInt("transA", 0) != 0 ? 1 : 0] : Unknown;
+        Dim k = b is { Length: 2 } ? b[n.GetInt("transB", 0) != 0 ? 0 : 1] : Unknown;
+        return One(Shape(TypeOf(n, 0), [m, k]));
+    }
+
+    ValueShape?[] Flatten(NodeProto n)
+    {
+        int t0 = TypeOf(n, 0);
+        if (In(n, 0)?.Dims is not { } d) return One(Shape(t0, [Unknown, Unknown]));
+        int axis = Norm(n.GetInt("axis", 1), d.Length);
+        return One(Shape(t0, [Product(d[..axis]), Product(d[axis..])]));
+    }
+
+    ValueShape?[] Transpose(NodeProto n)
+    {
+        int t0 = TypeOf(n, 0);
+        if (In(n, 0)?.Dims is not { } d) return One(Shape(t0, null));
+        var perm = n.GetInts("perm") ?? Enumerable.Range(0, d.Length).Reverse().Select(i => (long)i).ToArray();
+        return One(Shape(t0, perm.Select(p => d[p])));
+    }
+
+    ValueShape?[] Squeeze(NodeProto n)
+    {
+        int t0 = TypeOf(n, 0);
+        var axes = _opset >= 13 ? (n.InputOrNull(1) is null ? [] : Ints(n, 1)) : n.GetInts("axes") ?? [];
+        if (Val(n, 0) is { Length: 1 } v) _values[n.Output[0]] = v;
+        if (In(n, 0)?.Dims is not { } d || axes is null) return One(Shape(t0, null));
+        var drop = axes.Length == 0 ? Enumerable.Range(0, d.Length).Where(i => d[i].Value == 1).ToHashSet() : axes.Select(a => Norm(a, d.Length)).ToHashSet();
+        return One(Shape(t0, d.Where((_, i) => !drop.Contains(i))));
+    }
+
+    ValueShape?[] Unsqueeze(NodeProto n)
+    {
+        int t0 = TypeOf(n, 0);
+        var x = In(n, 0);
+        var axes = _opset >= 13 ? Ints(n, 1) : n.GetInts("axes");
+        if (Val(n, 0) is { Length: 1 } v && x?.Rank == 0) _values[n.Output[0]] = v;
+        if (x?.Dims is not { } d || axes is null) return One(Shape(t0, null));
+        int rank = d.Length + axes.Length;
+        var at = axes.Select(a => Norm(a, rank)).ToHashSet();
+        var dims = new List<Dim>(); int j = 0;
+        for (int i = 0; i < rank; i++) dims.Add(at.Contains(i) ? new Dim(1) : d[j++]);
+        return One(Shape(t0, dims));
+    }
+
+    ValueShape?[] Slice(NodeProto n)
+    {
+        if (Val(n, 0) is { } v && Ints(n, 1) is [var ss] && Ints(n, 2) is [var se]
+            && (n.InputOrNull(3) is null || Ints(n, 3) is [0] or [-1]) && (n.InputOrNull(4) is null || Ints(n, 4) is [1]))
+        {
+            int len = v.Length;
+            long lo = Math.Clamp(ss < 0 ? ss + len : ss, 0, len), hi = Math.Clamp(se < 0 ? se + len : se, 0, len);
+            _values[n.Output[0]] = v[(int)lo..(int)Math.Max(lo, hi)];
+        }
+        return One(Shape(TypeOf(n, 0), SliceDims(n, In(n, 0)?.Dims)));
+    }
+
+    ValueShape?[] Concat(NodeProto n)
+    {
+        int t0 = TypeOf(n, 0);
+        var parts = Enumerable.Range(0, n.Input.Count).Select(i => In(n, i)).ToArray();
+        var vals = Enumerable.Range(0, n.Input.Count).Select(i => Val(n, i)).ToArray();
+        if (vals.All(v => v is not null)) _values[n.Output[0]] = vals.SelectMany(v => v!).ToArray();
+        var first = parts.FirstOrDefault(p => p?.Dims is not null)?.Dims;
+        if (first is null) return One(Shape(t0, null));
+        int axis = Norm(n.GetInt("axis", 0), first.Length);
+        var dims = first.ToArray();
+        dims[axis] = parts.All(p => p?.Dims is not null && p.Dims[axis].IsKnown) ? new Dim(parts.Sum(p => p!.Dims![axis].Value!.Value)) : Unknown;
+        return One(Shape(t0, dims));
+    }
+
+    ValueShape?[] Gather(NodeProto n)
+    {
+        int t0 = TypeOf(n, 0);
+        if (In(n, 0)?.Dims is not { } d || In(n, 1)?.Dims is not { } q) return One(Shape(t0, null));
+        int axis = Norm(n.GetInt("axis", 0), d.Length);
+        if (axis == 0 && Val(n, 0) is { } v && Ints(n, 1) is { } idx)
+            _values[n.Output[0]] = idx.Select(i => v[Norm(i, v.Length)]).ToArray();
+        return One(Shape(t0, d[..axis].Concat(q).Concat(d[(axis + 1)..])));
+    }
+
+    ValueShape?[] Expand(NodeProto n)
+    {
+        // the target shape: its tracked contents, else its length as that many unknown dims
+        var target = Val(n, 1) is { } v ? new ValueShape(0, v)
+            : In(n, 1)?.Dims is [{ Value: long len and >= 0 and <= MaxRank }] ? new ValueShape(0, Enumerable.Repeat(Unknown, (int)len).ToArray()) : null;
+        return One(Shape(TypeOf(n, 0), Broadcast([In(n, 0), target])));
+    }
+
+    ValueShape?[] Reduce(NodeProto n) => One(Shape(TypeOf(n, 0), ReduceDims(n, In(n, 0)?.Dims)));
+
+    ValueShape?[] ArgReduce(NodeProto n)
+    {
+        if (In(n, 0)?.Dims is not { } d) return One(Shape((int)DataType.Int64, null));
+        int axis = Norm(n.GetInt("axis", 0), d.Length);
+        bool keep = n.GetInt("keepdims", 1) != 0;
+        return One(Shape((int)DataType.Int64, d.Select((v, i) => (v, i)).Where(p => keep || p.i != axis).Select(p => p.i == axis ? new Dim(1) : p.v)));
+    }
+
+    ValueShape?[] LayerNormalization(NodeProto n)
+    {
+        var x = In(n, 0);
+        if (x?.Dims is not { } d) return [x, null, null];
+        int axis = Norm(n.GetInt("axis", -1), d.Length);
+        int stash = (int)n.GetInt("stash_type", 1) == 1 ? (int)DataType.Float : x.ElemType;
+        var stat = Shape(stash, d.Select((v, i) => i >= axis ? new Dim(1) : v));
+        return [x, stat, stat];
+    }
+
+    ValueShape?[] ShapeOp(NodeProto n)
+    {
+        if (In(n, 0)?.Dims is not { } d) return One(Shape((int)DataType.Int64, [Unknown]));
+        long start = n.GetInt("start", 0), end = n.GetInt("end", d.Length);
+        int s0 = Math.Clamp(Norm(start, d.Length), 0, d.Length), e0 = Math.Clamp(Norm(end, d.Length), 0, d.Length);
+        var dims = d[s0..Math.Max(s0, e0)];
+        _values[n.Output[0]] = dims;
+        return One(Shape((int)DataType.Int64, [new Dim(dims.Length)]));
+    }
+
+    ValueShape?[] ConstantOfShape(NodeProto n)
+    {
+        int type = n.GetTensor("value")?.DataType ?? (int)DataType.Float;
+        if (Val(n, 0) is { } v) return One(Shape(type, v));
+        return One(Shape(type, In(n, 0)?.Dims is [{ Value: long len and >= 0 and <= MaxRank }] ? Enumerable.Repeat(Unknown, (int)len) : null));
+    }
+
+    ValueShape?[] Range(NodeProto n)
+    {
+        int t0 = TypeOf(n, 0);
+        if (Ints(n, 0) is [var s] && Ints(n, 1) is [var e] && Ints(n, 2) is [var st] && st != 0)
+            return One(Shape(t0, [new Dim(Math.Max(0, (e - s + st - (st > 0 ? 1 : -1)) / st))]));
+        if (Ints(n, 0) is [0] && Ints(n, 2) is [1] && Val(n, 1) is [var limit]) return One(Shape(t0, [limit]));   // arange(seq)
+        return One(Shape(t0, [Unknown]));
+    }
+
+    ValueShape?[] OneHot(NodeProto n) =>
+        One(Shape(TypeOf(n, 2), In(n, 0)?.Dims is { } d ? d.Append(Ints(n, 1) is [var depth] ? new Dim(depth) : Unknown) : null));
 
     // Tracks Add/Sub/Mul/Div on small known int vectors (shape arithmetic in exports).
     void FoldArithmetic(NodeProto n)

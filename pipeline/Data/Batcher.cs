@@ -1,3 +1,4 @@
+using OnnxLora.GraphRewrite.Numerics;
 namespace OnnxLora.Pipeline.Data;
 
 /// <summary>
@@ -60,23 +61,4 @@ public sealed class Batcher(Dataset dataset, int batchSize, int padTokenId, bool
         }
         return new Batch(rows, seq, ids, labels, members.Select(e => (long)e.Length).ToArray(), members.Select(e => (long)e.ClassLabel).ToArray());
     }
-}
-
-/// <summary>A tiny, fast, seedable generator whose sequence never changes across .NET versions.</summary>
-public struct SplitMix64(ulong seed)
-{
-    ulong _state = seed;
-
-    public ulong State => _state;
-
-    public ulong Next()
-    {
-        ulong z = _state += 0x9E3779B97F4A7C15UL;
-        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9UL;
-        z = (z ^ (z >> 27)) * 0x94D049BB133111EBUL;
-        return z ^ (z >> 31);
-    }
-
-    /// <summary>Uniform in [0, 1).</summary>
-    public double NextDouble() => (Next() >> 11) * (1.0 / (1UL << 53));
 }

@@ -9,6 +9,16 @@ public enum TaskKind
     Cls,
 }
 
+public static class TaskKinds
+{
+    /// <summary>Parses lm or cls (any case); the message names the accepted values.</summary>
+    public static TaskKind Parse(string name) => name.Trim().ToLowerInvariant() switch
+    {
+        "lm" => TaskKind.Lm, "cls" => TaskKind.Cls,
+        _ => throw new ArgumentException($"task must be lm or cls (got '{name}')"),
+    };
+}
+
 /// <summary>
 /// One tokenized example. <see cref="Labels"/> is aligned with <see cref="InputIds"/> (Hugging Face's convention:
 /// the loss shifts by one inside the graph); −100 marks positions that do not count (prompt, padding).

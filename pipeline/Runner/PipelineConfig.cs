@@ -2,6 +2,7 @@ using System.Globalization;
 using System.Security.Cryptography;
 using System.Text;
 using YamlDotNet.RepresentationModel;
+using OnnxLora.GraphRewrite.Numerics;
 
 namespace OnnxLora.Pipeline.Runner;
 
@@ -111,7 +112,7 @@ public sealed class PipelineConfig
 
     static InvalidDataException Unknown(string source, string key, IEnumerable<string> known)
     {
-        var nearest = known.OrderBy(k => Distance(k, key)).First();
+        var nearest = known.OrderBy(k => EditDistance.Levenshtein(k, key)).First();
         return new InvalidDataException($"{source}: unknown key '{key}' (did you mean '{nearest}'?)");
     }
 
@@ -174,16 +175,5 @@ public sealed class PipelineConfig
                 sb.Append(key).Append('=').Append(Raw(key)).Append('\n');
             }
         return Convert.ToHexString(SHA256.HashData(Encoding.UTF8.GetBytes(sb.ToString())))[..16].ToLowerInvariant();
-    }
-
-    static int Distance(string a, string b)
-    {
-        var d = new int[a.Length + 1, b.Length + 1];
-        for (int i = 0; i <= a.Length; i++) d[i, 0] = i;
-        for (int j = 0; j <= b.Length; j++) d[0, j] = j;
-        for (int i = 1; i <= a.Length; i++)
-            for (int j = 1; j <= b.Length; j++)
-                d[i, j] = Math.Min(Math.Min(d[i - 1, j] + 1, d[i, j - 1] + 1), d[i - 1, j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1));
-        return d[a.Length, b.Length];
     }
 }

@@ -268,7 +268,7 @@ public sealed class TrainingSession : IDisposable
         }
         if (loss is not double l) throw new InvalidDataException($"{what}: the model has no '{TrainingArtifacts.Loss}' output; rebuild the artifacts");
         if (!double.IsFinite(l)) throw new ArithmeticException($"{what}: the loss is {l} (learning rate too high, or bad data?)");
-        return new StepResult(l, logits);
+        return new StepResult(l, logits, IsClassification: _spec.Task == "cls");
     }
 
     IDisposableReadOnlyCollection<OrtValue> RunRaw(InferenceSession session, OrtIoBinding b, string what)
@@ -306,8 +306,8 @@ public sealed class TrainingSession : IDisposable
 /// What a train or eval step returns: the mean loss, and the logits when they came back: class logits [batch, classes]
 /// for classification, LM logits [batch, seq, vocab] from <see cref="TrainingSession.EvalStep"/> when asked.
 /// </summary>
-public sealed record StepResult(double Loss, float[]? Logits)
+public sealed record StepResult(double Loss, float[]? Logits, bool IsClassification)
 {
-    /// <summary>The class logits of a classification step (null for LM).</summary>
-    public float[]? ClassLogits => Logits;
+    /// <summary>The class logits [batch, classes] of a classification step; null for LM, whose logits are LM logits.</summary>
+    public float[]? ClassLogits => IsClassification ? Logits : null;
 }

@@ -9,8 +9,11 @@ namespace OnnxLora.Tests.Autodiff;
 /// <summary>
 /// Every gradient rule against central finite differences. float64 rows use h = 1e-6 and a relative tolerance of 1e-6
 /// (truncation error is O(h²) ≈ 1e-12, rounding ≈ 1e-16/h ≈ 1e-10). Rows marked float32 run ops whose ORT CPU
-/// kernel has no float64 version (FusedMatMul, the production spelling of dX = dY·Wᵀ): h = 1e-2, tolerance 2e-2,
-/// which float32 rounding (≈ 6e-8/h ≈ 1e-5 per difference) and O(h²) truncation stay far below.
+/// kernel has no float64 version (FusedMatMul, the production spelling of dX = dY·Wᵀ; Erf): h = 1e-2. Their floor:
+/// the loss Σ r·y over n ≤ 48 terms of size ≲ 1 is rounded to float32 (unit 6e-8) with an error ≈ √n·6e-8·|L| ≲ 2e-6,
+/// which the difference quotient divides by 2h (≈ 1e-4), plus the O(h²) truncation h²/6·|f‴| ≲ 4e-5 (Erf, Gelu,
+/// LayerNormalization; zero for the linear MatMuls). Tolerance 2e-4 stays above that floor (observed worst: 2.3e-5)
+/// and far below the O(1) error of a wrong rule.
 /// </summary>
 public class GradientRuleTests
 {
@@ -101,7 +104,7 @@ public class GradientRuleTests
     {
         const int seed = 1234;
         var type = row.Float32 ? DataType.Float : DataType.Double;
-        double tolerance = row.Float32 ? 2e-2 : 1e-6;
+        double tolerance = row.Float32 ? 2e-4 : 1e-6;
         var r = GradCheck.Run(row.Op, row.Inputs, row.Attrs ?? [], type, seed, row.Outputs, row.Domain, row.Opset,
                               plainMatMul: !row.Float32, usedOutputs: row.Used);
         Assert.That(r.MaxError, NUnit.Framework.Is.LessThanOrEqualTo(tolerance),

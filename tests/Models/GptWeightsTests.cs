@@ -2,6 +2,7 @@ using System.Runtime.InteropServices;
 using System.Security.Cryptography;
 using OnnxLora.GraphRewrite.Onnx;
 using OnnxLora.Models;
+using OnnxLora.GraphRewrite.Numerics;
 
 namespace OnnxLora.Tests.Models;
 

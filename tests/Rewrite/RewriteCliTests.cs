@@ -85,7 +85,7 @@ public class RewriteCliTests
     [TestCase("unknown target", new[] { "--targets", "fc3" }, "target 'fc3' matches no linear module; nearest: fc1")]
     [TestCase("rank zero", new[] { "--rank", "0" }, "Rank (r) must be > 0")]
     [TestCase("rank above min(in, out)", new[] { "--rank", "5" }, "rank 5 for module 'fc1' exceeds min(in, out) = min(4, 6)")]
-    [TestCase("bad scaling", new[] { "--scaling", "sqrt" }, "--scaling 'sqrt' is not one of peft, rslora, alpha")]
+    [TestCase("bad scaling", new[] { "--scaling", "sqrt" }, "--scaling: scaling must be peft, rslora or alpha (got 'sqrt')")]
     [TestCase("bad layers", new[] { "--layers", "1-" }, "layers: '1-' is not a block index")]
     [TestCase("no weight MatMuls", new[] { "NOWEIGHTS" }, "no LoRA-able weight MatMul/Gemm")]
     [TestCase("truncated model", new[] { "TRUNCATED" }, "not a valid ONNX model")]

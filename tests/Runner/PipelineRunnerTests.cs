@@ -59,11 +59,9 @@ public class PipelineRunnerTests
         using var dir = new TempDir();
         var path = dir.File("bad.yaml");
         File.WriteAllText(path, yaml);
-        var clock = Stopwatch.StartNew();
         var (code, _, error) = CliRunner.Run("run", path);
         Assert.That(code, Is.EqualTo(1));
         Assert.That(error, Does.Contain($"'{key}'"));
-        Assert.That(clock.Elapsed, Is.LessThan(TimeSpan.FromSeconds(1)));
         Assert.That(Directory.Exists(dir.File("runs")), Is.False, "nothing was started");
     }
 

@@ -372,12 +372,7 @@ public sealed class EvalCommand(IAnsiConsole console) : Command<EvalCommand.Sett
         if (string.IsNullOrEmpty(s.Data)) throw new ArgumentException("--data FILE is required");
         if (s.Seq is < 2 or > 1 << 20) throw new ArgumentException($"--seq must be in 2..{1 << 20} (got {s.Seq})");
         if (s.Batch is < 1 or > 1 << 16) throw new ArgumentException($"--batch must be in 1..{1 << 16} (got {s.Batch})");
-        var task = s.Task.ToLowerInvariant() switch
-        {
-            "lm" => Pipeline.Data.TaskKind.Lm,
-            "cls" => Pipeline.Data.TaskKind.Cls,
-            _ => throw new ArgumentException($"--task '{s.Task}' is not one of lm, cls"),
-        };
+        var task = Cli.Flag("--task", () => Pipeline.Data.TaskKinds.Parse(s.Task));
         var format = Pipeline.Data.DatasetLoader.ParseFormat(s.Format ?? (task == Pipeline.Data.TaskKind.Cls ? "tsv" : "text"));
         var (host, runs) = s.OpenHost();
         using (host)

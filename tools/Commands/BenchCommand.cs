@@ -75,7 +75,8 @@ public sealed class BenchCommand(IAnsiConsole console) : Command<BenchCommand.Se
         public override ValidationResult Validate()
         {
             if (!GptConfig.PresetNames.Contains(Preset)) return ValidationResult.Error($"--preset must be one of {string.Join(", ", GptConfig.PresetNames)} (got '{Preset}')");
-            if (Task is not ("cls" or "lm")) return ValidationResult.Error($"--task must be cls or lm (got '{Task}')");
+            // the spec, the child's command line and the peers' JSON carry the task as written: lm or cls, lower case
+            if (Task is not ("cls" or "lm")) return ValidationResult.Error($"--task: task must be lm or cls (got '{Task}')");
             if (Task == "cls" && Classes < 2) return ValidationResult.Error($"--classes must be ≥ 2 (got {Classes})");
             foreach (var (name, value, min) in new[] { ("--batch", Batch, 1), ("--seq", Seq, 1), ("--rank", Rank, 1), ("--steps", Steps, 1), ("--warmup", Warmup, 0), ("--threads", Threads, 1), ("--runs", Runs, 1) })
                 if (value < min) return ValidationResult.Error($"{name} must be ≥ {min} (got {value})");

@@ -111,19 +111,8 @@ public sealed class RewriteCommand(IAnsiConsole console) : Command<RewriteComman
             : LoraConfig.ParsePatternValues(s.RankPattern, "--rank-pattern").ToDictionary(kv => kv.Key, kv => (int)kv.Value == kv.Value ? (int)kv.Value
                 : throw new FormatException($"--rank-pattern: rank {kv.Value} for '{kv.Key}' is not a whole number")),
         AlphaPattern = s.AlphaPattern is null ? new Dictionary<string, double>() : LoraConfig.ParsePatternValues(s.AlphaPattern, "--alpha-pattern"),
-        Scaling = s.Scaling.ToLowerInvariant() switch
-        {
-            "peft" => LoraScaling.Peft,
-            "rslora" => LoraScaling.RsLora,
-            "alpha" => LoraScaling.Alpha,
-            _ => throw new ArgumentException($"--scaling '{s.Scaling}' is not one of peft, rslora, alpha"),
-        },
-        Init = s.Init.ToLowerInvariant() switch
-        {
-            "kaiming" => LoraInit.Kaiming,
-            "gaussian" => LoraInit.Gaussian,
-            _ => throw new ArgumentException($"--init '{s.Init}' is not one of kaiming, gaussian"),
-        },
+        Scaling = Cli.Flag("--scaling", () => LoraConfig.ParseScaling(s.Scaling)),
+        Init = Cli.Flag("--init", () => LoraConfig.ParseInit(s.Init)),
         Dropout = s.Dropout,
         Seed = s.Seed,
     };

@@ -104,14 +104,14 @@ public sealed class TrainCommand(IAnsiConsole console) : Command<TrainCommand.Se
         if (string.IsNullOrEmpty(s.Model)) throw new ArgumentException("--model DIR is required (an 'onnxlora rewrite' output folder)");
         if (string.IsNullOrEmpty(s.Data)) throw new ArgumentException("--data FILE is required");
         if (string.IsNullOrEmpty(s.Out)) throw new ArgumentException("--out RUN_DIR is required");
-        var task = s.Task.ToLowerInvariant() switch { "lm" => TaskKind.Lm, "cls" => TaskKind.Cls, _ => throw new ArgumentException($"--task must be lm or cls (got '{s.Task}')") };
+        var task = Cli.Flag("--task", () => TaskKinds.Parse(s.Task));
         return new TrainOptions
         {
             ModelDir = Path.GetFullPath(s.Model), DataPath = Path.GetFullPath(s.Data), Format = ParseFormat(s.Format, s.Data, task), Task = task,
             Classes = s.Classes, ClassNames = Pipeline.Data.DatasetLoader.ParseClassNames(s.Labels, "--labels"), HeadMode = s.Head.ToLowerInvariant(),
             OutDir = Path.GetFullPath(s.Out), Epochs = s.Epochs, MaxSteps = s.MaxSteps, BatchSize = s.Batch, SeqLength = s.Seq,
             Optimizer = s.Optimizer.ToLowerInvariant(), Lr = s.Lr, WeightDecay = s.WeightDecay, WarmupSteps = s.Warmup,
-            Schedule = Flag("--schedule", () => ScheduleKinds.Parse(s.Schedule)),
+            Schedule = Cli.Flag("--schedule", () => ScheduleKinds.Parse(s.Schedule)),
             GradAccum = s.GradAccum, Clip = s.Clip, EvalDataPath = s.EvalData is null ? null : Path.GetFullPath(s.EvalData),
             EvalEvery = s.EvalEvery, EarlyStoppingPatience = s.EarlyStopping, Device = s.Device, Threads = s.Threads, Seed = s.Seed,
             Shuffle = !s.NoShuffle, InitAdapter = s.InitAdapter, CheckpointEvery = s.CheckpointEvery, SkipBadRows = s.SkipBadRows, Tokenizer = s.Tokenizer,
@@ -120,20 +120,13 @@ public sealed class TrainCommand(IAnsiConsole console) : Command<TrainCommand.Se
     }
 
     static DataFormat ParseFormat(string? format, string path, TaskKind task) => format is { Length: > 0 }
-        ? Flag("--format", () => DatasetLoader.ParseFormat(format))
+        ? Cli.Flag("--format", () => DatasetLoader.ParseFormat(format))
         : Path.GetExtension(path).ToLowerInvariant() switch
         {
             ".jsonl" or ".json" => DataFormat.Jsonl,
             ".tsv" or ".csv" => DataFormat.Tsv,
             _ => task == TaskKind.Cls ? DataFormat.Tsv : DataFormat.Text,
         };
-
-    /// <summary>Runs a shared parser and names the flag in its message ("--format must be …").</summary>
-    static T Flag<T>(string flag, Func<T> parse)
-    {
-        try { return parse(); }
-        catch (ArgumentException e) { throw new ArgumentException($"{flag}: {e.Message}", e); }
-    }
 
     TrainResult WithProgress(Func<IProgress<TrainProgress>, TrainResult> run)
     {

@@ -1,4 +1,33 @@
-namespace OnnxLora.Models;
+namespace OnnxLora.GraphRewrite.Numerics;
+
+/// <summary>
+/// SplitMix64 (Steele, Lea, Flood 2014): a tiny, fast, seedable generator whose sequence is fixed by its few lines
+/// of integer arithmetic, so it never changes across .NET versions or platforms (System.Random's may).
+/// </summary>
+public struct SplitMix64(ulong seed)
+{
+    ulong _state = seed;
+
+    public ulong State => _state;
+
+    /// <summary>The next 64 random bits.</summary>
+    public ulong Next()
+    {
+        _state += 0x9E3779B97F4A7C15UL;
+        return Mix(_state);
+    }
+
+    /// <summary>Uniform in [0, 1), from the top 53 bits.</summary>
+    public double NextDouble() => (Next() >> 11) * (1.0 / (1UL << 53));
+
+    /// <summary>SplitMix64's finalizer: a bijective avalanche of 64 bits (also used to derive seeds).</summary>
+    public static ulong Mix(ulong z)
+    {
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9UL;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBUL;
+        return z ^ (z >> 31);
+    }
+}
 
 /// <summary>
 /// A small seeded generator of N(0, 1) samples that gives the same bits on every run, thread count and platform:
@@ -8,24 +37,20 @@ namespace OnnxLora.Models;
 /// </summary>
 public struct SeededNormal
 {
-    ulong _state;
+    SplitMix64 _bits;
     double _spare;
     bool _hasSpare;
 
     /// <summary>A stream for one (seed, name, chunk) triple; different names or chunks give independent streams.</summary>
     public SeededNormal(ulong seed, string name = "", long chunk = 0)
     {
-        _state = Mix(Mix(Mix(seed) ^ Fnv1a(name)) ^ (ulong)chunk);
+        _bits = new SplitMix64(SplitMix64.Mix(SplitMix64.Mix(SplitMix64.Mix(seed) ^ Fnv1a(name)) ^ (ulong)chunk));
         _spare = 0;
         _hasSpare = false;
     }
 
     /// <summary>The next 64 random bits (SplitMix64).</summary>
-    public ulong NextUInt64()
-    {
-        _state += 0x9E3779B97F4A7C15UL;
-        return Mix(_state);
-    }
+    public ulong NextUInt64() => _bits.Next();
 
     /// <summary>A sample of N(0, 1).</summary>
     public double NextNormal()
@@ -70,13 +95,6 @@ public struct SeededNormal
             int start = w.Chunk * chunk, count = Math.Min(chunk, w.Values.Length - start);
             new SeededNormal((ulong)seed, w.Name, w.Chunk).Fill(w.Values.AsSpan(start, count), w.Std);
         });
-    }
-
-    static ulong Mix(ulong z)
-    {
-        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9UL;
-        z = (z ^ (z >> 27)) * 0x94D049BB133111EBUL;
-        return z ^ (z >> 31);
     }
 
     static ulong Fnv1a(string s)
