@@ -219,7 +219,7 @@ public sealed class GenerateCommand(IAnsiConsole console) : Command<GenerateComm
         public string? Prompt { get; init; }
 
         [CommandOption("-n|--max-new-tokens <N>")]
-        [Description("Tokens to generate at most (default 50). No KV cache: each token re-runs the whole context, O(n²) in the length.")]
+        [Description("Tokens to generate at most (default 50). A model with a KV cache runs one token per step; without one each token re-runs the whole context, O(n²) in the length.")]
         public int MaxNewTokens { get; init; } = 50;
 
         [CommandOption("-t|--temperature <T>")]
@@ -261,6 +261,7 @@ public sealed class GenerateCommand(IAnsiConsole console) : Command<GenerateComm
         {
             var tokenizer = s.TokenizerFor(host, needed: ids is null);
             var generator = new TextGenerator(host, tokenizer?.Inner);
+            if (!generator.HasCache) Console.Error.WriteLine(TextGenerator.NoCacheNotice);
             var options = new GenerationOptions
             {
                 MaxNewTokens = s.MaxNewTokens,
