@@ -72,6 +72,43 @@ public class CachedGenerationTests
         Assert.That((stopped.TokenIds, stopped.StopReason), Is.EqualTo((byAdapter[""][0].TokenIds.TakeWhile(t => t != stopAt).ToList(), "stop_token")));
     }
 
+    /// <summary>
+    /// <c>model build --with-past</c> (gpt2 and llama archs, the llama tiny preset with grouped-query attention): the
+    /// cache path gives the no-cache tokens, and the with-past graph is the same model as the plain build (the same
+    /// greedy tokens from the plain build, base and adapter).
+    /// </summary>
+    [TestCase("gpt2", "c_attn,c_fc")]
+    [TestCase("llama", "q_proj,k_proj,v_proj,o_proj,up_proj")]
+    public void ModelBuildWithPastGeneratesWhatThePlainBuildGenerates(string arch, string targets)
+    {
+        using var dir = new TempDir();
+        string Build(string name, params string[] extra)
+        {
+            var path = dir.File(name);
+            var (code, _, err) = CliRunner.Run(["model", "build", "--arch", arch, "--preset", "tiny", "--seed", "4", "--out", path, .. extra]);
+            Assert.That(code, Is.EqualTo(0), err);
+            return path;
+        }
+        var withPast = Build("past.onnx", "--with-past");
+        var plain = Build("plain.onnx");
+        using var pastDir = new TempDir();
+        using var plainDir = new TempDir();
+        var (pastHost, _) = Deploy(withPast, targets, pastDir);
+        var (plainHost, _) = Deploy(plain, targets, plainDir);
+        using (pastHost)
+        using (plainHost)
+        {
+            AssertCacheMatchesNoCache(pastHost, $"{arch} --with-past");
+            Assert.That(new TextGenerator(plainHost).HasCache, Is.False);
+            IReadOnlyList<int>[] prompts = [[9, 300, 2, 77], [41, 5]];
+            var options = new GenerationOptions { MaxNewTokens = 12 };
+            foreach (var adapter in new[] { null, "a" })
+                Assert.That(new TextGenerator(pastHost).GenerateBatch(prompts, options, adapter).Select(r => r.TokenIds),
+                            Is.EqualTo(new TextGenerator(plainHost).GenerateBatch(prompts, options, adapter).Select(r => r.TokenIds)),
+                            $"{arch}, adapter {adapter ?? "none"}: with past (cached) vs the plain build");
+        }
+    }
+
     [Test]
     public void AModelWithoutACacheStillGenerates()
     {
