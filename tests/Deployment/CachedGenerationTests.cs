@@ -23,9 +23,23 @@ public class CachedGenerationTests
     public void CachedGreedyTokensEqualTheNoCacheTokens(string file, string targets)
     {
         using var dir = new TempDir();
-        var (host, _) = Deploy(Fixture(file), targets, dir);
+        var (host, adapterPath) = Deploy(Fixture(file), targets, dir);
         using (host)
+        {
             AssertCacheMatchesNoCache(host, file);
+
+            // the merged export keeps the cache too, and gives what the adapter gives
+            var merged = dir.File("merged.onnx");
+            var (code, _, err) = CliRunner.Run("merge", "--model", dir.File("rw"), "--adapter", adapterPath, "--out", merged);
+            Assert.That(code, Is.EqualTo(0), err);
+            using var mergedHost = AdapterHost.Create(merged);
+            var mergedGenerator = new TextGenerator(mergedHost);
+            Assert.That(mergedGenerator.HasCache, Is.True, $"{file}: merged keeps past/present");
+            IReadOnlyList<int>[] prompts = [[5, 17, 99, 3], [8, 11]];
+            var options = new GenerationOptions { MaxNewTokens = 10 };
+            Assert.That(mergedGenerator.GenerateBatch(prompts, options).Select(r => r.TokenIds),
+                        Is.EqualTo(new TextGenerator(host).GenerateBatch(prompts, options, "a").Select(r => r.TokenIds)), $"{file}: merged vs adapter");
+        }
     }
 
     /// <summary>Deploys <paramref name="model"/> with a random nonzero adapter "a" loaded; returns the host and the adapter file.</summary>
