@@ -30,11 +30,11 @@ public sealed class ExportCommand(IAnsiConsole console) : Command<ExportCommand.
         public string? Model { get; init; }
 
         [CommandOption("-f|--format <FORMAT>")]
-        [Description("onnx-adapter (ONNX Runtime, A and scale·B), peft (Hugging Face folder) or merged (a plain .onnx with the adapter folded in).")]
+        [Description("onnx-adapter (ONNX Runtime, A and scale·B), peft (Hugging Face folder), merged (a plain .onnx with the adapter folded in) or genai (an ONNX Runtime GenAI folder: genai_config.json, model.onnx with its KV cache, adapter.onnx_adapter; needs a with-past model).")]
         public string Format { get; init; } = "onnx-adapter";
 
         [CommandOption("-o|--out <PATH>")]
-        [Description("Output file (a folder for peft): new, never an input nor inside one.")]
+        [Description("Output file (a folder for peft and genai): new, never an input nor inside one.")]
         public string? Out { get; init; }
 
         [CommandOption("--overwrite")]
@@ -60,7 +60,7 @@ public sealed class ExportCommand(IAnsiConsole console) : Command<ExportCommand.
         var format = AdapterFiles.ParseFormat(s.Format);
         var (adapter, rewriteDir) = AdapterFiles.ReadSource(s.Source, s.Model);
         string?[] inputs = [s.Source, s.Model, rewriteDir];
-        if (format == AdapterFormat.Peft)
+        if (format is AdapterFormat.Peft or AdapterFormat.GenAi)
         {
             OutputFolder.CheckNotInput(s.Out, inputs, "--out");
             if (!OutputFolder.Check(s.Out, Verb, "--out", s.Overwrite)) OutputFolder.Mark(s.Out, Verb);
