@@ -115,8 +115,10 @@ public sealed class TextGenerator
         }
         int? context = options.ContextLength ?? _signature.ContextLength;
         var rows = prompts.Select(p => new Row(new List<int>(p), new Sampler(options.Sampling))).ToList();
-        if (options.UseCache && CanCache(prompts, options, context)) CachedSteps(rows, options, adapter);
-        else UncachedSteps(rows, options, adapter, context);
+        // one adapter for the whole request, even if it is replaced meanwhile (the cache holds its keys and values)
+        using var lease = _host.Lease(adapter);
+        if (options.UseCache && CanCache(prompts, options, context)) CachedSteps(rows, options, lease);
+        else UncachedSteps(rows, options, lease, context);
         return rows.Select(r => new GenerationResult(r.Generated, r.Text ?? Tokenizer?.Decode(r.Generated), r.Reason ?? "max_new_tokens")).ToList();
     }
 
@@ -147,7 +149,7 @@ public sealed class TextGenerator
     /// Run, because only Run applies the request's adapter. Rows that stop keep a slot in the batch (their tokens are
     /// dropped) so the cache never has to be re-packed.
     /// </summary>
-    void CachedSteps(List<Row> rows, GenerationOptions options, string? adapter)
+    void CachedSteps(List<Row> rows, GenerationOptions options, AdapterHost.AdapterLease lease)
     {
         int batch = rows.Count, width = rows.Max(r => r.All.Count);
         var tokens = PaddedTokens.Pad(rows.Select(r => (IReadOnlyList<int>)r.All).ToList(), width, padId: 0, left: true);
@@ -169,7 +171,7 @@ public sealed class TextGenerator
         {
             for (int step = 0; step < options.MaxNewTokens; step++)
             {
-                var outputs = _host.Run(adapter, feeds, outputNames);
+                var outputs = lease.Run(feeds, outputNames);
                 foreach (var (name, value) in feeds)
                     if (previous is null || !previous.Contains(value)) value.Dispose();
                 previous?.Dispose();
@@ -235,20 +237,20 @@ public sealed class TextGenerator
     }
 
     /// <summary>Generation without a cache: every step re-runs each active row's whole window.</summary>
-    void UncachedSteps(List<Row> rows, GenerationOptions options, string? adapter, int? context)
+    void UncachedSteps(List<Row> rows, GenerationOptions options, AdapterHost.AdapterLease lease, int? context)
     {
         for (int step = 0; step < options.MaxNewTokens; step++)
         {
             var active = rows.Where(r => r.Reason is null).ToList();
             if (active.Count == 0) break;
             var windows = active.Select(r => r.Window(context)).ToList();
-            var logits = LastLogits(windows, adapter);
+            var logits = LastLogits(windows, lease);
             for (int i = 0; i < active.Count; i++) Choose(active[i], logits[i], options);
         }
     }
 
     /// <summary>The logits at each window's last token: [rows][vocab], from one run.</summary>
-    float[][] LastLogits(List<List<int>> windows, string? adapter)
+    float[][] LastLogits(List<List<int>> windows, AdapterHost.AdapterLease lease)
     {
         int width = _signature.FixedTokens ?? windows.Max(w => w.Count);
         // left padding needs the mask (padding must not be attended) and position_ids (a graph that counts positions
@@ -257,7 +259,7 @@ public sealed class TextGenerator
         var feeds = _signature.Feeds(windows.Cast<IReadOnlyList<int>>().ToList(), width, padId: 0, leftPad: left);
         try
         {
-            using var outputs = _host.Run(adapter, feeds, [_signature.Logits]);
+            using var outputs = lease.Run(feeds, [_signature.Logits]);
             var logits = outputs[0];                                  // [rows, tokens, vocab]
             int vocab = (int)logits.GetTensorTypeAndShape().Shape[2];
             var data = logits.GetTensorDataAsSpan<float>();

@@ -123,6 +123,33 @@ public class CachedGenerationTests
         }
     }
 
+    /// <summary>A request of many runs (a cached generation) keeps its adapter when the adapter is removed meanwhile.</summary>
+    [Test]
+    public void ALeaseKeepsItsAdapterUntilItEnds()
+    {
+        using var dir = new TempDir();
+        var (host, _) = Deploy(Fixture("optimum/gpt2_opset17_with_past.onnx"), "c_attn", dir);
+        using (host)
+        {
+            var signature = ModelSignature.Of(host);
+            float[] Logits(Func<Dictionary<string, Microsoft.ML.OnnxRuntime.OrtValue>, Microsoft.ML.OnnxRuntime.IDisposableReadOnlyCollection<Microsoft.ML.OnnxRuntime.OrtValue>> run)
+            {
+                var feeds = signature.Feeds([[5, 17, 99]], 3, padId: 0);
+                try { using var outputs = run(feeds); return outputs[0].GetTensorDataAsSpan<float>().ToArray(); }
+                finally { foreach (var v in feeds.Values) v.Dispose(); }
+            }
+            var adapted = Logits(f => host.Run("a", f, [signature.Logits]));
+            var baseline = Logits(f => host.Run((string?)null, f, [signature.Logits]));
+            Assert.That(adapted, Is.Not.EqualTo(baseline));
+            var lease = host.Lease("a");
+            Assert.That(host.RemoveAdapter("a"), Is.True);
+            Assert.That(Logits(f => lease.Run(f, [signature.Logits])), Is.EqualTo(adapted), "the lease still runs the removed adapter");
+            Assert.Throws<KeyNotFoundException>(() => host.Lease("a"));
+            lease.Dispose();
+            Assert.Throws<ObjectDisposedException>(() => Logits(f => lease.Run(f, [signature.Logits])));
+        }
+    }
+
     [Test]
     public void AModelWithoutACacheStillGenerates()
     {

@@ -42,7 +42,7 @@ public sealed class ModelBuildCommand(IAnsiConsole console) : Command<ModelBuild
         public string? Out { get; init; }
 
         [CommandOption("--with-past")]
-        [Description("Build the KV-cache form (Optimum's): past_key_values.{i}.key|value [batch, kv_heads, past, head_dim] in, present.{i}.key|value out, attention_mask over past + sequence, position_ids; generation then runs one token per step")]
+        [Description("Build the KV-cache form (Optimum's): past_key_values.{i}.key|value [[batch, kv_heads, past, head_dim]] in, present.{i}.key|value out, attention_mask over past + sequence, position_ids; generation then runs one token per step")]
         public bool WithPast { get; init; }
 
         [CommandOption("-f|--force|--overwrite")]
