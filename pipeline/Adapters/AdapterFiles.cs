@@ -134,7 +134,7 @@ public static class AdapterFiles
     /// <see cref="AdapterFormat.Merged"/> and to check an <c>.onnx_adapter</c> against deploy.onnx.
     /// </summary>
     public static void Write(LoraAdapter adapter, AdapterFormat format, string outPath, string? rewriteDir = null,
-        DataType elementType = DataType.Float, PeftExportOptions? peft = null)
+        DataType elementType = DataType.Float, PeftExportOptions? peft = null, string? hfFolder = null)
     {
         switch (format)
         {
@@ -160,7 +160,7 @@ public static class AdapterFiles
                 break;
             case AdapterFormat.GenAi:
                 if (File.Exists(outPath)) throw new IOException($"{outPath}: is a file; a genai model is a folder");
-                Deployment.GenAiFolder.Write(adapter, rewriteDir ?? throw new ArgumentException("a genai export needs the rewrite folder (--model DIR)"), outPath);
+                Deployment.GenAiFolder.Write(adapter, rewriteDir ?? throw new ArgumentException("a genai export needs the rewrite folder (--model DIR)"), outPath, hfFolder);
                 break;
             default:
                 throw new ArgumentOutOfRangeException(nameof(format));

@@ -18,15 +18,26 @@ public static class GenAiFolder
 {
     public const string ConfigFile = "genai_config.json", ModelFile = "model.onnx", AdapterFile = "adapter.onnx_adapter";
 
-    /// <summary>Writes the folder for <paramref name="adapter"/> and the rewrite in <paramref name="rewriteDir"/> into <paramref name="outDir"/> (existing, empty or ours).</summary>
-    public static void Write(LoraAdapter adapter, string rewriteDir, string outDir)
+    /// <summary>The tokenizer files ONNX Runtime GenAI reads from the model folder, copied from a Hugging Face folder when present.</summary>
+    public static readonly string[] TokenizerFiles = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model"];
+
+    /// <summary>
+    /// Writes the folder for <paramref name="adapter"/> and the rewrite in <paramref name="rewriteDir"/> into
+    /// <paramref name="outDir"/> (existing, empty or ours). <paramref name="hfFolder"/>, the model's Hugging Face folder,
+    /// gives the special token ids (config.json, generation_config.json) and the tokenizer files.
+    /// </summary>
+    public static void Write(LoraAdapter adapter, string rewriteDir, string outDir, string? hfFolder = null)
     {
         ArgumentNullException.ThrowIfNull(adapter);
         var deployPath = Path.Combine(rewriteDir, LoraManifest.DeployableModelFile);
         if (!File.Exists(deployPath)) throw new FileNotFoundException($"{deployPath}: no deployable model; the genai format needs the rewrite folder's {LoraManifest.DeployableModelFile}", deployPath);
         var model = OnnxFile.Load(deployPath);
         var config = Config(model, deployPath);
+        if (hfFolder is not null) SpecialTokens(config, hfFolder);
         Directory.CreateDirectory(outDir);
+        if (hfFolder is not null)
+            foreach (var name in TokenizerFiles.Where(n => File.Exists(Path.Combine(hfFolder, n))))
+                AtomicFile.WriteAllBytes(Path.Combine(outDir, name), File.ReadAllBytes(Path.Combine(hfFolder, name)));
         OnnxFile.Save(model, Path.Combine(outDir, ModelFile));
         OnnxAdapterFile.Write(Path.Combine(outDir, AdapterFile), adapter, new OnnxAdapterWriteOptions { DeployableModel = model });
         AtomicFile.WriteAllText(Path.Combine(outDir, ConfigFile), config.ToJsonString(new System.Text.Json.JsonSerializerOptions { WriteIndented = true }));
@@ -106,6 +117,30 @@ public static class GenAiFolder
                 ["no_repeat_ngram_size"] = 0, ["diversity_penalty"] = 0.0, ["early_stopping"] = true, ["past_present_share_buffer"] = false,
             },
         };
+    }
+
+    /// <summary>bos/eos/pad ids from the folder's config.json, then generation_config.json (a list of eos ids: the first).</summary>
+    static void SpecialTokens(JsonObject config, string hfFolder)
+    {
+        if (!Directory.Exists(hfFolder)) throw new DirectoryNotFoundException($"{hfFolder}: no such folder (the model's Hugging Face folder)");
+        var model = config["model"]!.AsObject();
+        foreach (var file in new[] { "config.json", "generation_config.json" })
+        {
+            var path = Path.Combine(hfFolder, file);
+            if (!File.Exists(path)) continue;
+            JsonNode? json;
+            try { json = JsonNode.Parse(File.ReadAllText(path)); }
+            catch (System.Text.Json.JsonException e) { throw new InvalidDataException($"{path}: not valid JSON ({e.Message})", e); }
+            foreach (var key in new[] { "bos_token_id", "eos_token_id", "pad_token_id" })
+            {
+                var value = json?[key];
+                if (value is JsonArray list) value = list.FirstOrDefault();
+                if (value is null) continue;
+                if (value.GetValueKind() != System.Text.Json.JsonValueKind.Number || !int.TryParse(value.ToJsonString(), NumberStyles.None, CultureInfo.InvariantCulture, out var id))
+                    throw new InvalidDataException($"{path}: {key} must be a token id (a non-negative integer), got {value.ToJsonString()}");
+                model[key] = id;
+            }
+        }
     }
 
     static int FixedDim(SignatureEntry entry, int axis, string what, string source) =>

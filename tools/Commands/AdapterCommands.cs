@@ -45,6 +45,10 @@ public sealed class ExportCommand(IAnsiConsole console) : Command<ExportCommand.
         [Description("onnx-adapter parameter type: fp32 (default), fp16 or bf16 (only where deploy.onnx takes that type).")]
         public string DType { get; init; } = "fp32";
 
+        [CommandOption("--from <DIR>")]
+        [Description("genai: the model's Hugging Face folder; its config.json / generation_config.json give bos/eos/pad ids and its tokenizer files (tokenizer.json, tokenizer_config.json, …) are copied in.")]
+        public string? From { get; init; }
+
         [CommandOption("--base-model <NAME>")]
         [Description("peft: base_model_name_or_path (e.g. gpt2); default: the rewrite's base model path.")]
         public string? BaseModel { get; init; }
@@ -59,7 +63,8 @@ public sealed class ExportCommand(IAnsiConsole console) : Command<ExportCommand.
         if (string.IsNullOrEmpty(s.Out)) throw new ArgumentException("--out PATH is required");
         var format = AdapterFiles.ParseFormat(s.Format);
         var (adapter, rewriteDir) = AdapterFiles.ReadSource(s.Source, s.Model);
-        string?[] inputs = [s.Source, s.Model, rewriteDir];
+        if (s.From is not null && format != AdapterFormat.GenAi) throw new ArgumentException("--from goes with --format genai");
+        string?[] inputs = [s.Source, s.Model, rewriteDir, s.From];
         if (format is AdapterFormat.Peft or AdapterFormat.GenAi)
         {
             OutputFolder.CheckNotInput(s.Out, inputs, "--out");
@@ -67,7 +72,7 @@ public sealed class ExportCommand(IAnsiConsole console) : Command<ExportCommand.
         }
         else OutputFolder.CheckFile(s.Out, "--out", inputs, s.Overwrite);
         AdapterFiles.Write(adapter, format, s.Out, rewriteDir, ParseDType(s.DType),
-            new PeftExportOptions { BaseModelNameOrPath = s.BaseModel, TaskType = s.TaskType?.ToUpperInvariant() });
+            new PeftExportOptions { BaseModelNameOrPath = s.BaseModel, TaskType = s.TaskType?.ToUpperInvariant() }, s.From);
         long parameters = adapter.LoraTensors.Values.Sum(t => t.ElementCount) + adapter.Extras.Values.Sum(t => t.ElementCount);
         console.WriteLine(string.Create(CultureInfo.InvariantCulture,
             $"wrote {s.Out} ({s.Format}): {adapter.Manifest.Targets.Count} LoRA targets, {adapter.Extras.Count} extra tensors, {parameters:N0} parameters"));
