@@ -38,7 +38,10 @@ public static class GptBuilder
     /// Builds the model. The weight initializers share the arrays of <paramref name="weights"/> (no copy, so a
     /// gpt2-xl is not held twice): do not change those arrays while the model is in use.
     /// </summary>
-    public static ModelProto Build(GptConfig config, GptWeights weights)
+    /// <param name="withPast">Optimum's with-past signature instead: inputs <c>input_ids</c>, <c>attention_mask</c>
+    /// [batch, past + seq], <c>position_ids</c> and <c>past_key_values.{i}.key|value</c>, outputs <c>logits</c> and
+    /// <c>present.{i}.key|value</c> (<see cref="KvCache"/>); positions and padding then come from the inputs</param>
+    public static ModelProto Build(GptConfig config, GptWeights weights, bool withPast = false)
     {
         ArgumentNullException.ThrowIfNull(config);
         ArgumentNullException.ThrowIfNull(weights);
@@ -61,26 +64,45 @@ public static class GptBuilder
         model.MetadataProps.Add(new StringStringEntryProto { Key = ConfigMetadataKey, Value = ConfigJson(config) });
         var g = new TorchStyleGraph(new GraphEditor(model));
         g.Editor.AddInput(ValueInfos.Tensor(InputIds, DataType.Int64, "batch", "seq"));
+        if (withPast)
+        {
+            g.Editor.AddInput(ValueInfos.Tensor(AttentionMask, DataType.Int64, "batch", "total_seq"));
+            g.Editor.AddInput(ValueInfos.Tensor(PositionIds, DataType.Int64, "batch", "seq"));
+            KvCache.Declare(g.Editor, config.Layers, config.Heads, config.HeadDim, "batch");
+        }
         foreach (var (name, shape) in GptLayout.Tensors(config))
             g.Editor.AddInitializer(WeightInitializer(name, shape, weights[name].Values));
 
-        var hidden = Embeddings(g, config, out var causalMask);   // [batch, seq, d]
-        for (int i = 0; i < config.Layers; i++) hidden = Block(g, config, i, hidden, causalMask);
+        var hidden = Embeddings(g, config, withPast, out var causalMask);   // [batch, seq, d]
+        for (int i = 0; i < config.Layers; i++) hidden = Block(g, config, i, hidden, causalMask, withPast);
         hidden = LayerNorm(g, "/transformer/ln_f", "transformer.ln_f", hidden, config);
         // tied head: logits = h · wteᵀ, the transpose of the one embedding initializer (as tied exports keep it)
         var wteT = g.Node("/lm_head", "Transpose", [GptLayout.TokenEmbedding], Attr.Ints("perm", 1, 0));   // [d, vocab]
         var logits = g.Node("/lm_head", "MatMul", [hidden, wteT], outputName: Logits);               // [batch, seq, vocab]
         g.Editor.AddOutput(ValueInfos.Tensor(logits, DataType.Float, "batch", "seq", config.VocabSize));
+        if (withPast)
+            for (int i = 0; i < config.Layers; i++) KvCache.DeclarePresent(g.Editor, i, config.Heads, config.HeadDim, "batch");
         return model;
     }
 
     /// <summary>Builds and saves in one step; external data is used automatically for models past protobuf's 2 GB.</summary>
-    public static void Save(GptConfig config, GptWeights weights, string path) => OnnxFile.Save(Build(config, weights), path);
+    public static void Save(GptConfig config, GptWeights weights, string path, bool withPast = false) => OnnxFile.Save(Build(config, weights, withPast), path);
 
-    // hidden = wte[input_ids] + wpe[arange(seq)]; also the [seq, seq] causal mask every block uses.
-    static string Embeddings(TorchStyleGraph g, GptConfig config, out string causalMask)
+    /// <summary>The with-past form's mask [batch, past + seq] and positions [batch, seq] inputs.</summary>
+    public const string AttentionMask = "attention_mask", PositionIds = "position_ids";
+
+    // hidden = wte[input_ids] + wpe[arange(seq)]; also the [seq, seq] causal mask every block uses. With past:
+    // wpe[position_ids], and the additive [batch, 1, seq, past + seq] bias of KvCache instead of the boolean table.
+    static string Embeddings(TorchStyleGraph g, GptConfig config, bool withPast, out string causalMask)
     {
         const string s = "/transformer";
+        if (withPast)
+        {
+            var hiddenWithPast = g.Node(s, "Add", [g.Node($"{s}/wte", "Gather", [GptLayout.TokenEmbedding, InputIds]),
+                                                   g.Node($"{s}/wpe", "Gather", [GptLayout.PositionEmbedding, PositionIds])]);
+            causalMask = KvCache.AttentionBias(g, s, InputIds, AttentionMask);
+            return hiddenWithPast;
+        }
         var inputShape = g.Node(s, "Shape", [InputIds]);                                   // [2]
         var seq = g.Node(s, "Gather", [inputShape, g.Constant(s, Tensors.Int64("", [], [1]))], Attr.Int("axis", 0));   // scalar
         var positions = g.Node(s, "Range", [g.Constant(s, Tensors.Int64("", [], [0])), seq, g.Constant(s, Tensors.Int64("", [], [1]))]);   // [seq]
@@ -101,17 +123,17 @@ public static class GptBuilder
         return hidden;
     }
 
-    static string Block(TorchStyleGraph g, GptConfig config, int layer, string x, string causalMask)
+    static string Block(TorchStyleGraph g, GptConfig config, int layer, string x, string causalMask, bool withPast)
     {
         var s = $"/transformer/h.{layer}";
         var m = $"transformer.h.{layer}";
-        var attn = Attention(g, config, layer, LayerNorm(g, $"{s}/ln_1", $"{m}.ln_1", x, config), causalMask);
+        var attn = Attention(g, config, layer, LayerNorm(g, $"{s}/ln_1", $"{m}.ln_1", x, config), causalMask, withPast);
         x = g.Node(s, "Add", [x, attn]);                                                    // residual
         var mlp = Mlp(g, layer, LayerNorm(g, $"{s}/ln_2", $"{m}.ln_2", x, config));
         return g.Node(s, "Add", [x, mlp]);                                                  // residual
     }
 
-    static string Attention(TorchStyleGraph g, GptConfig config, int layer, string x, string causalMask)
+    static string Attention(TorchStyleGraph g, GptConfig config, int layer, string x, string causalMask, bool withPast)
     {
         var s = $"/transformer/h.{layer}/attn";
         int d = config.EmbedDim;
@@ -133,12 +155,26 @@ public static class GptBuilder
         var headsShape = g.Node(s, "Concat", [batch1, seq1, g.Constant(s, Tensors.Int64Vector("", config.Heads)),
                                               g.Constant(s, Tensors.Int64Vector("", config.HeadDim))], Attr.Int("axis", 0));   // [4]
         var q = g.Node(s, "Transpose", [g.Node(s, "Reshape", [split[0], headsShape])], Attr.Ints("perm", 0, 2, 1, 3));   // [batch, heads, seq, hd]
-        var kT = g.Node(s, "Transpose", [g.Node(s, "Reshape", [split[1], headsShape])], Attr.Ints("perm", 0, 2, 3, 1));  // [batch, heads, hd, seq]
-        var v = g.Node(s, "Transpose", [g.Node(s, "Reshape", [split[2], headsShape])], Attr.Ints("perm", 0, 2, 1, 3));   // [batch, heads, seq, hd]
+        string kT, v;
+        if (withPast)
+        {
+            // the new keys/values appended to the cache; attention runs over past + seq keys
+            var (key, value) = KvCache.Append(g, s, layer,
+                g.Node(s, "Transpose", [g.Node(s, "Reshape", [split[1], headsShape])], Attr.Ints("perm", 0, 2, 1, 3)),
+                g.Node(s, "Transpose", [g.Node(s, "Reshape", [split[2], headsShape])], Attr.Ints("perm", 0, 2, 1, 3)));
+            kT = g.Node(s, "Transpose", [key], Attr.Ints("perm", 0, 1, 3, 2));               // [batch, heads, hd, total]
+            v = value;                                                                      // [batch, heads, total, hd]
+        }
+        else
+        {
+            kT = g.Node(s, "Transpose", [g.Node(s, "Reshape", [split[1], headsShape])], Attr.Ints("perm", 0, 2, 3, 1));  // [batch, heads, hd, seq]
+            v = g.Node(s, "Transpose", [g.Node(s, "Reshape", [split[2], headsShape])], Attr.Ints("perm", 0, 2, 1, 3));   // [batch, heads, seq, hd]
+        }
 
         var scores = g.Node(s, "MatMul", [q, kT]);                                          // [batch, heads, seq, seq]
         scores = g.Node(s, "Div", [scores, g.Constant(s, Tensors.Float("", [], [MathF.Sqrt(config.HeadDim)]))]);
-        scores = g.Node(s, "Where", [causalMask, scores, g.Constant(s, Tensors.Float("", [], [float.NegativeInfinity]))]);
+        scores = withPast ? g.Node(s, "Add", [scores, causalMask])
+                          : g.Node(s, "Where", [causalMask, scores, g.Constant(s, Tensors.Float("", [], [float.NegativeInfinity]))]);
         var probs = g.Node(s, "Softmax", [scores], Attr.Int("axis", -1));
         var context = g.Node(s, "MatMul", [probs, v]);                                      // [batch, heads, seq, hd]
         context = g.Node(s, "Transpose", [context], Attr.Ints("perm", 0, 2, 1, 3));         // [batch, seq, heads, hd]
@@ -221,8 +257,8 @@ sealed class TorchStyleGraph(GraphEditor editor)
     public string Node(string scope, string op, string[] inputs, params AttributeProto[] attributes) =>
         Nodes(scope, op, inputs, 1, attributes)[0];
 
-    public string Node(string scope, string op, string[] inputs, string outputName) =>
-        AddNode(scope, op, inputs, [outputName], []);
+    public string Node(string scope, string op, string[] inputs, string outputName, params AttributeProto[] attributes) =>
+        AddNode(scope, op, inputs, [outputName], attributes);
 
     public string[] Nodes(string scope, string op, string[] inputs, int outputCount, params AttributeProto[] attributes)
     {

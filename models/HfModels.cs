@@ -13,8 +13,9 @@ public static class HfModels
     /// builds the model (<see cref="GptBuilder"/> or <see cref="LlamaBuilder"/>). Returns the model, a one-line
     /// description and the parameter count.
     /// </summary>
+    /// <param name="withPast">the with-past form (<see cref="KvCache"/>)</param>
     /// <exception cref="InvalidDataException">An unsupported architecture, or weights that do not fit the config.</exception>
-    public static (ModelProto Model, string Description, long Parameters) Build(string directory)
+    public static (ModelProto Model, string Description, long Parameters) Build(string directory, bool withPast = false)
     {
         var checkpoint = HfCheckpoint.Open(directory);
         var architecture = checkpoint.Architecture;
@@ -22,10 +23,10 @@ public static class HfModels
         {
             case "GPT2LMHeadModel" or "GPT2Model" or "gpt2":
                 var gpt = GptWeights.FromCheckpoint(checkpoint);
-                return (GptBuilder.Build(gpt.Config, gpt), $"GPT-2 {gpt.Config}", gpt.ParameterCount);
+                return (GptBuilder.Build(gpt.Config, gpt, withPast), $"GPT-2 {gpt.Config}", gpt.ParameterCount);
             case "LlamaForCausalLM" or "Qwen2ForCausalLM" or "MistralForCausalLM" or "llama" or "qwen2" or "mistral":
                 var llama = LlamaWeights.FromCheckpoint(checkpoint);
-                return (LlamaBuilder.Build(llama), llama.Config.ToString(), llama.ParameterCount);
+                return (LlamaBuilder.Build(llama, withPast), llama.Config.ToString(), llama.ParameterCount);
             default:
                 throw new InvalidDataException($"{checkpoint.ConfigPath}: architecture '{architecture}' cannot be imported; supported: {string.Join(", ", Architectures)}");
         }

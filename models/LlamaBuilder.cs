@@ -38,7 +38,9 @@ public static class LlamaBuilder
     /// Builds the model. The weight initializers share the arrays of <paramref name="weights"/> (no copy): do not change
     /// those arrays while the model is in use.
     /// </summary>
-    public static ModelProto Build(LlamaWeights weights)
+    /// <param name="withPast">also take <c>past_key_values.{i}.key|value</c> and return <c>present.{i}.key|value</c>
+    /// (<see cref="KvCache"/>), the mask then covering past + sequence</param>
+    public static ModelProto Build(LlamaWeights weights, bool withPast = false)
     {
         ArgumentNullException.ThrowIfNull(weights);
         var config = weights.Config;
@@ -52,7 +54,8 @@ public static class LlamaBuilder
         model.MetadataProps.Add(new StringStringEntryProto { Key = ConfigMetadataKey, Value = config.ToHfConfig().ToJsonString() });
         var g = new TorchStyleGraph(new GraphEditor(model));
         foreach (var input in new[] { InputIds, AttentionMask, PositionIds })
-            g.Editor.AddInput(ValueInfos.Tensor(input, DataType.Int64, "batch_size", "sequence_length"));
+            g.Editor.AddInput(ValueInfos.Tensor(input, DataType.Int64, "batch_size", withPast && input == AttentionMask ? "total_sequence_length" : "sequence_length"));
+        if (withPast) KvCache.Declare(g.Editor, config.Layers, config.KvHeads, config.HeadDim, "batch_size");
         foreach (var (name, shape) in LlamaLayout.Tensors(config))
         {
             var t = weights[name];
@@ -65,18 +68,20 @@ public static class LlamaBuilder
 
         var hidden = g.Node("/model/embed_tokens", "Gather", [LlamaLayout.TokenEmbedding, InputIds]);   // [b, s, d]
         var (cos, sin) = Rotary(g);
-        var bias = AttentionBias(g);
-        for (int i = 0; i < config.Layers; i++) hidden = Layer(g, config, i, hidden, cos, sin, bias);
+        var bias = withPast ? KvCache.AttentionBias(g, "/model", InputIds, AttentionMask) : AttentionBias(g);
+        for (int i = 0; i < config.Layers; i++) hidden = Layer(g, config, i, hidden, cos, sin, bias, withPast);
         hidden = RmsNorm(g, "/model/norm", LlamaLayout.FinalNorm, hidden, config);
         var head = config.TieWordEmbeddings ? LlamaLayout.TokenEmbedding : LlamaLayout.LmHead;
         var headT = g.Node("/lm_head", "Transpose", [head], Attr.Ints("perm", 1, 0));              // [d, vocab]
         var logits = g.Node("/lm_head", "MatMul", [hidden, headT], outputName: Logits);             // [b, s, vocab]
         g.Editor.AddOutput(ValueInfos.Tensor(logits, DataType.Float, "batch_size", "sequence_length", config.VocabSize));
+        if (withPast)
+            for (int i = 0; i < config.Layers; i++) KvCache.DeclarePresent(g.Editor, i, config.KvHeads, config.HeadDim, "batch_size");
         return model;
     }
 
     /// <summary>Builds and saves in one step; external data is used automatically for models past protobuf's 2 GB.</summary>
-    public static void Save(LlamaWeights weights, string path) => OnnxFile.Save(Build(weights), path);
+    public static void Save(LlamaWeights weights, string path, bool withPast = false) => OnnxFile.Save(Build(weights, withPast), path);
 
     // cos, sin [b, 1, s, head_dim] of emb = cat(freqs, freqs), freqs = position_ids · inv_freq
     static (string Cos, string Sin) Rotary(TorchStyleGraph g)
@@ -106,16 +111,16 @@ public static class LlamaBuilder
         return g.Node(s, "Where", [causal, padding, min]);                                                // [b, 1, s, s]
     }
 
-    static string Layer(TorchStyleGraph g, LlamaConfig config, int layer, string x, string cos, string sin, string bias)
+    static string Layer(TorchStyleGraph g, LlamaConfig config, int layer, string x, string cos, string sin, string bias, bool withPast)
     {
         var s = $"/model/layers.{layer}";
         var normed = RmsNorm(g, $"{s}/input_layernorm", LlamaLayout.Layer(layer, "input_layernorm.weight"), x, config);
-        x = g.Node(s, "Add", [x, Attention(g, config, layer, normed, cos, sin, bias)]);
+        x = g.Node(s, "Add", [x, Attention(g, config, layer, normed, cos, sin, bias, withPast)]);
         normed = RmsNorm(g, $"{s}/post_attention_layernorm", LlamaLayout.Layer(layer, "post_attention_layernorm.weight"), x, config);
         return g.Node(s, "Add", [x, Mlp(g, config, layer, normed)]);
     }
 
-    static string Attention(TorchStyleGraph g, LlamaConfig config, int layer, string x, string cos, string sin, string bias)
+    static string Attention(TorchStyleGraph g, LlamaConfig config, int layer, string x, string cos, string sin, string bias, bool withPast)
     {
         var s = $"/model/layers.{layer}/self_attn";
         string Proj(string name, string input, bool hasBias) => Linear(g, $"{s}/{name}", LlamaLayout.Layer(layer, "self_attn." + name), input, hasBias);
@@ -132,12 +137,18 @@ public static class LlamaBuilder
         q = Rope(g, s, config, Heads(q, config.Heads), cos, sin);
         k = Rope(g, s, config, Heads(k, config.KvHeads), cos, sin);
         v = Heads(v, config.KvHeads);
+        var keys1 = seq1;   // key count: the new tokens, or past + new with a cache
+        if (withPast)
+        {
+            (k, v) = KvCache.Append(g, s, layer, k, v);
+            keys1 = g.Node(s, "Unsqueeze", [g.Node(s, "Gather", [g.Node(s, "Shape", [k]), g.Constant(s, Tensors.Int64("", [], [2]))], Attr.Int("axis", 0)), I64(0)]);   // [1]
+        }
         if (config.KvGroups > 1)
         {
             // repeat_kv: [b, kv, s, hd] → [b, kv, groups, s, hd] → [b, kv·groups, s, hd]
             string Repeat(string t) => g.Node(s, "Reshape", [
-                g.Node(s, "Expand", [g.Node(s, "Unsqueeze", [t, I64(2)]), g.Node(s, "Concat", [batch1, I64(config.KvHeads, config.KvGroups), seq1, I64(config.HeadDim)], Attr.Int("axis", 0))]),
-                g.Node(s, "Concat", [batch1, I64(config.Heads), seq1, I64(config.HeadDim)], Attr.Int("axis", 0))]);
+                g.Node(s, "Expand", [g.Node(s, "Unsqueeze", [t, I64(2)]), g.Node(s, "Concat", [batch1, I64(config.KvHeads, config.KvGroups), keys1, I64(config.HeadDim)], Attr.Int("axis", 0))]),
+                g.Node(s, "Concat", [batch1, I64(config.Heads), keys1, I64(config.HeadDim)], Attr.Int("axis", 0))]);
             k = Repeat(k);
             v = Repeat(v);
         }

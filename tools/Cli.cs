@@ -41,7 +41,7 @@ public static class Cli
                 .WithExample("train", "--model", "rw", "--data", "train.txt", "--out", "run", "--epochs", "2");
             c.AddCommand<Commands.ExportCommand>("export").WithDescription("Export an adapter as .onnx_adapter (ONNX Runtime), a PEFT folder, or a merged .onnx.");
             c.AddCommand<Commands.MergeCommand>("merge").WithDescription("Fold an adapter into the base weights: a plain .onnx for any ONNX Runtime.");
-            c.AddCommand<Commands.GenerateCommand>("generate").WithDescription("Generate text with the deployable model and adapters (no KV cache: O(n²) in the length).");
+            c.AddCommand<Commands.GenerateCommand>("generate").WithDescription("Generate text with the deployable model and adapters (KV cache when the model has one).");
             c.AddCommand<Commands.ClassifyCommand>("classify").WithDescription("Classify text with the deployable model and adapters: label and probabilities.");
             c.AddCommand<Commands.EvalCommand>("eval").WithDescription("Evaluate the deployable model with adapters: perplexity (lm) or accuracy, precision, recall, F1 and a confusion matrix (cls).");
             c.AddCommand<BenchCommand>("bench").WithDescription(BenchCommand.Description).WithExample("bench", "--preset", "gpt2", "--task", "cls", "--peers", "../shared/bench", "--runs", "3");

@@ -14,6 +14,8 @@ public enum AdapterFormat
     Peft,
     /// <summary>A plain <c>.onnx</c> with scale·A·B folded into the base weights.</summary>
     Merged,
+    /// <summary>An ONNX Runtime GenAI model folder (genai_config.json, the deployable model, the .onnx_adapter).</summary>
+    GenAi,
 }
 
 /// <summary>
@@ -22,13 +24,14 @@ public enum AdapterFormat
 /// </summary>
 public static class AdapterFiles
 {
-    /// <summary>Parses "onnx-adapter", "peft" or "merged".</summary>
+    /// <summary>Parses "onnx-adapter", "peft", "merged" or "genai".</summary>
     public static AdapterFormat ParseFormat(string text) => text.Trim().ToLowerInvariant() switch
     {
         "onnx-adapter" or "onnx_adapter" => AdapterFormat.OnnxAdapter,
         "peft" => AdapterFormat.Peft,
         "merged" => AdapterFormat.Merged,
-        _ => throw new ArgumentException($"format '{text}' is not one of onnx-adapter, peft, merged"),
+        "genai" => AdapterFormat.GenAi,
+        _ => throw new ArgumentException($"format '{text}' is not one of onnx-adapter, peft, merged, genai"),
     };
 
     /// <summary>
@@ -131,7 +134,7 @@ public static class AdapterFiles
     /// <see cref="AdapterFormat.Merged"/> and to check an <c>.onnx_adapter</c> against deploy.onnx.
     /// </summary>
     public static void Write(LoraAdapter adapter, AdapterFormat format, string outPath, string? rewriteDir = null,
-        DataType elementType = DataType.Float, PeftExportOptions? peft = null)
+        DataType elementType = DataType.Float, PeftExportOptions? peft = null, string? hfFolder = null)
     {
         switch (format)
         {
@@ -154,6 +157,10 @@ public static class AdapterFiles
                 var baseModel = OnnxFile.Load(model);
                 ModelValidator.Check(baseModel, model);
                 OnnxFile.Save(Merge(baseModel, adapter), outPath);
+                break;
+            case AdapterFormat.GenAi:
+                if (File.Exists(outPath)) throw new IOException($"{outPath}: is a file; a genai model is a folder");
+                Deployment.GenAiFolder.Write(adapter, rewriteDir ?? throw new ArgumentException("a genai export needs the rewrite folder (--model DIR)"), outPath, hfFolder);
                 break;
             default:
                 throw new ArgumentOutOfRangeException(nameof(format));

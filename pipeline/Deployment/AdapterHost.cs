@@ -170,32 +170,65 @@ public sealed class AdapterHost : IDisposable
     /// <returns>The outputs in <paramref name="outputNames"/> order, owned by the caller.</returns>
     public IDisposableReadOnlyCollection<OrtValue> Run(string? adapterName, IReadOnlyDictionary<string, OrtValue> inputs, IReadOnlyList<string>? outputNames = null)
     {
-        ArgumentNullException.ThrowIfNull(inputs);
-        outputNames ??= _session.OutputNames;
-        Entry? entry = null;
-        if (adapterName is not null)
+        using var lease = Lease(adapterName);
+        return lease.Run(inputs, outputNames);
+    }
+
+    /// <summary>
+    /// Holds adapter <paramref name="adapterName"/> (null = the base model) for a request of several runs, such as a
+    /// generation with a KV cache: every run through the lease uses that adapter, even if it is replaced or removed
+    /// meanwhile (it is freed when the last lease ends). Dispose the lease when the request ends.
+    /// </summary>
+    public AdapterLease Lease(string? adapterName)
+    {
+        if (adapterName is null) return new AdapterLease(this, null);
+        lock (_gate)
         {
-            lock (_gate)
-            {
-                ObjectDisposedException.ThrowIf(_disposed, this);
-                if (!_adapters.TryGetValue(adapterName, out entry))
-                    throw new KeyNotFoundException($"no adapter '{adapterName}' is loaded (loaded: {(_adapters.Count == 0 ? "none" : string.Join(", ", _adapters.Keys.Order()))})");
-                entry.Acquire();
-            }
+            ObjectDisposedException.ThrowIf(_disposed, this);
+            if (!_adapters.TryGetValue(adapterName, out var entry))
+                throw new KeyNotFoundException($"no adapter '{adapterName}' is loaded (loaded: {(_adapters.Count == 0 ? "none" : string.Join(", ", _adapters.Keys.Order()))})");
+            entry.Acquire();
+            return new AdapterLease(this, entry);
         }
+    }
+
+    IDisposableReadOnlyCollection<OrtValue> Run(AdapterLease lease, IReadOnlyDictionary<string, OrtValue> inputs, IReadOnlyList<string>? outputNames)
+    {
+        ArgumentNullException.ThrowIfNull(inputs);
+        ObjectDisposedException.ThrowIf(lease.Ended, lease);
+        outputNames ??= _session.OutputNames;
         try
         {
             using var runOptions = new RunOptions();
-            if (entry is not null) runOptions.AddActiveLoraAdapter(entry.Adapter);
+            if (lease.Entry is { } entry) runOptions.AddActiveLoraAdapter(entry.Adapter);
             return _session.Run(runOptions, inputs.Keys.ToList(), inputs.Values.ToList(), outputNames);
         }
         catch (OnnxRuntimeException e)
         {
-            throw new InvalidOperationException($"{ModelPath}: run{(adapterName is null ? "" : $" with adapter '{adapterName}'")} failed: {e.Message}", e);
+            throw new InvalidOperationException($"{ModelPath}: run{(lease.Entry is null ? "" : $" with adapter '{lease.Entry.Name}'")} failed: {e.Message}", e);
         }
-        finally
+    }
+
+    /// <summary>A request's hold on one adapter (or on the base model); from <see cref="Lease"/>.</summary>
+    public sealed class AdapterLease : IDisposable
+    {
+        internal AdapterLease(AdapterHost host, Entry? entry) { Host = host; Entry = entry; }
+        internal AdapterHost Host { get; }
+        internal Entry? Entry { get; }
+        internal bool Ended { get; private set; }
+
+        /// <summary>The adapter's name; null for the base model.</summary>
+        public string? AdapterName => Entry?.Name;
+
+        /// <summary>Runs with the lease's adapter; see <see cref="AdapterHost.Run(string?, IReadOnlyDictionary{string, OrtValue}, IReadOnlyList{string}?)"/>.</summary>
+        public IDisposableReadOnlyCollection<OrtValue> Run(IReadOnlyDictionary<string, OrtValue> inputs, IReadOnlyList<string>? outputNames = null) =>
+            Host.Run(this, inputs, outputNames);
+
+        public void Dispose()
         {
-            if (entry is not null) lock (_gate) entry.Release();
+            if (Ended) return;
+            Ended = true;
+            if (Entry is not null) lock (Host._gate) Entry.Release();
         }
     }
 
@@ -215,7 +248,7 @@ public sealed class AdapterHost : IDisposable
     }
 
     /// <summary>A loaded adapter and the number of requests using it; all members are called under the host's lock.</summary>
-    sealed class Entry(string name, OrtLoraAdapter adapter, int parameterCount)
+    internal sealed class Entry(string name, OrtLoraAdapter adapter, int parameterCount)
     {
         int _inUse;
         bool _retired;

@@ -86,6 +86,9 @@ public static class SignatureFeeds
         };
     }
 
+    /// <summary>A new value (owned by the caller) holding <paramref name="values"/> in <paramref name="input"/>'s element type.</summary>
+    public static OrtValue Create(SignatureEntry input, long[] values, long[] shape) => Tensor(values, shape, input);
+
     static OrtValue Tensor(long[] values, long[] shape, SignatureEntry input) => input.ElemType switch
     {
         DataType.Int64 => OrtValue.CreateTensorValueFromMemory(values, shape),

@@ -345,7 +345,7 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
         {
             var path = Path.Combine(_runDir, "export", format switch
             {
-                AdapterFormat.OnnxAdapter => "adapter.onnx_adapter", AdapterFormat.Peft => "peft", _ => "merged.onnx",
+                AdapterFormat.OnnxAdapter => "adapter.onnx_adapter", AdapterFormat.Peft => "peft", AdapterFormat.GenAi => "genai", _ => "merged.onnx",
             });
             // deploy.onnx and the base graph hold the LM body only: a classification head travels in the PEFT export
             // (modules_to_save) and train/adapter.safetensors, not in the .onnx_adapter or the merged model

@@ -83,7 +83,7 @@ public class DeployCliTests
         using var dir = new TempDir();
         var (rw, _, adapterPath) = Setup(dir);
         var (code, output, err) = Cli("generate", "--model", rw, "--adapter", "task=" + adapterPath, "--ids", "1,2,3", "-n", "4");
-        Assert.That((code, err), Is.EqualTo((0, "")));
+        Assert.That((code, err), Is.EqualTo((0, TextGenerator.NoCacheNotice + Environment.NewLine)), "a model without a cache: the one-line note only");
         using var host = AdapterHost.Create(Path.Combine(rw, LoraManifest.DeployableModelFile));
         host.AddAdapter("task", adapterPath);
         var expected = new TextGenerator(host).Generate([1, 2, 3], new GenerationOptions { MaxNewTokens = 4 }, "task");

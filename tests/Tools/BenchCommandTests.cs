@@ -7,6 +7,27 @@ namespace OnnxLora.Tests.Tools;
 [NonParallelizable]   // the CLI's failure gate writes to Console.Error
 public class BenchCommandTests
 {
+    /// <summary>`bench --generate`: every batch × mode × variant is measured, and each row produced all its tokens.</summary>
+    [Test]
+    public void GenerateMeasuresEveryModeAndVariant()
+    {
+        using var dir = new TempDir();
+        var json = dir.File("generate.json");
+        var (code, output, error) = CliRunner.Run("bench", "--generate", "--preset", "tiny", "--prompt-tokens", "8", "--new-tokens", "6",
+                                                 "--batch", "3", "--rank", "4", "--threads", "1", "--json", json);
+        Assert.That(code, Is.EqualTo(0), error);
+        Assert.That(output, Does.Contain("batch 3, adapter: the cache is"));
+        using var doc = JsonDocument.Parse(File.ReadAllText(json));
+        var results = doc.RootElement.GetProperty("results").EnumerateArray().ToList();
+        Assert.That(results.Select(r => (r.GetProperty("Batch").GetInt32(), r.GetProperty("Mode").GetString(), r.GetProperty("Variant").GetString())),
+                    Is.EquivalentTo(from b in new[] { 1, 3 } from m in new[] { "nocache", "cache" } from v in new[] { "base", "adapter", "merged" } select (b, m, v)));
+        foreach (var r in results)
+            Assert.That(r.GetProperty("TokensPerS").GetDouble(), Is.EqualTo(r.GetProperty("Batch").GetInt32() * 6 / r.GetProperty("TotalS").GetDouble()).Within(1e-6).Percent);
+
+        (code, _, error) = CliRunner.Run("bench", "--generate", "--preset", "tiny", "--prompt-tokens", "60", "--new-tokens", "10");
+        Assert.That((code, error), Is.EqualTo((1, "error: prompt 60 + new 10 tokens exceed tiny's context (64)" + Environment.NewLine)));
+    }
+
     [Test]
     public void TinyClsRunsOursInAChildProcessAndWritesJson()
     {

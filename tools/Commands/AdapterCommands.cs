@@ -30,11 +30,11 @@ public sealed class ExportCommand(IAnsiConsole console) : Command<ExportCommand.
         public string? Model { get; init; }
 
         [CommandOption("-f|--format <FORMAT>")]
-        [Description("onnx-adapter (ONNX Runtime, A and scale·B), peft (Hugging Face folder) or merged (a plain .onnx with the adapter folded in).")]
+        [Description("onnx-adapter (ONNX Runtime, A and scale·B), peft (Hugging Face folder), merged (a plain .onnx with the adapter folded in) or genai (an ONNX Runtime GenAI folder: genai_config.json, model.onnx with its KV cache, adapter.onnx_adapter; needs a with-past model).")]
         public string Format { get; init; } = "onnx-adapter";
 
         [CommandOption("-o|--out <PATH>")]
-        [Description("Output file (a folder for peft): new, never an input nor inside one.")]
+        [Description("Output file (a folder for peft and genai): new, never an input nor inside one.")]
         public string? Out { get; init; }
 
         [CommandOption("--overwrite")]
@@ -44,6 +44,10 @@ public sealed class ExportCommand(IAnsiConsole console) : Command<ExportCommand.
         [CommandOption("--dtype <TYPE>")]
         [Description("onnx-adapter parameter type: fp32 (default), fp16 or bf16 (only where deploy.onnx takes that type).")]
         public string DType { get; init; } = "fp32";
+
+        [CommandOption("--from <DIR>")]
+        [Description("genai: the model's Hugging Face folder; its config.json / generation_config.json give bos/eos/pad ids and its tokenizer files (tokenizer.json, tokenizer_config.json, …) are copied in.")]
+        public string? From { get; init; }
 
         [CommandOption("--base-model <NAME>")]
         [Description("peft: base_model_name_or_path (e.g. gpt2); default: the rewrite's base model path.")]
@@ -59,15 +63,16 @@ public sealed class ExportCommand(IAnsiConsole console) : Command<ExportCommand.
         if (string.IsNullOrEmpty(s.Out)) throw new ArgumentException("--out PATH is required");
         var format = AdapterFiles.ParseFormat(s.Format);
         var (adapter, rewriteDir) = AdapterFiles.ReadSource(s.Source, s.Model);
-        string?[] inputs = [s.Source, s.Model, rewriteDir];
-        if (format == AdapterFormat.Peft)
+        if (s.From is not null && format != AdapterFormat.GenAi) throw new ArgumentException("--from goes with --format genai");
+        string?[] inputs = [s.Source, s.Model, rewriteDir, s.From];
+        if (format is AdapterFormat.Peft or AdapterFormat.GenAi)
         {
             OutputFolder.CheckNotInput(s.Out, inputs, "--out");
             if (!OutputFolder.Check(s.Out, Verb, "--out", s.Overwrite)) OutputFolder.Mark(s.Out, Verb);
         }
         else OutputFolder.CheckFile(s.Out, "--out", inputs, s.Overwrite);
         AdapterFiles.Write(adapter, format, s.Out, rewriteDir, ParseDType(s.DType),
-            new PeftExportOptions { BaseModelNameOrPath = s.BaseModel, TaskType = s.TaskType?.ToUpperInvariant() });
+            new PeftExportOptions { BaseModelNameOrPath = s.BaseModel, TaskType = s.TaskType?.ToUpperInvariant() }, s.From);
         long parameters = adapter.LoraTensors.Values.Sum(t => t.ElementCount) + adapter.Extras.Values.Sum(t => t.ElementCount);
         console.WriteLine(string.Create(CultureInfo.InvariantCulture,
             $"wrote {s.Out} ({s.Format}): {adapter.Manifest.Targets.Count} LoRA targets, {adapter.Extras.Count} extra tensors, {parameters:N0} parameters"));
@@ -219,7 +224,7 @@ public sealed class GenerateCommand(IAnsiConsole console) : Command<GenerateComm
         public string? Prompt { get; init; }
 
         [CommandOption("-n|--max-new-tokens <N>")]
-        [Description("Tokens to generate at most (default 50). No KV cache: each token re-runs the whole context, O(n²) in the length.")]
+        [Description("Tokens to generate at most (default 50). A model with a KV cache runs one token per step; without one each token re-runs the whole context, O(n²) in the length.")]
         public int MaxNewTokens { get; init; } = 50;
 
         [CommandOption("-t|--temperature <T>")]
@@ -261,6 +266,7 @@ public sealed class GenerateCommand(IAnsiConsole console) : Command<GenerateComm
         {
             var tokenizer = s.TokenizerFor(host, needed: ids is null);
             var generator = new TextGenerator(host, tokenizer?.Inner);
+            if (!generator.HasCache) Console.Error.WriteLine(TextGenerator.NoCacheNotice);
             var options = new GenerationOptions
             {
                 MaxNewTokens = s.MaxNewTokens,

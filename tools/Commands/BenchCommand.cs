@@ -67,6 +67,16 @@ public sealed class BenchCommand(IAnsiConsole console) : Command<BenchCommand.Se
         public bool MemoryPattern { get; init; }
         [CommandOption("--profile <PREFIX>")][Description("Write ONNX Runtime profiles (PREFIX_*.json) of OnnxLora's sessions.")]
         public string? Profile { get; init; }
+        [CommandOption("--generate")][Description("Benchmark generation instead of training: a with-past GPT-2 preset, batch 1 and --batch, no cache vs the KV cache, each on the base model, with an adapter and merged; time to first token and tokens/s.")]
+        public bool Generate { get; init; }
+        [CommandOption("--prompt-tokens <N>")][Description("--generate: prompt length (default 128).")]
+        public int PromptTokens { get; init; } = 128;
+        [CommandOption("--new-tokens <N>")][Description("--generate: tokens generated per row (default 128).")]
+        public int NewTokens { get; init; } = 128;
+        [CommandOption("--modes <LIST>")][Description("--generate: nocache, cache or both, comma-separated (default nocache,cache; nocache is O(n²) and slow on gpt2).")]
+        public string Modes { get; init; } = "nocache,cache";
+        [CommandOption("--variants <LIST>")][Description("--generate: base, adapter, merged, comma-separated (default all three).")]
+        public string Variants { get; init; } = "base,adapter,merged";
         [CommandOption("--self-only")][Description("Run only OnnxLora, in this process, and print one JSON line in the peers' format (what the child run does).")]
         public bool SelfOnly { get; init; }
         [CommandOption("--artifacts <DIR>")][Description("With --self-only: use the artifacts in DIR (with their bench_counts.json), or build them there and keep them.")]
@@ -81,8 +91,12 @@ public sealed class BenchCommand(IAnsiConsole console) : Command<BenchCommand.Se
             foreach (var (name, value, min) in new[] { ("--batch", Batch, 1), ("--seq", Seq, 1), ("--rank", Rank, 1), ("--steps", Steps, 1), ("--warmup", Warmup, 0), ("--threads", Threads, 1), ("--runs", Runs, 1) })
                 if (value < min) return ValidationResult.Error($"{name} must be ≥ {min} (got {value})");
             if (Threads > Environment.ProcessorCount) return ValidationResult.Error($"--threads must be ≤ {Environment.ProcessorCount} (this machine's cores), got {Threads}");
-            if (Seq > GptConfig.Preset(Preset).ContextLength) return ValidationResult.Error($"--seq {Seq} is longer than {Preset}'s context ({GptConfig.Preset(Preset).ContextLength})");
+            if (!Generate && Seq > GptConfig.Preset(Preset).ContextLength) return ValidationResult.Error($"--seq {Seq} is longer than {Preset}'s context ({GptConfig.Preset(Preset).ContextLength})");
             if (GraphOptimization is not ("disable" or "basic" or "extended" or "all")) return ValidationResult.Error($"--graph-optimization must be disable, basic, extended or all (got '{GraphOptimization}')");
+            if (Generate && (PromptTokens < 1 || NewTokens < 1)) return ValidationResult.Error("--prompt-tokens and --new-tokens must be ≥ 1");
+            if (Generate && Modes.Split(',').Any(m => !GenerateBench.AllModes.Contains(m.Trim()))) return ValidationResult.Error($"--modes: use {string.Join(", ", GenerateBench.AllModes)} (got '{Modes}')");
+            if (Generate && Variants.Split(',').Any(v => !GenerateBench.Variants.Contains(v.Trim()))) return ValidationResult.Error($"--variants: use {string.Join(", ", GenerateBench.Variants)} (got '{Variants}')");
+            if (Generate && (Peers ?? Artifacts) is not null) return ValidationResult.Error("--generate runs OnnxLora only; leave out --peers and --artifacts");
             if (Artifacts is not null && !SelfOnly) return ValidationResult.Error("--artifacts goes with --self-only");
             if (Peers is not null && !Directory.Exists(Peers)) return ValidationResult.Error($"--peers {Peers}: no such folder");
             foreach (var entry in OrtConfig)
@@ -96,6 +110,7 @@ public sealed class BenchCommand(IAnsiConsole console) : Command<BenchCommand.Se
     public override int Execute(CommandContext context, Settings s, CancellationToken cancellationToken)
     {
         var spec = s.Spec;
+        if (s.Generate) return Generate(s);
         if (s.SelfOnly) return SelfOnly(s, spec);
 
         var contestants = Contestants(s, spec, out var notes);
@@ -280,4 +295,33 @@ public sealed class BenchCommand(IAnsiConsole console) : Command<BenchCommand.Se
     }
 
     static string Shorten(string line) => line.Length > 90 ? line[..90] + "…" : line;
+
+    int Generate(Settings s)
+    {
+        var spec = new GenerateBench.Spec(s.Preset, s.PromptTokens, s.NewTokens, new[] { 1, s.Batch }.Distinct().ToList(),
+            s.Modes.Split(',').Select(m => m.Trim()).Distinct().ToList(), s.Variants.Split(',').Select(v => v.Trim()).Distinct().ToList(), s.Rank, s.Threads, s.Seed);
+        console.MarkupLineInterpolated($"[bold]onnxlora bench --generate[/]: {spec.Preset} with past, prompt {spec.PromptTokens} + {spec.NewTokens} new tokens, greedy, batch {string.Join(" and ", spec.Batches)}, {s.Threads} threads, {string.Join(" vs ", spec.Modes)}");
+        if (s.Json is not null) OutputFolder.CheckFile(s.Json, "--json", [], s.Overwrite);
+        var dir = Path.Combine(Path.GetTempPath(), $"onnxlora-bench-{Environment.ProcessId}-{Guid.NewGuid():N}"[..48]);
+        try
+        {
+            OutputFolder.Mark(dir, Verb);
+            var results = GenerateBench.Run(spec, dir, line => console.WriteLine(line));
+            var table = new Table().AddColumns("batch", "mode", "variant", "first token ms", "tokens/s", "total s");
+            foreach (var r in results)
+                table.AddRow(r.Batch.ToString(CultureInfo.InvariantCulture), r.Mode, r.Variant, (r.FirstTokenS * 1000).ToString("F1", CultureInfo.InvariantCulture),
+                             r.TokensPerS.ToString("F1", CultureInfo.InvariantCulture), r.TotalS.ToString("F2", CultureInfo.InvariantCulture));
+            console.Write(table);
+            foreach (var batch in spec.Batches)
+                foreach (var variant in GenerateBench.Variants)
+                {
+                    var pair = results.Where(r => r.Batch == batch && r.Variant == variant).ToDictionary(r => r.Mode);
+                    if (pair.TryGetValue("cache", out var c) && pair.TryGetValue("nocache", out var n))
+                        console.WriteLine(string.Create(CultureInfo.InvariantCulture, $"batch {batch}, {variant}: the cache is {n.TotalS / c.TotalS:F1}× faster"));
+                }
+            if (s.Json is not null) AtomicFile.WriteAllText(s.Json, JsonSerializer.Serialize(new { spec, results = results.Select(r => new { r.Batch, r.Mode, r.Variant, r.PromptTokens, r.NewTokens, r.FirstTokenS, r.TotalS, r.TokensPerS }) }, new JsonSerializerOptions { WriteIndented = true }));
+            return 0;
+        }
+        finally { if (Directory.Exists(dir)) Directory.Delete(dir, recursive: true); }
+    }
 }

@@ -41,6 +41,10 @@ public sealed class ModelBuildCommand(IAnsiConsole console) : Command<ModelBuild
         [Description("The .onnx file to write (models over 2 GB also get <FILE>.data)")]
         public string? Out { get; init; }
 
+        [CommandOption("--with-past")]
+        [Description("Build the KV-cache form (Optimum's): past_key_values.{i}.key|value [[batch, kv_heads, past, head_dim]] in, present.{i}.key|value out, attention_mask over past + sequence, position_ids; generation then runs one token per step")]
+        public bool WithPast { get; init; }
+
         [CommandOption("-f|--force|--overwrite")]
         [Description("Overwrite --out if it exists (never the --weights file)")]
         public bool Force { get; init; }
@@ -70,17 +74,17 @@ public sealed class ModelBuildCommand(IAnsiConsole console) : Command<ModelBuild
         string description;
         long parameters;
         if (settings.From is not null)
-            (model, description, parameters) = HfModels.Build(settings.From);
+            (model, description, parameters) = HfModels.Build(settings.From, settings.WithPast);
         else if (settings.Arch == "llama")
         {
             var weights = LlamaWeights.Random(LlamaConfig.Preset(settings.Preset!), settings.Seed ?? 0);
-            (model, description, parameters) = (LlamaBuilder.Build(weights), weights.Config.ToString(), weights.ParameterCount);
+            (model, description, parameters) = (LlamaBuilder.Build(weights, settings.WithPast), weights.Config.ToString(), weights.ParameterCount);
         }
         else
         {
             var config = settings.Preset is null ? null : GptConfig.Preset(settings.Preset);
             var weights = settings.Weights is null ? GptWeights.Random(config!, settings.Seed ?? 0) : GptWeights.FromSafeTensors(settings.Weights, config);
-            (model, description, parameters) = (GptBuilder.Build(weights.Config, weights), $"GPT-2 {weights.Config}", weights.ParameterCount);
+            (model, description, parameters) = (GptBuilder.Build(weights.Config, weights, settings.WithPast), $"GPT-2 {weights.Config}", weights.ParameterCount);
         }
         cancellationToken.ThrowIfCancellationRequested();
         if (File.Exists(dataPath)) File.Delete(dataPath);   // --force: a stale .data beside a new inline model would mislead
@@ -90,7 +94,7 @@ public sealed class ModelBuildCommand(IAnsiConsole console) : Command<ModelBuild
         bool external = File.Exists(dataPath);
         var source = settings.From ?? settings.Weights ?? $"random, seed {settings.Seed ?? 0}";
         console.WriteLine($"wrote {settings.Out}: {bytes:N0} bytes{(external ? $" with {Path.GetFileName(dataPath)}" : "")}, {parameters:N0} parameters");
-        console.WriteLine($"  model: {description}");
+        console.WriteLine($"  model: {description}{(settings.WithPast ? ", with past (KV cache)" : "")}");
         console.WriteLine($"  weights: {source} ({clock.Elapsed.TotalSeconds:F1} s)");
         return 0;
     }
