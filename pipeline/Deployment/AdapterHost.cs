@@ -22,14 +22,14 @@ public sealed class AdapterHostOptions
 /// <summary>
 /// Deployed inference with many LoRA adapters on one base: loads the deployable model once (one
 /// <see cref="InferenceSession"/>), holds any number of named ONNX Runtime adapters (<see cref="OrtLoraAdapter"/>), and
-/// runs each request with one adapter or none. Safe for concurrent <see cref="Run"/> calls; adapters can be added and
+/// runs each request with one adapter or none. Safe for concurrent <see cref="Run(string?, IReadOnlyDictionary{string, OrtValue}, IReadOnlyList{string}?)"/> calls; adapters can be added and
 /// removed while requests are in flight.
 /// </summary>
 /// <remarks>
 /// Ownership: the host owns its session, its CUDA allocator and every adapter it loaded; <see cref="Dispose"/> releases
-/// them, and must be called only after every <see cref="Run"/> has returned. An adapter removed while a request uses it
+/// them, and must be called only after every <c>Run</c> has returned. An adapter removed while a request uses it
 /// is released when the last such request finishes (each request holds a reference). The caller owns the input values it
-/// passes to <see cref="Run"/> and the outputs it gets back (dispose them).
+/// passes to <c>Run</c> and the outputs it gets back (dispose them).
 /// The deployable model must declare each adapter parameter as a graph input with a same-named default initializer
 /// (zero rank for LoRA factors), so that a request with no adapter runs the base model.
 /// </remarks>

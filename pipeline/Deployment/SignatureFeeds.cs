@@ -65,7 +65,7 @@ public sealed record PaddedTokens(int Batch, int Width, long[] Ids, long[] Mask)
 /// </summary>
 public static class SignatureFeeds
 {
-    /// <summary>True for roles <see cref="Create"/> feeds.</summary>
+    /// <summary>True for roles <see cref="Create(SignatureEntry, PaddedTokens)"/> feeds.</summary>
     public static bool Feeds(IoRole role) => role is IoRole.InputIds or IoRole.AttentionMask or IoRole.PositionIds or IoRole.TokenTypeIds
         or IoRole.CachePosition or IoRole.PastKey or IoRole.PastValue or IoRole.PastKeyValue;
 
