@@ -139,7 +139,9 @@ public class DataParallelTests
             process.Kill(entireProcessTree: true);
             Assert.Fail("a rank did not stop: the ranks disagreed on the last step");
         }
-        Assert.That(process.ExitCode, Is.EqualTo(130), stderr.Result);
+        // each rank exits 130; what Hydra's mpiexec itself returns after it forwarded a signal varies between runs
+        // (130 or 0, measured), so the stop is judged by what the ranks did: the message, the checkpoint, the rows
+        Assert.That(process.ExitCode, Is.EqualTo(130).Or.EqualTo(0), stderr.Result);
         Assert.That(stderr.Result, Does.Contain("interrupted after step").And.Not.Contain("rank 1"));
         var checkpoint = Checkpoint.Load(Path.Combine(run, Trainer.CheckpointFile));
         Assert.That(checkpoint.Step, Is.EqualTo(Rows(run, "train").Length).And.GreaterThanOrEqualTo(3));

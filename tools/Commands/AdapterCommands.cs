@@ -266,7 +266,6 @@ public sealed class GenerateCommand(IAnsiConsole console) : Command<GenerateComm
         {
             var tokenizer = s.TokenizerFor(host, needed: ids is null);
             var generator = new TextGenerator(host, tokenizer?.Inner);
-            if (!generator.HasCache) Console.Error.WriteLine(TextGenerator.NoCacheNotice);
             var options = new GenerationOptions
             {
                 MaxNewTokens = s.MaxNewTokens,
@@ -279,6 +278,8 @@ public sealed class GenerateCommand(IAnsiConsole console) : Command<GenerateComm
             {
                 cancellationToken.ThrowIfCancellationRequested();
                 var result = ids is null ? generator.Generate(s.Prompt!, options, name) : generator.Generate(ids, options, name);
+                // after the first result, so a request refused for its input gets its one-line error and nothing else
+                if (!generator.HasCache && name == runs[0]) Console.Error.WriteLine(TextGenerator.NoCacheNotice);
                 if (runs.Count > 1 || name is not null) console.MarkupLine($"[bold]{Markup.Escape(name ?? "base")}[/]");
                 console.WriteLine(result.Text is null ? string.Join(",", result.TokenIds) : s.Prompt + result.Text);
             }
