@@ -208,7 +208,7 @@ public static class Trainer
         if (dp.IsRoot)
         {
             LossPlot.Save(metrics.Rows, Path.Combine(o.OutDir, PlotFile));
-            WriteAdapter(session, manifest, o);
+            WriteAdapter(session, manifest, o, artifacts, classes, train.ClassNames);
         }
         return new TrainResult(o.OutDir, step, firstLoss, lastLoss, double.IsInfinity(best) ? lastEval : best, lastAccuracy, clock.Elapsed,
             tokens / Math.Max(1e-9, clock.Elapsed.TotalSeconds), PeakMemoryBytes(), adapterPath, earlyStopped);
@@ -249,6 +249,7 @@ public static class Trainer
             Task = o.Task == TaskKind.Cls ? TrainingTask.Cls : TrainingTask.Lm,
             Classes = classes,
             HeadMode = o.HeadMode == "lora" ? HeadMode.Lora : HeadMode.Full,
+            Pooling = ClassHead.ParsePooling(o.Pooling),
             Optimizer = o.Optimizer == "sgd" ? OptimizerKind.Sgd : OptimizerKind.AdamW,
             HeadSeed = o.Seed,
             InputRoles = RoleOverride.ParseAll(o.InputRoles),
@@ -304,16 +305,40 @@ public static class Trainer
 
     static long CountedPositions(Batch b) => Math.Max(1, b.CountedTargets);
 
-    /// <summary>Writes the trained adapter in OnnxLora's layout and as an .onnx_adapter for the deployable model.</summary>
-    static string WriteAdapter(TrainingSession session, LoraManifest manifest, TrainOptions o)
+    /// <summary>
+    /// Writes the trained adapter in OnnxLora's layout and as an .onnx_adapter for the deployable model. A classifier's
+    /// adapter carries its head (a LoRA-adapted head with its frozen weight), pooling and label names, and the run folder
+    /// gets the classifier's deployable model (deploy.onnx: the rewrite's, pooled, with the head as an overridable input).
+    /// </summary>
+    static string WriteAdapter(TrainingSession session, LoraManifest manifest, TrainOptions o, string artifactsDir, int classes, IReadOnlyList<string> classNames)
     {
-        var state = session.GetState(withMoments: false);
+        var state = session.GetState(withMoments: false).Select(kv => KeyValuePair.Create(kv.Key, SafeTensor.FromFloats(kv.Value.Shape, kv.Value.Data))).ToList();
         var path = Path.Combine(o.OutDir, AdapterFile);
-        SafeTensorsFile.Write(path, state.OrderBy(kv => kv.Key, StringComparer.Ordinal)
-            .Select(kv => KeyValuePair.Create(kv.Key, SafeTensor.FromFloats(kv.Value.Shape, kv.Value.Data))),
-            new Dictionary<string, string> { ["format"] = "onnxlora.adapter/1", ["task"] = o.Task.ToString().ToLowerInvariant() });
+        var metadata = new Dictionary<string, string> { ["format"] = "onnxlora.adapter/1", ["task"] = o.Task.ToString().ToLowerInvariant() };
+        if (o.Task == TaskKind.Cls)
+        {
+            metadata[ClassHead.MetadataKey] = ClassHead.ToJson(new ClassifierInfo { Classes = classes, Pooling = o.Pooling, Labels = classNames.Count == classes ? classNames : null });
+            var spec = TrainingArtifacts.LoadSpec(artifactsDir);
+            if (spec.FrozenExtras.Count > 0)   // the LoRA head's frozen weight lives in the artifacts' initial values
+            {
+                var initial = OnnxFile.Load(Path.Combine(artifactsDir, TrainingArtifacts.InitialParamsFile));
+                foreach (var name in spec.FrozenExtras)
+                {
+                    var t = initial.Graph.Initializer.First(i => i.Name == name + ".init");
+                    state.Add(KeyValuePair.Create(name, SafeTensor.FromFloats(t.Dims.ToArray(), Tensors.ToFloats(t))));
+                }
+            }
+        }
+        SafeTensorsFile.Write(path, state.OrderBy(kv => kv.Key, StringComparer.Ordinal), metadata);
         var adapter = AdapterFiles.ReadSafeTensors(path, manifest);
-        if (o.Task == TaskKind.Lm) AdapterFiles.Write(adapter, AdapterFormat.OnnxAdapter, Path.Combine(o.OutDir, OnnxAdapterFileName), o.ModelDir);
+        string deployDir = o.ModelDir;
+        if (o.Task == TaskKind.Cls)
+        {
+            var deployPath = Path.Combine(o.ModelDir, LoraManifest.DeployableModelFile);
+            OnnxFile.Save(AdapterFiles.DeployableFor(adapter, OnnxFile.Load(deployPath), deployPath), Path.Combine(o.OutDir, LoraManifest.DeployableModelFile));
+            deployDir = o.OutDir;
+        }
+        AdapterFiles.Write(adapter, AdapterFormat.OnnxAdapter, Path.Combine(o.OutDir, OnnxAdapterFileName), deployDir);
         return path;
     }
 

@@ -16,7 +16,7 @@ public class PeftAdapterTests
     {
         using var dir = new TempDir();
         var manifest = TinyDeployable.Manifest();
-        var head = new Dictionary<string, AdapterTensor> { ["score.weight"] = new([TinyDeployable.Out, 2], [1, 2, 3, 4, 5, 6, 7, 8]) };
+        var head = new Dictionary<string, AdapterTensor> { ["cls_head.weight"] = new([TinyDeployable.Out, 2], [1, 2, 3, 4, 5, 6, 7, 8]) };
         var adapter = LoraAdapter.Create(manifest, LoraAdapter.CreateRandom(manifest, 7).LoraTensors, head);
         PeftAdapter.Write(dir.Path, adapter, new PeftExportOptions { BaseModelNameOrPath = "gpt2" });
 
@@ -26,8 +26,12 @@ public class PeftAdapterTests
             Assert.That(back.A(t).Data, Is.EqualTo(adapter.A(t).Data));
             Assert.That(back.B(t).Data, Is.EqualTo(adapter.B(t).Data).Within(1e-6));
         }
-        Assert.That(back.Extras.Keys, Is.EqualTo(new[] { "score.weight" }));
-        Assert.That(back.Extras["score.weight"].Data, Is.EqualTo(head["score.weight"].Data));
+        Assert.That(back.Extras.Keys, Is.EqualTo(new[] { "cls_head.weight" }));
+        Assert.That(back.Extras["cls_head.weight"].Data, Is.EqualTo(head["cls_head.weight"].Data));
+        // PEFT's name and layout for a sequence-classification head: score.weight [classes, d], listed in modules_to_save
+        var (raw, _) = OnnxLora.Models.SafeTensorsFile.Read(Path.Combine(dir.Path, PeftAdapter.WeightsFile));
+        Assert.That(raw["base_model.model.score.weight"].Shape, Is.EqualTo(new long[] { 2, TinyDeployable.Out }));
+        Assert.That(raw["base_model.model.score.weight"].ToFloats(), Is.EqualTo(head["cls_head.weight"].Transpose2D().Data));
 
         var config = Config(dir.Path);
         Assert.That(config["peft_type"]!.GetValue<string>(), Is.EqualTo("LORA"));
