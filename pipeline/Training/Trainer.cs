@@ -277,7 +277,7 @@ public static class Trainer
     static (double Loss, double? Accuracy) Evaluate(TrainingSession session, Dataset eval, TrainOptions o, int padId)
     {
         var batcher = new Batcher(eval, o.BatchSize, padId, shuffle: false, 0);
-        double weighted = 0, weight = 0;
+        var loss = new Deployment.LossTally();
         int correct = 0, seen = 0;
         var dp = DataParallel.Current;
         for (int i = dp.Rank; i < batcher.BatchesPerEpoch; i += dp.Size)
@@ -285,8 +285,7 @@ public static class Trainer
             var batch = batcher.Get(0, i);
             var r = session.EvalStep(batch);
             // LM loss is a mean over counted positions, classification a mean over rows: weight batches alike
-            double w = o.Task == TaskKind.Lm ? CountedPositions(batch) : batch.BatchSize;
-            weighted += r.Loss * w; weight += w;
+            loss.Add(r.Loss, o.Task == TaskKind.Lm ? CountedPositions(batch) : batch.BatchSize);
             if (r.ClassLogits is { } logits)
             {
                 int classes = logits.Length / batch.BatchSize;
@@ -297,10 +296,9 @@ public static class Trainer
                 }
             }
         }
-        Span<double> sums = [weighted, weight, correct, seen];
+        Span<double> sums = [loss.Sum, loss.Weight, correct, seen];
         dp.Sum(sums);
-        (weighted, weight, correct, seen) = (sums[0], sums[1], (int)sums[2], (int)sums[3]);
-        return (weighted / Math.Max(1e-9, weight), seen > 0 ? (double)correct / seen : null);
+        return (sums[1] > 0 ? Deployment.LossTally.From(sums[0], sums[1]).Mean : 0, sums[3] > 0 ? sums[2] / sums[3] : null);
     }
 
     static long CountedPositions(Batch b) => Math.Max(1, b.CountedTargets);
