@@ -52,9 +52,16 @@ public static class ClassHead
 
     public static string Name(this Pooling p) => p.ToString().ToLowerInvariant();
 
-    /// <summary>The value entering the output head (the hidden state) and the head's weight, found from the logits output.</summary>
-    public static (string Hidden, string Weight) FindHidden(GraphEditor g, string logits)
+    /// <summary>True for an encoder's feature-extraction output (Optimum/sentence-transformers' last_hidden_state): the hidden state itself, no head.</summary>
+    public static bool IsHiddenOutput(string name) => name is "last_hidden_state" or "token_embeddings";
+
+    /// <summary>
+    /// The value entering the output head (the hidden state) and the head's weight, found from the logits output; an
+    /// encoder's hidden-state output is its own hidden state (weight null).
+    /// </summary>
+    public static (string Hidden, string? Weight) FindHidden(GraphEditor g, string logits)
     {
+        if (IsHiddenOutput(logits)) return (logits, null);
         var v = logits;
         for (int guard = 0; guard < 64; guard++)
         {

@@ -232,7 +232,8 @@ public static class Trainer
     {
         var logits = model.Graph.Output.FirstOrDefault(v => v.Name == "logits") ?? model.Graph.Output[0];
         var dims = ValueInfos.Dims(logits);
-        if (dims is { Length: > 0 } && dims[^1].Value is long v and > 0 and <= int.MaxValue) return (int)v;
+        // an encoder's last_hidden_state is [batch, seq, d]: only its token embedding tells the vocabulary
+        if (!ClassHead.IsHiddenOutput(logits.Name) && dims is { Length: > 0 } && dims[^1].Value is long v and > 0 and <= int.MaxValue) return (int)v;
         // a symbolic vocabulary dim: the rows of the token embedding (the Gather that reads the ids) say it too
         var table = model.Graph.Node.Where(n => n.OpType == "Gather" && n.Input.Count == 2 && n.Input[1] == "input_ids")
             .Select(n => model.Graph.Initializer.FirstOrDefault(t => t.Name == n.Input[0])).FirstOrDefault(t => t is { Dims.Count: 2 });

@@ -322,14 +322,15 @@ public sealed class ClassifyCommand(IAnsiConsole console) : Command<ClassifyComm
         var (host, runs) = s.OpenHost();
         using (host)
         {
-            var tokenizer = s.TokenizerFor(host, needed: ids is null || s.LabelTokens is not null)?.Inner;
+            var textTokenizer = s.TokenizerFor(host, needed: ids is null || s.LabelTokens is not null);
+            var tokenizer = textTokenizer?.Inner;
             IReadOnlyList<int>? labelTokens = s.LabelTokens?.Split(',').Select(w =>
             {
                 var t = tokenizer!.EncodeToIds(w);
                 return t.Count == 1 ? t[0] : throw new ArgumentException($"--label-tokens: '{w}' is {t.Count} tokens; each label must be one GPT-2 token");
             }).ToList();
             var given = Pipeline.Data.DatasetLoader.ParseClassNames(s.Labels, "--labels");
-            IReadOnlyList<IReadOnlyList<int>> rows = ids is not null ? [ids] : s.Text.Select(t => tokenizer!.EncodeToIds(t)).ToList();
+            IReadOnlyList<IReadOnlyList<int>> rows = ids is not null ? [ids] : s.Text.Select(t => (IReadOnlyList<int>)textTokenizer!.Encode(t)).ToList();
             var inputs = ids is not null ? [s.Ids!] : s.Text;
             foreach (var name in runs)
             {
