@@ -47,6 +47,29 @@ public class PeftAdapterTests
     }
 
     [Test]
+    public void A_head_in_peft_models_to_save_state_dict_form_reads_as_the_classifier_head_with_its_labels()
+    {
+        using var dir = new TempDir();
+        var manifest = TinyDeployable.Manifest();
+        var adapter = LoraAdapter.Create(manifest, LoraAdapter.CreateRandom(manifest, 3).LoraTensors,
+            new Dictionary<string, AdapterTensor> { ["cls_head.weight"] = new([TinyDeployable.Out, 2], [1, 2, 3, 4, 5, 6, 7, 8]) }, "test",
+            new OnnxLora.GraphRewrite.Autodiff.ClassifierInfo { Classes = 2, Pooling = "mean", Labels = ["ham", "spam"] });
+        PeftAdapter.Write(dir.Path, adapter);
+        // what a PEFT model's state_dict holds before save strips the adapter name: score.modules_to_save.default.weight
+        var path = Path.Combine(dir.Path, PeftAdapter.WeightsFile);
+        var (tensors, metadata) = OnnxLora.Models.SafeTensorsFile.Read(path);
+        var renamed = tensors.Select(kv => KeyValuePair.Create(kv.Key == "base_model.model.score.weight" ? "base_model.model.score.modules_to_save.default.weight" : kv.Key, kv.Value)).ToList();
+        Assert.That(renamed.Select(kv => kv.Key), Does.Contain("base_model.model.score.modules_to_save.default.weight"));
+        OnnxLora.Models.SafeTensorsFile.Write(path, renamed, metadata);
+
+        var back = PeftAdapter.Read(dir.Path, manifest);
+        Assert.That(back.Head!.Shape, Is.EqualTo(new long[] { TinyDeployable.Out, 2 }));
+        Assert.That(back.Head.Data, Is.EqualTo(new float[] { 1, 2, 3, 4, 5, 6, 7, 8 }));
+        Assert.That(back.Classifier!.Labels, Is.EqualTo(new[] { "ham", "spam" }));
+        Assert.That(back.Classifier.Pooling, Is.EqualTo("mean"));
+    }
+
+    [Test]
     public void Safetensors_header_is_valid_json_with_peft_names_transposed_shapes_and_contiguous_offsets()
     {
         using var dir = new TempDir();
