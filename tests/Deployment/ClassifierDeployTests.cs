@@ -87,6 +87,11 @@ public class ClassifierDeployTests
         Assert.That(peftConfig["modules_to_save"]!.AsArray().Select(n => (string?)n), Is.EqualTo(new[] { "score" }));
         Assert.That(peftConfig["task_type"]!.GetValue<string>(), Is.EqualTo("SEQ_CLS"));
 
+        // the rewrite's LM deploy.onnx cannot take a classifier: the error says which model can
+        var (wrongCode, _, wrongError) = CliRunner.Run(["classify", "--model", rw, "--adapter", onnxAdapter, "--ids", "1,2,3"]);
+        Assert.That(wrongCode, Is.Not.Zero);
+        Assert.That(wrongError, Does.Contain("classifier").And.Contain("--model RUN_DIR"));
+
         string accuracyText = $"accuracy {accuracy.ToString("P2", CultureInfo.InvariantCulture)}";
         foreach (var serve in new[] { new[] { "--model", run, "--adapter", run }, ["--model", run, "--adapter", onnxAdapter], ["--model", run, "--adapter", peft], ["--model", merged] })
         {
