@@ -107,6 +107,27 @@ public class ClassifierDeployTests
     }
 
     [Test]
+    public void TheTrainersEvalLossIsTheLossEvalGivesThroughTheDeployedModel()
+    {
+        // rows of 3–12 tokens in batches of 4: a mean over rows and a mean over counted tokens differ; both must count tokens
+        using var dir = new TempDir();
+        var rng = new Random(6);
+        var data = dir.File("lm.jsonl");
+        File.WriteAllLines(data, Enumerable.Range(0, 12).Select(_ =>
+            new JsonObject { ["input_ids"] = new JsonArray(Enumerable.Range(0, rng.Next(3, 13)).Select(_ => (JsonNode?)rng.Next(1, 299)).ToArray()) }.ToJsonString()));
+        var rw = dir.File("rw");
+        Cli("rewrite", OptimumGpt2Tests.Fixture("gpt2_opset17.onnx"), "--out", rw, "--rank", "4");
+        var run = dir.File("run");
+        Cli("train", "--model", rw, "--data", data, "--format", "tokens", "--out", run, "--max-steps", "3", "--batch", "4", "--lr", "1e-2", "--threads", "1", "--eval-data", data);
+        double trainerLoss = File.ReadAllLines(Path.Combine(run, Trainer.MetricsFile)).Select(l => JsonNode.Parse(l)!).Last(m => (string?)m["kind"] == "eval")["loss"]!.GetValue<double>();
+        var (_, output) = Cli("eval", "--model", rw, "--adapter", Path.Combine(run, Trainer.OnnxAdapterFileName), "--data", data, "--format", "tokens", "--batch", "5");
+        var match = System.Text.RegularExpressions.Regex.Match(output, @"loss (\d+\.\d+)");
+        Assert.That(match.Success, output);
+        // eval prints 4 decimals; float32 sums of a few hundred terms agree far below that
+        Assert.That(double.Parse(match.Groups[1].Value, CultureInfo.InvariantCulture), Is.EqualTo(trainerLoss).Within(1e-4));
+    }
+
+    [Test]
     public void TwoClassifiersWithTheirOwnLabelsShareOneDeployModel()
     {
         using var dir = new TempDir();
