@@ -37,6 +37,8 @@ public sealed record ArtifactOptions
     public HeadMode HeadMode { get; init; } = HeadMode.Full;
     /// <summary>Which hidden state the classification head reads.</summary>
     public Pooling Pooling { get; init; } = Pooling.Last;
+    /// <summary>Keeps the LoRA factors at their initial values (B = 0: the frozen base) and trains the head alone: the baseline of a LoRA run.</summary>
+    public bool FreezeLora { get; init; }
     public OptimizerKind Optimizer { get; init; } = OptimizerKind.AdamW;
     public double Beta1 { get; init; } = 0.9;
     public double Beta2 { get; init; } = 0.999;
@@ -140,7 +142,8 @@ public sealed class TrainingArtifacts
                 {
                     if (!g.IsGraphInput(name) || g.Initializer(name) is not { } init)
                         throw new ArgumentException($"'{name}' ({t.Module}) from {LoraManifest.FileName} is not an input with an initializer of the training view; re-run 'onnxlora rewrite'");
-                    AddParam(name, kind, t.Module, init.Clone());
+                    if (options.FreezeLora) _frozenExtras.Add(init.Clone());   // a constant of the models, still part of the adapter
+                    else AddParam(name, kind, t.Module, init.Clone());
                 }
             if (options.Task == TrainingTask.Cls) AddHeadParams(g);
             foreach (var io in _signature.Inputs) _roles[io.Name] = (io.Role, null, io.Layer);
@@ -217,6 +220,7 @@ public sealed class TrainingArtifacts
             m.Graph.Output.Clear();
             var g = new GraphEditor(m);
             foreach (var p in _params) g.RemoveInitializer(p.Name);
+            foreach (var t in _frozenExtras) if (m.Graph.Input.FirstOrDefault(i => i.Name == t.Name) is { } frozen) m.Graph.Input.Remove(frozen);
             if (train && manifest.DropoutTrainingModeInput is { } dm && g.Initializer(dm) is not null)
             {
                 g.RemoveInitializer(dm);
@@ -302,7 +306,7 @@ public sealed class TrainingArtifacts
             if (options.HeadMode == HeadMode.Full) logits = g.Add("MatMul", [lastHidden, HeadWeight], "head/logits");
             else
             {
-                g.AddInitializer(_frozenExtras[0].Clone());
+                g.AddInitializer(_frozenExtras.First(t => t.Name == HeadWeight).Clone());
                 var scale = LoraManifest.ScaleFor(manifest.Scaling, manifest.Alpha, manifest.Rank);
                 var branch = g.Add("MatMul", [g.Add("MatMul", [lastHidden, HeadLoraA], "head/lora_h"), HeadLoraB], "head/lora");
                 if (scale != 1) branch = g.Add("Mul", [branch, g.AddConstant("head/lora_scale", Tensors.Scalar("", DataType.Float, scale))], "head/lora_scaled");

@@ -251,6 +251,7 @@ public static class Trainer
             Classes = classes,
             HeadMode = o.HeadMode == "lora" ? HeadMode.Lora : HeadMode.Full,
             Pooling = ClassHead.ParsePooling(o.Pooling),
+            FreezeLora = o.FreezeLora,
             Optimizer = o.Optimizer == "sgd" ? OptimizerKind.Sgd : OptimizerKind.AdamW,
             HeadSeed = o.Seed,
             InputRoles = RoleOverride.ParseAll(o.InputRoles),
@@ -318,7 +319,7 @@ public static class Trainer
         {
             metadata[ClassHead.MetadataKey] = ClassHead.ToJson(new ClassifierInfo { Classes = classes, Pooling = o.Pooling, Labels = classNames.Count == classes ? classNames : null });
             var spec = TrainingArtifacts.LoadSpec(artifactsDir);
-            if (spec.FrozenExtras.Count > 0)   // the LoRA head's frozen weight lives in the artifacts' initial values
+            if (spec.FrozenExtras.Count > 0)   // a LoRA head's frozen weight, or frozen LoRA factors, live in the artifacts' initial values
             {
                 var initial = OnnxFile.Load(Path.Combine(artifactsDir, TrainingArtifacts.InitialParamsFile));
                 foreach (var name in spec.FrozenExtras)

@@ -128,6 +128,24 @@ public class ClassifierDeployTests
     }
 
     [Test]
+    public void FreezeLoraTrainsTheHeadAloneAndItsAdapterStillDeploys()
+    {
+        using var dir = new TempDir();
+        var (train, _) = WriteData(dir, "train.jsonl", 16, 5);
+        var rw = dir.File("rw");
+        Cli("rewrite", OptimumGpt2Tests.Fixture("gpt2_opset17.onnx"), "--out", rw, "--rank", "2");
+        var run = dir.File("run");
+        Cli("train", "--model", rw, "--data", train, "--format", "tokens", "--task", "cls", "--classes", "2", "--freeze-lora", "--out", run, "--max-steps", "3", "--lr", "1e-2", "--threads", "1");
+        var spec = TrainingArtifacts.LoadSpec(Path.Combine(run, Trainer.ArtifactsDir));
+        Assert.That(spec.Params.Select(p => p.Name), Is.EqualTo(new[] { ClassHead.Weight }), "the head is the only trainable tensor");
+        var adapter = AdapterFiles.ReadSource(run, null).Adapter;
+        Assert.That(adapter.LoraTensors.Where(kv => kv.Key.Contains("lora_B", StringComparison.Ordinal)).SelectMany(kv => kv.Value.Data), Is.All.Zero, "B stays 0: the base is frozen");
+        Assert.That(adapter.Head!.Data, Has.Some.Not.Zero);
+        var (_, output) = Cli("eval", "--model", run, "--adapter", run, "--data", train, "--task", "cls", "--format", "tokens");
+        Assert.That(output, Does.Contain("accuracy"));
+    }
+
+    [Test]
     public void TwoClassifiersWithTheirOwnLabelsShareOneDeployModel()
     {
         using var dir = new TempDir();
