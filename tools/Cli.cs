@@ -34,7 +34,7 @@ public static class Cli
             // verbs: one registration each, in the order `onnxlora --help` lists them
             c.AddCommand<Commands.RunCommand>("run").WithDescription("Run the whole pipeline from a config (model → rewrite → train → evaluate → export → deploy check); no config = the built-in demo.")
                 .WithExample("run").WithExample("run", "examples/sms-spam-gpt2.yaml", "--set", "train.epochs=1");
-            c.AddBranch("model", m => { m.SetDescription("GPT models as ONNX"); m.AddCommand<ModelBuildCommand>("build").WithDescription(ModelBuildCommand.Description).WithExample("model", "build", "--preset", "tiny", "--out", "tiny.onnx"); });
+            c.AddBranch("model", m => { m.SetDescription("GPT models as ONNX"); m.AddCommand<ModelBuildCommand>("build").WithDescription(ModelBuildCommand.Description).WithExample("model", "build", "--preset", "tiny", "--out", "tiny.onnx"); m.AddCommand<ModelUnpackCommand>("unpack").WithDescription(ModelUnpackCommand.Description); });
             c.AddCommand<Commands.InspectCommand>("inspect").WithDescription("Show a model's inputs, operators, parameters and LoRA-able weight MatMul/Gemm nodes.");
             c.AddCommand<Commands.RewriteCommand>("rewrite").WithDescription("Add LoRA branches: writes DIR/model.onnx (training view), DIR/deploy.onnx and DIR/lora_config.json.");
             c.AddCommand<Commands.TrainCommand>("train").WithDescription("Train the LoRA parameters of a rewrite with ONNX Runtime (progress bar, checkpoints, metrics.jsonl, loss.png, adapter).")

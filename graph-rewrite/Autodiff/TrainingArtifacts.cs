@@ -35,6 +35,10 @@ public sealed record ArtifactOptions
     /// <summary>Number of classes for <see cref="TrainingTask.Cls"/> (≥ 2).</summary>
     public int Classes { get; init; }
     public HeadMode HeadMode { get; init; } = HeadMode.Full;
+    /// <summary>Which hidden state the classification head reads.</summary>
+    public Pooling Pooling { get; init; } = Pooling.Last;
+    /// <summary>Keeps the LoRA factors at their initial values (B = 0: the frozen base) and trains the head alone: the baseline of a LoRA run.</summary>
+    public bool FreezeLora { get; init; }
     public OptimizerKind Optimizer { get; init; } = OptimizerKind.AdamW;
     public double Beta1 { get; init; } = 0.9;
     public double Beta2 { get; init; } = 0.999;
@@ -66,8 +70,8 @@ public sealed class TrainingArtifacts
 {
     public const string SpecFile = "artifacts.json", TrainFile = "train.onnx", EvalFile = "eval.onnx",
                         OptimizerFile = "optimizer.onnx", InitialParamsFile = "initial_params.onnx";
-    public const string Labels = "labels", Lengths = "lengths", Loss = "loss", ClassLogits = "class_logits", ResetGrad = "reset_grad";
-    public const string HeadWeight = "cls_head.weight", HeadLoraA = "cls_head.lora_A", HeadLoraB = "cls_head.lora_B";
+    public const string Labels = "labels", Lengths = "lengths", Loss = "loss", ClassLogits = ClassHead.Output, ResetGrad = "reset_grad";
+    public const string HeadWeight = ClassHead.Weight, HeadLoraA = ClassHead.LoraA, HeadLoraB = ClassHead.LoraB;
     public static string GradIn(string p) => p + ".grad.in";
 
     TrainingArtifacts(ModelProto train, ModelProto eval, ModelProto optimizer, ModelProto initialParams, ArtifactsSpec spec)
@@ -138,7 +142,8 @@ public sealed class TrainingArtifacts
                 {
                     if (!g.IsGraphInput(name) || g.Initializer(name) is not { } init)
                         throw new ArgumentException($"'{name}' ({t.Module}) from {LoraManifest.FileName} is not an input with an initializer of the training view; re-run 'onnxlora rewrite'");
-                    AddParam(name, kind, t.Module, init.Clone());
+                    if (options.FreezeLora) _frozenExtras.Add(init.Clone());   // a constant of the models, still part of the adapter
+                    else AddParam(name, kind, t.Module, init.Clone());
                 }
             if (options.Task == TrainingTask.Cls) AddHeadParams(g);
             foreach (var io in _signature.Inputs) _roles[io.Name] = (io.Role, null, io.Layer);
@@ -164,6 +169,7 @@ public sealed class TrainingArtifacts
                 Task = options.Task == TrainingTask.Lm ? "lm" : "cls",
                 Classes = options.Task == TrainingTask.Cls ? options.Classes : null,
                 HeadMode = options.Task == TrainingTask.Cls ? options.HeadMode.ToString().ToLowerInvariant() : null,
+                Pooling = options.Task == TrainingTask.Cls ? options.Pooling.Name() : null,
                 Optimizer = options.Optimizer == OptimizerKind.AdamW ? "adamw" : "sgd",
                 Beta1 = options.Beta1, Beta2 = options.Beta2, Epsilon = options.Epsilon,
                 AccumulateGradients = options.AccumulateGradients,
@@ -185,9 +191,8 @@ public sealed class TrainingArtifacts
         // the task head: W [d, classes] trained fully, or frozen W plus A [d, r]·B [r, classes]
         void AddHeadParams(GraphEditor g)
         {
-            var (hidden, _) = HeadInput(g);
-            var d = ShapeInference.Infer(view)[hidden].Dims?[^1].Value
-                ?? throw new ArgumentException($"the width of the hidden state '{hidden}' under the output head is unknown; declare its shape");
+            var (hidden, _) = ClassHead.FindHidden(g, Logits);
+            var d = ClassHead.HiddenWidth(view, hidden);
             var w = Tensors.Float(HeadWeight, [d, options.Classes], SeededNormal(d * options.Classes, options.HeadSeed, options.HeadInitStd));
             if (options.HeadMode == HeadMode.Full) { AddParam(HeadWeight, "head", "score", w); return; }
             _frozenExtras.Add(w);
@@ -209,33 +214,13 @@ public sealed class TrainingArtifacts
             return v;
         }
 
-        // the value entering the output head (the hidden state) and the head's weight, found from the logits output
-        (string Hidden, string Weight) HeadInput(GraphEditor g)
-        {
-            var v = Logits;
-            for (int guard = 0; guard < 64; guard++)
-            {
-                var p = g.Producer(v) ?? throw new ArgumentException($"'{Logits}' is not computed by a MatMul/Gemm head");
-                switch (p.OpType)
-                {
-                    case "Reshape" or "Identity" or "Cast": v = p.Input[0]; continue;
-                    case "MatMul" or "Gemm" or "FusedMatMul": return (p.Input[0], p.Input[1]);
-                    case "Add":
-                        v = p.Input.FirstOrDefault(i => g.Producer(i) is { OpType: "MatMul" or "Gemm" or "FusedMatMul" } mm && g.IsInitializer(mm.Input[1]))
-                            ?? p.Input.First(i => g.Producer(i) is not null);
-                        continue;
-                    default: throw new ArgumentException($"cannot find the output head behind '{Logits}': stopped at {p.Describe()}");
-                }
-            }
-            throw new ArgumentException($"cannot find the output head behind '{Logits}'");
-        }
-
         ModelProto Compose(bool train)
         {
             var m = view.Clone();
             m.Graph.Output.Clear();
             var g = new GraphEditor(m);
             foreach (var p in _params) g.RemoveInitializer(p.Name);
+            foreach (var t in _frozenExtras) if (m.Graph.Input.FirstOrDefault(i => i.Name == t.Name) is { } frozen) m.Graph.Input.Remove(frozen);
             if (train && manifest.DropoutTrainingModeInput is { } dm && g.Initializer(dm) is not null)
             {
                 g.RemoveInitializer(dm);
@@ -307,25 +292,21 @@ public sealed class TrainingArtifacts
             }
         }
 
-        // class_logits [batch, classes] from the hidden state at position lengths−1 (the last non-padding token)
+        // class_logits [batch, classes] from the pooled hidden state; the mask of real tokens comes from lengths (right padding)
         void AddClassHead(ModelProto m, GraphEditor g, Dim batch)
         {
-            var (hidden, _) = HeadInput(g);
-            var shapes = ShapeInference.Infer(m);
-            var h = hidden;
-            if (shapes[hidden].Rank == 2)   // Gemm heads run on a [batch·seq, d] view
-                h = g.Add("Reshape", [hidden, g.Add("Concat", [g.Add("Shape", [InputIds], "head/shape"), g.AddConstant("head/minus1", Tensors.Int64Vector("", -1))], "head/shape3", attributes: Attr.Int("axis", 0))], "head/hidden3");
+            var (hidden, _) = ClassHead.FindHidden(g, Logits);
             var seqLen = g.Add("Gather", [g.Add("Shape", [InputIds], "head/ids_shape"), g.AddConstant("head/one", Tensors.Int64("", [], [1]))], "head/seq");
             var positions = g.Add("Range", [g.AddConstant("head/zero", Tensors.Int64("", [], [0])), seqLen, g.AddConstant("head/step", Tensors.Int64("", [], [1]))], "head/positions");
-            var last = g.Add("Unsqueeze", [g.Add("Sub", [Lengths, g.AddConstant("head/one_i", Tensors.Int64("", [], [1]))], "head/last"), g.AddConstant("head/axis1", Tensors.Int64Vector("", 1))], "head/last2");  // [batch, 1]
-            var select = g.Add("Cast", [g.Add("Equal", [g.Add("Unsqueeze", [positions, g.AddConstant("head/axis0", Tensors.Int64Vector("", 0))], "head/pos2"), last], "head/is_last")], "head/select", attributes: Attr.Int("to", (int)DataType.Float));
-            var select3 = g.Add("Unsqueeze", [select, g.AddConstant("head/axism1", Tensors.Int64Vector("", -1))], "head/select3");   // [batch, seq, 1]
-            var lastHidden = g.Add("ReduceSum", [g.Add("Mul", [h, select3], "head/masked"), g.AddConstant("head/axes", Tensors.Int64Vector("", 1))], "head/last_hidden", attributes: Attr.Int("keepdims", 0)); // [batch, d]
+            var row = g.Add("Unsqueeze", [positions, g.AddConstant("head/axis0", Tensors.Int64Vector("", 0))], "head/pos2");   // [1, seq]
+            var lengths = g.Add("Unsqueeze", [Lengths, g.AddConstant("head/axis1", Tensors.Int64Vector("", 1))], "head/lengths2");   // [batch, 1]
+            var mask = g.Add("Cast", [g.Add("Less", [row, lengths], "head/is_real")], "head/mask", attributes: Attr.Int("to", (int)DataType.Float));
+            var lastHidden = ClassHead.Pool(m, g, hidden, InputIds, mask, options.Pooling);
             string logits;
             if (options.HeadMode == HeadMode.Full) logits = g.Add("MatMul", [lastHidden, HeadWeight], "head/logits");
             else
             {
-                g.AddInitializer(_frozenExtras[0].Clone());
+                g.AddInitializer(_frozenExtras.First(t => t.Name == HeadWeight).Clone());
                 var scale = LoraManifest.ScaleFor(manifest.Scaling, manifest.Alpha, manifest.Rank);
                 var branch = g.Add("MatMul", [g.Add("MatMul", [lastHidden, HeadLoraA], "head/lora_h"), HeadLoraB], "head/lora");
                 if (scale != 1) branch = g.Add("Mul", [branch, g.AddConstant("head/lora_scale", Tensors.Scalar("", DataType.Float, scale))], "head/lora_scaled");
@@ -383,6 +364,8 @@ public sealed record ArtifactsSpec
     public int? Classes { get; init; }
     /// <summary>"full" or "lora" (cls only).</summary>
     public string? HeadMode { get; init; }
+    /// <summary>"last", "first" or "mean" (cls only): which hidden state the head reads.</summary>
+    public string? Pooling { get; init; }
     /// <summary>"adamw" or "sgd".</summary>
     public required string Optimizer { get; init; }
     public double Beta1 { get; init; }

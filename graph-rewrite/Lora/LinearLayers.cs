@@ -97,7 +97,7 @@ public static partial class LinearLayers
             bool tied = g.Consumers(weight).Any(c => c.OpType == "Gather");
             // a tied head's initializer is named for the embedding ("transformer.wte.weight"): its node scope ("lm_head") says more
             var firstNode = g.Producer(uses[0].Output)!;
-            var module = Unique(modules, tied && ScopePath(firstNode.Name) is { Length: > 0 } scope ? scope : ModuleName(weight, firstNode));
+            var module = Unique(modules, tied && ScopePath(firstNode.Name) is { Length: > 0 } scope ? scope : ModuleName(weight, firstNode, BiasOf(g, firstNode)));
             // vocabulary-sized only counts for the last linear: a tiny model's MLP can be as wide as its vocabulary
             bool last = ReferenceEquals(uses, groups[^1].Uses);
             bool head = tied || (last && vocab is long v && @out == v) || uses.Any(u => ReachesGraphOutput(g, u.Output));
@@ -112,6 +112,10 @@ public static partial class LinearLayers
         return layers;
     }
 
+    /// <summary>The initializer added to a linear node's output (its bias), if one is.</summary>
+    static string? BiasOf(GraphEditor g, NodeProto node) =>
+        g.Consumers(node.Output[0]).Where(c => c.OpType == "Add").SelectMany(c => c.Input).FirstOrDefault(i => i != node.Output[0] && g.IsInitializer(i));
+
     /// <summary>The block index of a module path: its first all-digit segment ("h.3.mlp" → 3), or null.</summary>
     public static int? BlockIndexOf(string module)
     {
@@ -125,11 +129,13 @@ public static partial class LinearLayers
     /// ("transformer.h.0.attn.c_attn.weight"), otherwise the node's torch scope
     /// ("/trf_blocks/trf_blocks.0/att/W_query/MatMul" → "trf_blocks.0.att.W_query"), otherwise a cleaned-up weight name.
     /// </summary>
-    public static string ModuleName(string weight, NodeProto node)
+    public static string ModuleName(string weight, NodeProto node, string? bias = null)
     {
         if (IsMeaningful(weight)) return weight.EndsWith(".weight", StringComparison.Ordinal) ? weight[..^".weight".Length] : weight;
         var scope = ScopePath(node.Name);
         if (scope.Length > 0) return scope;
+        // older torch exports keep only the bias's name ("encoder.layer.0.attention.self.query.bias"): it names the Linear
+        if (bias is not null && IsMeaningful(bias) && bias.EndsWith(".bias", StringComparison.Ordinal)) return bias[..^".bias".Length];
         return AnonymousChars().Replace(weight, "_").Trim('_');
     }
 

@@ -1,4 +1,5 @@
 using Onnx;
+using OnnxLora.GraphRewrite.Autodiff;
 using OnnxLora.GraphRewrite.Lora;
 using OnnxLora.GraphRewrite.Onnx;
 using DataType = Onnx.TensorProto.Types.DataType;
@@ -58,7 +59,7 @@ public static class AdapterFiles
     /// </summary>
     public static LoraAdapter ReadSafeTensors(string path, LoraManifest manifest)
     {
-        var (tensors, _) = Models.SafeTensorsFile.Read(path);
+        var (tensors, metadata) = Models.SafeTensorsFile.Read(path);
         var names = manifest.Targets.SelectMany(t => new[] { t.LoraA, t.LoraB }).ToHashSet(StringComparer.Ordinal);
         var lora = new Dictionary<string, AdapterTensor>(StringComparer.Ordinal);
         var extras = new Dictionary<string, AdapterTensor>(StringComparer.Ordinal);
@@ -67,10 +68,29 @@ public static class AdapterFiles
             if (name.StartsWith(PeftAdapter.Prefix, StringComparison.Ordinal))
                 throw new InvalidDataException($"{path}: tensor '{name}' has PEFT's naming; put the file in a folder as {PeftAdapter.WeightsFile} with its {PeftAdapter.ConfigFile}");
             var x = new AdapterTensor(t.Shape, t.ToFloats());
-            if (names.Contains(name) || name.Contains(".lora_", StringComparison.Ordinal)) lora[name] = x;
+            if (name is ClassHead.LoraA or ClassHead.LoraB) extras[name] = x;
+            else if (names.Contains(name) || name.Contains(".lora_", StringComparison.Ordinal)) lora[name] = x;
             else extras[name] = x;
         }
-        return LoraAdapter.Create(manifest, lora, extras, path);
+        FoldHeadLora(extras, manifest, path);
+        return LoraAdapter.Create(manifest, lora, extras, path, ClassHead.ReadInfo(metadata, path));
+    }
+
+    /// <summary>
+    /// A LoRA-adapted head (frozen W, trained A and B) becomes one weight W + scale·A·B: deployed, a head is one
+    /// [d, classes] tensor whichever way it was trained.
+    /// </summary>
+    static void FoldHeadLora(Dictionary<string, AdapterTensor> extras, LoraManifest manifest, string path)
+    {
+        bool a = extras.Remove(ClassHead.LoraA, out var headA), b = extras.Remove(ClassHead.LoraB, out var headB);
+        if (!a && !b) return;
+        if (!(a && b) || !extras.TryGetValue(ClassHead.Weight, out var w) || w.Shape.Length != 2 || headA!.Shape.Length != 2)
+            throw new InvalidDataException($"{path}: a LoRA-adapted head needs '{ClassHead.Weight}', '{ClassHead.LoraA}' and '{ClassHead.LoraB}' (2-D)");
+        long d = w.Shape[0], classes = w.Shape[1], rank = headA.Shape[1];
+        if (headA.Shape[0] != d || !headB!.Shape.SequenceEqual(new[] { rank, classes }))
+            throw new InvalidDataException($"{path}: head LoRA A {headA.ShapeText} and B {headB!.ShapeText} do not fit the head {w.ShapeText}");
+        var scale = LoraManifest.ScaleFor(manifest.Scaling, manifest.Alpha, manifest.Rank);   // as the training artifacts scale it
+        extras[ClassHead.Weight] = new AdapterTensor(w.Shape, ClassHead.Fold(w.Data, headA.Data, headB.Data, d, rank, classes, scale));
     }
 
     /// <summary>The adapter files a training run folder (RUN_DIR) holds, in the order they are preferred.</summary>
@@ -90,7 +110,7 @@ public static class AdapterFiles
     {
         ArgumentNullException.ThrowIfNull(source);
         if (!File.Exists(source) && !Directory.Exists(source)) throw new FileNotFoundException($"{source}: no such adapter file or folder", source);
-        if (Directory.Exists(source) && File.Exists(Path.Combine(source, LoraManifest.FileName)) && !PeftAdapter.IsPeftDirectory(source))
+        if (IsRunDir(source))
         {
             var runManifest = LoraManifest.Load(Path.Combine(source, LoraManifest.FileName));
             var file = RunDirAdapterFiles.Select(f => Path.Combine(source, f)).FirstOrDefault(File.Exists)
@@ -102,6 +122,17 @@ public static class AdapterFiles
             ?? throw new ArgumentException($"{source}: which model does this adapter belong to? Give --model DIR, the 'onnxlora rewrite' output folder (with {LoraManifest.FileName})");
         var manifest = LoraManifest.Load(Path.Combine(rewriteDir, LoraManifest.FileName));
         return (Read(source, manifest), rewriteDir);
+    }
+
+    /// <summary>True for a training run folder (lora_config.json, not a PEFT folder).</summary>
+    public static bool IsRunDir(string path) => Directory.Exists(path) && File.Exists(Path.Combine(path, LoraManifest.FileName)) && !PeftAdapter.IsPeftDirectory(path);
+
+    /// <summary>The classifier info and label names of an adapter source (run folder, PEFT folder, safetensors), or null (an .onnx_adapter has no metadata).</summary>
+    public static ClassifierInfo? ClassifierOf(string path, LoraManifest? manifest)
+    {
+        if (File.Exists(path) && !path.EndsWith(".safetensors", StringComparison.OrdinalIgnoreCase)) return null;
+        if (IsRunDir(path)) return ReadSource(path, null).Adapter.Classifier;
+        return manifest is null ? null : Read(path, manifest).Classifier;
     }
 
     /// <summary>The rewrite folder a training run was made from (train_config.json's model_dir), when it still exists.</summary>
@@ -122,7 +153,8 @@ public static class AdapterFiles
     /// </summary>
     public static byte[] DeployableBytes(string path, LoraManifest? manifest)
     {
-        if (File.Exists(path) && Path.GetFileName(path) != PeftAdapter.WeightsFile) return File.ReadAllBytes(path);
+        if (File.Exists(path) && Path.GetFileName(path) != PeftAdapter.WeightsFile && !path.EndsWith(".safetensors", StringComparison.OrdinalIgnoreCase)) return File.ReadAllBytes(path);
+        if (IsRunDir(path)) return OnnxAdapterFile.Serialize(OnnxAdapterFile.DeployableParameters(ReadSource(path, null).Adapter));
         if (manifest is null)
             throw new ArgumentException($"{path}: a PEFT adapter needs the rewrite's {LoraManifest.FileName} to map its modules; give --model the rewrite folder, or convert it with 'onnxlora export --format onnx-adapter'");
         return OnnxAdapterFile.Serialize(OnnxAdapterFile.DeployableParameters(Read(path, manifest)));
@@ -143,7 +175,7 @@ public static class AdapterFiles
                 OnnxAdapterFile.Write(outPath, adapter, new OnnxAdapterWriteOptions
                 {
                     ElementType = elementType,
-                    DeployableModel = deploy is not null && File.Exists(deploy) ? OnnxFile.Load(deploy) : null,
+                    DeployableModel = deploy is not null && File.Exists(deploy) ? DeployableFor(adapter, OnnxFile.Load(deploy), deploy) : null,
                 });
                 break;
             case AdapterFormat.Peft:
@@ -182,6 +214,17 @@ public static class AdapterFiles
     }
 
     /// <summary>
+    /// The deployable model an adapter runs on: <paramref name="deploy"/> (the rewrite's deploy.onnx) for an LM adapter;
+    /// for a classifier, deploy.onnx as it is when it is a classifier already, else the classifier built from it with
+    /// the head as an overridable input (zero by default). One such model serves every adapter of its class count and pooling.
+    /// </summary>
+    public static ModelProto DeployableFor(LoraAdapter adapter, ModelProto deploy, string source)
+    {
+        if (adapter.Classifier is not { } info || deploy.Graph.Output.Any(o => o.Name == ClassHead.Output)) return deploy;
+        return ClassHead.BuildClassifier(deploy, new float[adapter.Head!.Data.Length], info, headAsInput: true, source);
+    }
+
+    /// <summary>
     /// The merged model: the rewrite helper's <see cref="MergeLora"/> pass folds scale·A·B into each target's weight,
     /// and every extra (head) replaces the same-named initializer. The result has the base's inputs and outputs and
     /// runs in plain ONNX Runtime.
@@ -193,6 +236,7 @@ public static class AdapterFiles
         var (merged, _) = MergeLora.Run(model, adapter.Manifest, parameters, bIncludesScale: false);
         foreach (var (name, x) in adapter.Extras)
         {
+            if (name == ClassHead.Weight) continue;   // baked into the classifier below
             var init = merged.Graph.Initializer.FirstOrDefault(i => i.Name == name)
                 ?? throw new InvalidDataException($"merge: the model has no initializer '{name}' for the adapter's extra tensor; was the head added by another rewrite?");
             if (!init.Dims.SequenceEqual(x.Shape))
@@ -201,6 +245,8 @@ public static class AdapterFiles
             init.ClearRawData(); init.FloatData.Clear(); init.DoubleData.Clear(); init.Int32Data.Clear();
             init.RawData = replacement.RawData;
         }
+        if (adapter.Classifier is { } info)
+            merged = ClassHead.BuildClassifier(merged, adapter.Head!.Data, info, headAsInput: false, "merge");
         return merged;
     }
 }

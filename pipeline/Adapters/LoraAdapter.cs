@@ -1,3 +1,4 @@
+using OnnxLora.GraphRewrite.Autodiff;
 using OnnxLora.GraphRewrite.Lora;
 using OnnxLora.GraphRewrite.Onnx;
 
@@ -39,14 +40,21 @@ public sealed class LoraAdapter
     readonly Dictionary<string, AdapterTensor> _lora;
     readonly Dictionary<string, AdapterTensor> _extras;
 
-    LoraAdapter(LoraManifest manifest, Dictionary<string, AdapterTensor> lora, Dictionary<string, AdapterTensor> extras)
+    LoraAdapter(LoraManifest manifest, Dictionary<string, AdapterTensor> lora, Dictionary<string, AdapterTensor> extras, ClassifierInfo? classifier)
     {
         Manifest = manifest;
         _lora = lora;
         _extras = extras;
+        Classifier = classifier;
     }
 
     public LoraManifest Manifest { get; }
+
+    /// <summary>A classifier's class count, pooling and label names (with a <see cref="ClassHead.Weight"/> extra); null for an LM adapter.</summary>
+    public ClassifierInfo? Classifier { get; }
+
+    /// <summary>The classification head [d, classes], when the adapter has one.</summary>
+    public AdapterTensor? Head => _extras.GetValueOrDefault(ClassHead.Weight);
 
     /// <summary>A and B of every target, by the manifest's <see cref="LoraTarget.LoraA"/>/<see cref="LoraTarget.LoraB"/> names; unscaled.</summary>
     public IReadOnlyDictionary<string, AdapterTensor> LoraTensors => _lora;
@@ -66,7 +74,7 @@ public sealed class LoraAdapter
     /// </summary>
     /// <param name="source">Names the origin (a file) in error messages.</param>
     public static LoraAdapter Create(LoraManifest manifest, IReadOnlyDictionary<string, AdapterTensor> loraTensors,
-        IReadOnlyDictionary<string, AdapterTensor>? extras = null, string source = "adapter")
+        IReadOnlyDictionary<string, AdapterTensor>? extras = null, string source = "adapter", ClassifierInfo? classifier = null)
     {
         ArgumentNullException.ThrowIfNull(manifest);
         ArgumentNullException.ThrowIfNull(loraTensors);
@@ -87,7 +95,18 @@ public sealed class LoraAdapter
             CheckData(source, name, tensor);
             extraCopy[name] = tensor;
         }
-        return new LoraAdapter(manifest, lora, extraCopy);
+        if (extraCopy.TryGetValue(ClassHead.Weight, out var head))
+        {
+            if (head.Shape.Length != 2) throw new InvalidDataException($"{source}: the head '{ClassHead.Weight}' is {head.ShapeText}; expected [d, classes]");
+            int classes = checked((int)head.Shape[1]);
+            if (classifier is not null && classifier.Classes != classes)
+                throw new InvalidDataException($"{source}: the metadata says {classifier.Classes} classes, the head '{ClassHead.Weight}' is {head.ShapeText}");
+            if (classifier?.Labels is { } labels && labels.Count != classes)
+                throw new InvalidDataException($"{source}: {labels.Count} label names ({string.Join(", ", labels)}) for a {classes}-class head");
+            classifier ??= new ClassifierInfo { Classes = classes, Pooling = Pooling.Last.Name() };
+        }
+        else classifier = null;
+        return new LoraAdapter(manifest, lora, extraCopy, classifier);
     }
 
     /// <summary>

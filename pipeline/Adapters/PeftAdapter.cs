@@ -1,5 +1,6 @@
 using System.Text.Json;
 using System.Text.Json.Nodes;
+using OnnxLora.GraphRewrite.Autodiff;
 using OnnxLora.GraphRewrite.Lora;
 using OnnxLora.GraphRewrite.Onnx;
 using OnnxLora.Models;
@@ -34,6 +35,8 @@ public static class PeftAdapter
     public const string WeightsFile = "adapter_model.safetensors";
     public const string ConfigFile = "adapter_config.json";
     public const string Prefix = "base_model.model.";
+    /// <summary>The classification head's name in PEFT's files (after the prefix): the score Linear's weight, [classes, d].</summary>
+    public const string PeftHeadWeight = ClassHead.PeftModule + ".weight";
 
     /// <summary>Writes <paramref name="adapter"/> as a PEFT adapter folder (both files atomically).</summary>
     public static void Write(string directory, LoraAdapter adapter, PeftExportOptions? options = null)
@@ -52,7 +55,12 @@ public static class PeftAdapter
             tensors.Add(new($"{Prefix}{t.Module}.lora_A.weight", SafeTensor.FromFloats(a.Shape, a.Data)));
             tensors.Add(new($"{Prefix}{t.Module}.lora_B.weight", SafeTensor.FromFloats(b.Shape, b.Data)));
         }
-        foreach (var (name, x) in adapter.Extras) tensors.Add(new(Prefix + name, SafeTensor.FromFloats(x.Shape, x.Data)));
+        foreach (var (name, x) in adapter.Extras)
+        {
+            // the classification head is *ForSequenceClassification's score Linear: PEFT saves it as score.weight [classes, d]
+            var (key, value) = name == ClassHead.Weight ? (PeftHeadWeight, x.Transpose2D()) : (name, x);
+            tensors.Add(new(Prefix + key, SafeTensor.FromFloats(value.Shape, value.Data)));
+        }
 
         bool rs = m.Scaling == LoraScaling.RsLora;
         // the lora_alpha that makes PEFT's scale equal to ours
@@ -68,7 +76,7 @@ public static class PeftAdapter
         }
         // module suffixes, PEFT's usual form (the manifest's own patterns may use OnnxLora's "re:"/"all-linear" forms)
         var targetModules = m.Targets.Select(t => t.Module.Split('.')[^1]).Distinct().ToList();
-        var modulesToSave = adapter.Extras.Keys.Select(k => k.Contains('.') ? k[..k.LastIndexOf('.')] : k).Distinct().ToList();
+        var modulesToSave = adapter.Extras.Keys.Select(k => k == ClassHead.Weight ? PeftHeadWeight : k).Select(k => k.Contains('.') ? k[..k.LastIndexOf('.')] : k).Distinct().ToList();
         bool fanInFanOut = options.FanInFanOut ?? m.Targets.All(t => !t.WeightTransposed && GptLayout.IsConv1DModule(t.Module));
 
         var config = new JsonObject
@@ -90,7 +98,9 @@ public static class PeftAdapter
             ["init_lora_weights"] = true,
             ["inference_mode"] = true,
         };
-        SafeTensorsFile.Write(Path.Combine(directory, WeightsFile), tensors, new Dictionary<string, string> { ["format"] = "pt" });
+        var metadata = new Dictionary<string, string> { ["format"] = "pt" };
+        if (adapter.Classifier is { } info) metadata[ClassHead.MetadataKey] = ClassHead.ToJson(info);   // PEFT ignores it; pooling and label names travel
+        SafeTensorsFile.Write(Path.Combine(directory, WeightsFile), tensors, metadata);
         AtomicFile.WriteAllText(Path.Combine(directory, ConfigFile), config.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
     }
 
@@ -109,7 +119,7 @@ public static class PeftAdapter
         var configPath = Path.Combine(directory, ConfigFile);
         if (!File.Exists(weightsPath)) throw new FileNotFoundException($"{directory}: no {WeightsFile} (a PEFT adapter folder holds {WeightsFile} and {ConfigFile})", weightsPath);
         var config = PeftConfig.Load(configPath);
-        var (tensors, _) = SafeTensorsFile.Read(weightsPath);
+        var (tensors, metadata) = SafeTensorsFile.Read(weightsPath);
 
         var targets = manifest.Targets.ToDictionary(t => t.Module, StringComparer.Ordinal);
         var lora = new Dictionary<string, AdapterTensor>(StringComparer.Ordinal);
@@ -122,6 +132,7 @@ public static class PeftAdapter
             if (!isA && !isB)
             {
                 if (name.Contains(".lora_", StringComparison.Ordinal)) unknown.Add(key);   // lora_embedding_*, magnitude vectors, …
+                else if (name == PeftHeadWeight) extras[ClassHead.Weight] = new AdapterTensor(tensor.Shape, Floats(tensor, key)).Transpose2D();
                 else extras[name] = new AdapterTensor(tensor.Shape, Floats(tensor, key));
                 continue;
             }
@@ -141,7 +152,7 @@ public static class PeftAdapter
         if (unknown.Count > 0)
             throw new InvalidDataException($"{weightsPath}: {unknown.Count} LoRA tensor(s) do not belong to a module of the manifest: {LoraAdapter.Preview(unknown)}; " +
                 $"the manifest adapts {LoraAdapter.Preview(manifest.Targets.Select(t => t.Module).ToList())}. Rewrite the base with the adapter's target_modules.");
-        return LoraAdapter.Create(manifest, lora, extras, weightsPath);
+        return LoraAdapter.Create(manifest, lora, extras, weightsPath, ClassHead.ReadInfo(metadata, weightsPath));
 
         float[] Floats(SafeTensor tensor, string key) => tensor.DType is "F32" or "F16" or "BF16" or "F64" ? tensor.ToFloats()
             : throw new InvalidDataException($"{weightsPath}: tensor '{key}' has dtype {tensor.DType}; adapter tensors are F32, F16, BF16 or F64");

@@ -15,6 +15,8 @@ public sealed class TextTokenizer
     /// <summary>The Hugging Face tokenizers file name.</summary>
     public const string TokenizerJson = "tokenizer.json";
 
+    /// <summary>A WordPiece vocabulary (BERT-family encoders: one token a line, the line number is the id).</summary>
+    public const string WordPieceVocab = "vocab.txt";
     /// <summary>The SentencePiece model file name (Llama 1/2, Mistral, …).</summary>
     public const string SentencePieceModel = "tokenizer.model";
 
@@ -46,7 +48,8 @@ public sealed class TextTokenizer
     /// <summary>Where the tokenizer came from ("gpt2", or the file).</summary>
     public string Source { get; }
 
-    public int[] Encode(string text) => Inner.EncodeToIds(text).ToArray();
+    /// <summary>The text's token ids; a WordPiece (BERT) tokenizer puts [CLS] … [SEP] around them, as the encoder was trained.</summary>
+    public int[] Encode(string text) => (Inner is BertTokenizer bert ? bert.EncodeToIds(text, addSpecialTokens: true) : Inner.EncodeToIds(text)).ToArray();
 
     public string Decode(IEnumerable<int> ids) => Inner.Decode(ids) ?? "";
 
@@ -59,14 +62,17 @@ public sealed class TextTokenizer
         ArgumentNullException.ThrowIfNull(directory);
         var json = Path.Combine(directory, TokenizerJson);
         if (File.Exists(json)) return FromTokenizerJson(json);
+        var vocab = Path.Combine(directory, WordPieceVocab);
+        if (File.Exists(vocab) && !File.Exists(Path.Combine(directory, SentencePieceModel))) return FromWordPiece(vocab);
         var sp = Path.Combine(directory, SentencePieceModel);
         if (File.Exists(sp)) return FromSentencePiece(sp);
         throw new FileNotFoundException($"{directory}: no {TokenizerJson} or {SentencePieceModel}; leave the tokenizer out for GPT-2's, or give token ids with --format tokens", json);
     }
 
-    /// <summary>A tokenizer file: <c>tokenizer.json</c>, <c>tokenizer.model</c>, or a folder holding one of them.</summary>
+    /// <summary>A tokenizer file: <c>tokenizer.json</c>, <c>tokenizer.model</c>, a WordPiece <c>vocab.txt</c>, or a folder holding one of them.</summary>
     public static TextTokenizer Load(string path) =>
         Directory.Exists(path) ? FromDirectory(path)
+        : path.EndsWith(".txt", StringComparison.OrdinalIgnoreCase) ? FromWordPiece(path)
         : Path.GetFileName(path) == SentencePieceModel || path.EndsWith(".model", StringComparison.Ordinal) ? FromSentencePiece(path)
         : FromTokenizerJson(path);
 
@@ -128,6 +134,22 @@ public sealed class TextTokenizer
 
         int Id(JsonNode? node, string what) =>
             node is JsonValue v && v.TryGetValue<int>(out var id) && id >= 0 ? id : throw new InvalidDataException($"{path}: {what} is not a token id");
+    }
+
+    /// <summary>
+    /// A BERT WordPiece vocabulary (<c>vocab.txt</c>) through Microsoft.ML.Tokenizers' BertTokenizer: lower-cased
+    /// (uncased models, as all-MiniLM-L6-v2), [CLS] … [SEP] around every text; the end-of-text token is [SEP].
+    /// </summary>
+    public static TextTokenizer FromWordPiece(string path)
+    {
+        if (!File.Exists(path)) throw new FileNotFoundException($"{path}: no such file", path);
+        BertTokenizer tokenizer;
+        try { tokenizer = BertTokenizer.Create(path); }
+        catch (Exception e) when (e is ArgumentException or InvalidOperationException or FormatException or InvalidDataException)
+        {
+            throw new InvalidDataException($"{path}: not a WordPiece vocabulary with [CLS], [SEP], [PAD] and [UNK] ({e.Message})", e);
+        }
+        return new TextTokenizer(tokenizer, tokenizer.SeparatorTokenId, File.ReadLines(path).Count(), path);   // one token a line
     }
 
     /// <summary>A SentencePiece <c>tokenizer.model</c> (Llama-style BPE; LlamaTokenizer.Create), encoding without BOS/EOS.</summary>

@@ -15,8 +15,11 @@ public sealed record ClassifierOptions
     /// </summary>
     public IReadOnlyList<int>? LabelTokenIds { get; init; }
 
-    /// <summary>Id used to pad a batch or a model with a fixed token count (GPT-2: &lt;|endoftext|&gt;).</summary>
-    public int PadTokenId { get; init; } = TextGenerator.Gpt2EndOfText;
+    /// <summary>
+    /// Id used to pad a batch or a model with a fixed token count. Padding sits right of every row and the mask (or
+    /// causal attention) keeps it from the pooled token, so any id in the vocabulary works: 0 is in every one.
+    /// </summary>
+    public int PadTokenId { get; init; }
 }
 
 /// <summary>A predicted class and the probabilities of all classes.</summary>

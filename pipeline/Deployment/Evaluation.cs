@@ -9,9 +9,31 @@ public sealed record LanguageModelEvaluation(double MeanLoss, long Tokens)
     public double Perplexity => Math.Exp(MeanLoss);
 }
 
+/// <summary>
+/// The one running tally of a loss over batches: each batch's mean loss weighted by what it averaged over (counted
+/// target tokens for a language model, rows for a classifier), so that the total is the mean over the whole dataset
+/// whatever the batching. The trainer's eval, the runner and <see cref="Evaluator"/> all score with it.
+/// </summary>
+public struct LossTally
+{
+    public double Sum { get; private set; }
+    public double Weight { get; private set; }
+
+    /// <summary>Adds a batch whose mean loss is <paramref name="meanLoss"/> over <paramref name="weight"/> counted items.</summary>
+    public void Add(double meanLoss, double weight) { Sum += meanLoss * weight; Weight += weight; }
+
+    public readonly double Mean => Weight > 0 ? Sum / Weight : double.NaN;
+
+    /// <summary>Combines the sums of several processes (data parallel): <paramref name="sum"/> and <paramref name="weight"/> already totalled.</summary>
+    public static LossTally From(double sum, double weight) => new() { Sum = sum, Weight = weight };
+}
+
 /// <summary>Accuracy, per-class precision/recall/F1 and the confusion matrix of a classification run.</summary>
 public sealed record ClassificationEvaluation(IReadOnlyList<string> Classes, long[,] Confusion)
 {
+    /// <summary>The mean cross-entropy of the true classes (softmax of the class logits), when scored from probabilities.</summary>
+    public double? MeanLoss { get; init; }
+
     /// <summary>Examples counted.</summary>
     public long Count { get { long n = 0; foreach (var c in Confusion) n += c; return n; } }
 
@@ -59,8 +81,7 @@ public static class Evaluator
         ArgumentNullException.ThrowIfNull(data);
         var signature = ModelSignature.Of(host);
         if (signature.LogitsRank != 3) throw new InvalidDataException($"{host.ModelPath}: output '{signature.Logits}' is [batch, classes]; perplexity needs [batch, tokens, vocab]");
-        double total = 0;
-        long counted = 0;
+        var loss = new LossTally();
         foreach (var chunk in data.Examples.Chunk(Math.Max(1, batchSize)))
         {
             int width = signature.FixedTokens ?? chunk.Max(e => e.Length);
@@ -78,15 +99,14 @@ public static class Evaluator
                         int target = e.Labels[t + 1];
                         if (target == Example.Ignore) continue;
                         var row = logits.Slice((b * width + t) * vocab, vocab);
-                        total += LogSumExp(row) - row[target];
-                        counted++;
+                        loss.Add(LogSumExp(row) - row[target], 1);
                     }
                 }
             }
             finally { foreach (var v in feeds.Values) v.Dispose(); }
         }
-        if (counted == 0) throw new InvalidDataException("no counted tokens: every label is -100 or every example has one token");
-        return new LanguageModelEvaluation(total / counted, counted);
+        if (loss.Weight == 0) throw new InvalidDataException("no counted tokens: every label is -100 or every example has one token");
+        return new LanguageModelEvaluation(loss.Mean, (long)loss.Weight);
     }
 
     /// <summary>Classifies every example (<see cref="Example.ClassLabel"/> is the truth) and tallies the confusion matrix.</summary>
@@ -96,6 +116,7 @@ public static class Evaluator
         ArgumentNullException.ThrowIfNull(data);
         var truth = new List<int>();
         var predicted = new List<int>();
+        var loss = new LossTally();
         int classes = 0;
         foreach (var chunk in data.Examples.Chunk(Math.Max(1, batchSize)))
         {
@@ -103,10 +124,12 @@ public static class Evaluator
             classes = results[0].Probabilities.Count;
             truth.AddRange(chunk.Select(e => e.ClassLabel));
             predicted.AddRange(results.Select(r => r.Label));
+            for (int i = 0; i < chunk.Length; i++)
+                if ((uint)chunk[i].ClassLabel < (uint)classes) loss.Add(-Math.Log(Math.Max(results[i].Probabilities[chunk[i].ClassLabel], 1e-30)), 1);
         }
         var names = classifier.Options.Labels ?? (data.ClassNames.Count == classes ? data.ClassNames
             : Enumerable.Range(0, classes).Select(i => i.ToString(System.Globalization.CultureInfo.InvariantCulture)).ToList());
-        return ClassificationEvaluation.From(truth, predicted, names);
+        return ClassificationEvaluation.From(truth, predicted, names) with { MeanLoss = loss.Mean };
     }
 
     static double LogSumExp(ReadOnlySpan<float> x)

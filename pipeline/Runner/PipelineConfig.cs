@@ -23,7 +23,7 @@ public sealed class PipelineConfig
         {
             ["optimizer"] = "adamw", ["lr"] = "2e-4", ["weight_decay"] = "0.01", ["warmup"] = "0", ["schedule"] = "linear", ["epochs"] = "1", ["max_steps"] = "0",
             ["batch"] = "8", ["grad_accum"] = "1", ["clip"] = "0", ["device"] = "cpu", ["threads"] = "0", ["seed"] = "42", ["shuffle"] = "true",
-            ["eval_every"] = "0", ["early_stopping"] = "0", ["head"] = "full", ["checkpoint_every"] = "50", ["init_adapter"] = null,
+            ["eval_every"] = "0", ["early_stopping"] = "0", ["head"] = "full", ["pooling"] = "last", ["checkpoint_every"] = "50", ["init_adapter"] = null,
         },
         ["export"] = new() { ["formats"] = "onnx-adapter,peft,merged" },
         ["evaluate"] = new() { ["examples"] = "6" },

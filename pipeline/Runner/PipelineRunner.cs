@@ -91,7 +91,7 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
 
         var (baseLoss, adaptedLoss, baseAcc, adaptedAcc, examples) = Evaluate(runDir, rewriteDir, evalData ?? trainData, adapter);
         var outputs = Export(adapter, rewriteDir, trainHash);
-        double? deployDiff = DeployCheck(rewriteDir, outputs);
+        double? deployDiff = DeployCheck(DeployModelOf(runDir, rewriteDir, adapter), outputs);
         var task = config.Required("data.task");
         return new PipelineReport(_runDir, _stages.Select(s => (s.Item1, s.Item2, s.Item3)).ToList(),
             task == "cls" ? "accuracy" : "perplexity", baseLoss, adaptedLoss, baseAcc, adaptedAcc, examples, outputs, deployDiff, clock.Elapsed);
@@ -227,7 +227,7 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
             GradAccum = config.Int("train.grad_accum"), Clip = config.Double("train.clip"), Device = config.Required("train.device"),
             Threads = config.Int("train.threads"), Seed = config.Int("train.seed"), Shuffle = config.Bool("train.shuffle"),
             EvalEvery = config.Int("train.eval_every"), EarlyStoppingPatience = config.Int("train.early_stopping"),
-            HeadMode = config.Required("train.head").ToLowerInvariant(), CheckpointEvery = config.Int("train.checkpoint_every"),
+            HeadMode = config.Required("train.head").ToLowerInvariant(), Pooling = config.Required("train.pooling").ToLowerInvariant(), CheckpointEvery = config.Int("train.checkpoint_every"),
             InitAdapter = config.Path("train.init_adapter"),
         };
         try { options.Validate(); }
@@ -258,63 +258,57 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
         return dir;
     }
 
-    /// <summary>The metric before (initial adapter: B = 0, untrained head) and after training, on the eval data, plus examples side by side.</summary>
+    /// <summary>The deployable model an adapter runs on: the training run's classifier (deploy.onnx) or the rewrite's deploy.onnx.</summary>
+    static string DeployModelOf(string runDir, string rewriteDir, LoraAdapter adapter) =>
+        Path.Combine(adapter.Classifier is null ? rewriteDir : runDir, LoraManifest.DeployableModelFile);
+
+    /// <summary>
+    /// The metric before (the deployed model with no adapter: the base model, or a zero head) and after training (with
+    /// the trained adapter through ONNX Runtime's LoRA API), on the eval data, plus examples side by side. Scored by
+    /// <see cref="Evaluator"/>, as 'onnxlora eval' scores.
+    /// </summary>
     (double, double, double?, double?, IReadOnlyList<SideBySide>) Evaluate(string runDir, string rewriteDir, string evalData, LoraAdapter adapter)
     {
         var options = TrainOptions.Load(runDir);
-        var artifacts = Path.Combine(runDir, Trainer.ArtifactsDir);
-        var device = ExecutionDevice.Parse(options.Device);
-        var data = DatasetLoader.Load(evalData, new DatasetOptions { Format = options.Format, Task = options.Task, SeqLength = options.SeqLength, ClassNames = options.ClassNames, SkipBadRows = options.SkipBadRows, Tokenizer = TokenizerOf(options) });
+        var tokenizer = TokenizerOf(options);
+        var data = DatasetLoader.Load(evalData, new DatasetOptions { Format = options.Format, Task = options.Task, SeqLength = options.SeqLength, ClassNames = adapter.Classifier?.Labels ?? options.ClassNames, SkipBadRows = options.SkipBadRows, Tokenizer = tokenizer });
         _sampleIds = data.Examples[0].InputIds.Select(i => (long)i).ToArray();
-        using var session = TrainingSession.Create(artifacts, device, options.Threads);
-        var before = Score(session, data, options);
-        foreach (var (name, t) in adapter.LoraTensors.Concat(adapter.Extras)) if (session.HasState(name)) session.SetState(name, t.Data);
-        var after = Score(session, data, options);
-
+        using var host = AdapterHost.Create(DeployModelOf(runDir, rewriteDir, adapter), new AdapterHostOptions { Device = ExecutionDevice.Parse(options.Device) });
+        host.AddAdapter("adapted", OnnxAdapterFile.Serialize(OnnxAdapterFile.DeployableParameters(adapter)));
         var examples = new List<SideBySide>();
         int count = config.Int("evaluate.examples");
+        double beforeLoss, afterLoss;
+        double? beforeAccuracy = null, afterAccuracy = null;
         if (options.Task == TaskKind.Cls)
-            for (int i = 0; i < Math.Min(count, before.Predictions.Count); i++)
-                examples.Add(new SideBySide(before.Texts[i], data.ClassNames[data.Examples[i].ClassLabel], before.Predictions[i], after.Predictions[i]));
-        else examples.AddRange(Generations(rewriteDir, data, adapter, count, showIds: options.Format == DataFormat.Tokens, TokenizerOf(options)));
-        log?.Invoke($"evaluate: loss {before.Loss:F4} → {after.Loss:F4}" + (before.Accuracy is double a ? $", accuracy {a:P1} → {after.Accuracy:P1}" : ""));
+        {
+            var classifier = new Classifier(host, options: new ClassifierOptions { Labels = data.ClassNames, PadTokenId = 0 });
+            var before = Evaluator.Classification(classifier, null, data, options.BatchSize);
+            var after = Evaluator.Classification(classifier, "adapted", data, options.BatchSize);
+            (beforeLoss, afterLoss, beforeAccuracy, afterAccuracy) = (before.MeanLoss!.Value, after.MeanLoss!.Value, before.Accuracy, after.Accuracy);
+            var rows = data.Examples.Take(count).Select(e => (IReadOnlyList<int>)e.InputIds).ToList();
+            if (rows.Count > 0)
+            {
+                string Show(ClassificationResult r) => $"{r.LabelName} ({r.Probabilities[r.Label]:P0})";
+                var b = classifier.ClassifyBatch(rows); var a = classifier.ClassifyBatch(rows, "adapted");
+                for (int i = 0; i < rows.Count; i++)
+                    examples.Add(new SideBySide(tokenizer.Decode(rows[i]), data.ClassNames[data.Examples[i].ClassLabel], Show(b[i]), Show(a[i])));
+            }
+        }
+        else
+        {
+            int padId = host.Outputs.Values.First().Dimensions[^1] == 50257 ? TextGenerator.Gpt2EndOfText : 0;
+            beforeLoss = Evaluator.LanguageModel(host, null, data, options.BatchSize, padId).MeanLoss;
+            afterLoss = Evaluator.LanguageModel(host, "adapted", data, options.BatchSize, padId).MeanLoss;
+            examples.AddRange(Generations(rewriteDir, data, adapter, count, showIds: options.Format == DataFormat.Tokens, tokenizer));
+        }
+        log?.Invoke($"evaluate (deployed model): loss {beforeLoss:F4} → {afterLoss:F4}" + (beforeAccuracy is double x ? $", accuracy {x:P1} → {afterAccuracy:P1}" : ""));
         _stages.Add(("evaluate", false, Path.Combine(_runDir, "evaluation.json")));
         AtomicFile.WriteAllText(Path.Combine(_runDir, "evaluation.json"), new JsonObject
         {
-            ["base_loss"] = before.Loss, ["adapted_loss"] = after.Loss, ["base_accuracy"] = before.Accuracy, ["adapted_accuracy"] = after.Accuracy,
+            ["base_loss"] = beforeLoss, ["adapted_loss"] = afterLoss, ["base_accuracy"] = beforeAccuracy, ["adapted_accuracy"] = afterAccuracy,
             ["examples"] = new JsonArray(examples.Select(e => (JsonNode?)new JsonObject { ["input"] = e.Input, ["expected"] = e.Expected, ["base"] = e.Base, ["adapted"] = e.Adapted }).ToArray()),
         }.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
-        return (before.Loss, after.Loss, before.Accuracy, after.Accuracy, examples);
-    }
-
-    sealed record Scores(double Loss, double? Accuracy, List<string> Predictions, List<string> Texts);
-
-    static Scores Score(TrainingSession session, Dataset data, TrainOptions options)
-    {
-        var tokenizer = TokenizerOf(options);
-        double total = 0, weight = 0;
-        int correct = 0;
-        var predictions = new List<string>();
-        var texts = new List<string>();
-        for (int start = 0; start < data.Examples.Count; start += options.BatchSize)
-        {
-            var members = data.Examples.Skip(start).Take(options.BatchSize).ToList();
-            var batch = Batcher.Pad(members, padTokenId: 0);   // right padding never reaches a counted position
-            var r = session.EvalStep(batch);
-            total += r.Loss * members.Count; weight += members.Count;
-            if (r.ClassLogits is not { } logits) continue;
-            int classes = logits.Length / members.Count;
-            for (int row = 0; row < members.Count; row++)
-            {
-                var z = logits.AsSpan(row * classes, classes).ToArray();
-                int best = Sampler.ArgMax(z);
-                double p = 1 / z.Sum(v => Math.Exp(v - z[best]));
-                if (best == members[row].ClassLabel) correct++;
-                predictions.Add($"{data.ClassNames[best]} ({p:P0})");
-                texts.Add(tokenizer.Decode(members[row].InputIds));
-            }
-        }
-        return new Scores(total / weight, data.Task == TaskKind.Cls ? (double)correct / data.Examples.Count : null, predictions, texts);
+        return (beforeLoss, afterLoss, beforeAccuracy, afterAccuracy, examples);
     }
 
     /// <summary>Greedy continuations of eval prompts by the base and the adapted model; token ids are shown as ids when the data was pre-tokenized.</summary>
@@ -347,11 +341,7 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
             {
                 AdapterFormat.OnnxAdapter => "adapter.onnx_adapter", AdapterFormat.Peft => "peft", AdapterFormat.GenAi => "genai", _ => "merged.onnx",
             });
-            // deploy.onnx and the base graph hold the LM body only: a classification head travels in the PEFT export
-            // (modules_to_save) and train/adapter.safetensors, not in the .onnx_adapter or the merged model
-            var written = format != AdapterFormat.Peft && adapter.Extras.Count > 0 ? LoraAdapter.Create(adapter.Manifest, adapter.LoraTensors) : adapter;
-            if (!ReferenceEquals(written, adapter)) log?.Invoke($"  {path}: LoRA factors only; the head ({string.Join(", ", adapter.Extras.Keys)}) is in the PEFT export");
-            Stage($"export {format}", hash, () => { AdapterFiles.Write(written, format, path, rewriteDir); return path; }, p => File.Exists(p) || Directory.Exists(p));
+            Stage($"export {format}", hash, () => { AdapterFiles.Write(adapter, format, path, rewriteDir); return path; }, p => File.Exists(p) || Directory.Exists(p));
             outputs[format.ToString()] = path;
         }
         outputs["loss plot"] = Path.Combine(_runDir, "train", Trainer.PlotFile);
@@ -360,10 +350,10 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
 
     /// <summary>The deployable model with the exported .onnx_adapter (through ORT's OrtLoraAdapter) against the merged model.</summary>
     /// <returns>The largest logit difference; null when the config exports no .onnx_adapter and merged model to compare.</returns>
-    double? DeployCheck(string rewriteDir, IReadOnlyDictionary<string, string> outputs)
+    double? DeployCheck(string deployModel, IReadOnlyDictionary<string, string> outputs)
     {
         if (!outputs.TryGetValue(nameof(AdapterFormat.OnnxAdapter), out var adapterPath) || !outputs.TryGetValue(nameof(AdapterFormat.Merged), out var merged)) return null;
-        using var host = AdapterHost.Create(Path.Combine(rewriteDir, LoraManifest.DeployableModelFile));
+        using var host = AdapterHost.Create(deployModel);
         host.AddAdapter("adapted", adapterPath);
         // both models take the base's inputs (ids, and a mask, positions or caches when it has them): fed by role
         var signature = ModelSignature.Of(host);

@@ -23,6 +23,10 @@ public sealed record TrainOptions
     public IReadOnlyList<string>? ClassNames { get; init; }
     /// <summary>"full" trains the classification head (PEFT's modules_to_save); "lora" adapts a frozen random head.</summary>
     public string HeadMode { get; init; } = "full";
+    /// <summary>cls: which hidden state the head reads: "last" (the last non-padding token), "first" ([CLS]) or "mean".</summary>
+    public string Pooling { get; init; } = "last";
+    /// <summary>cls: keep the LoRA factors at their start (B = 0) and train the head alone, the frozen-base baseline.</summary>
+    public bool FreezeLora { get; init; }
     public required string OutDir { get; init; }
     public int Epochs { get; init; } = 1;
     /// <summary>Optimizer steps; overrides <see cref="Epochs"/> when &gt; 0.</summary>
@@ -80,6 +84,8 @@ public sealed record TrainOptions
         Require(EarlyStoppingPatience >= 0, $"--early-stopping must be ≥ 0 (got {EarlyStoppingPatience})");
         Require(Optimizer is "adamw" or "sgd", $"--optimizer must be adamw or sgd (got '{Optimizer}')");
         Require(HeadMode is "full" or "lora", $"--head must be full or lora (got '{HeadMode}')");
+        Require(Pooling is "last" or "first" or "mean", $"--pooling must be last, first or mean (got '{Pooling}')");
+        Require(!FreezeLora || Task == TaskKind.Cls, "--freeze-lora trains the head alone: it needs --task cls");
         Require(Task != TaskKind.Cls || Classes >= 2 || ClassNames is { Count: >= 2 } || Format == DataFormat.Tsv, "--task cls needs --classes N (≥ 2)");
         Require(CheckpointEvery >= 0 && EvalEvery >= 0 && WarmupSteps >= 0, "--checkpoint-every, --eval-every and --warmup must be ≥ 0");
         GraphRewrite.Signature.RoleOverride.ParseAll(InputRoles);   // a malformed --input-role fails before any work

@@ -209,7 +209,7 @@ public static class Trainer
         if (dp.IsRoot)
         {
             LossPlot.Save(metrics.Rows, Path.Combine(o.OutDir, PlotFile));
-            WriteAdapter(session, manifest, o);
+            WriteAdapter(session, manifest, o, artifacts, classes, train.ClassNames);
         }
         return new TrainResult(o.OutDir, step, firstLoss, lastLoss, double.IsInfinity(best) ? lastEval : best, lastAccuracy, clock.Elapsed,
             tokens / Math.Max(1e-9, clock.Elapsed.TotalSeconds), PeakMemoryBytes(), adapterPath, earlyStopped);
@@ -233,7 +233,8 @@ public static class Trainer
     {
         var logits = model.Graph.Output.FirstOrDefault(v => v.Name == "logits") ?? model.Graph.Output[0];
         var dims = ValueInfos.Dims(logits);
-        if (dims is { Length: > 0 } && dims[^1].Value is long v and > 0 and <= int.MaxValue) return (int)v;
+        // an encoder's last_hidden_state is [batch, seq, d]: only its token embedding tells the vocabulary
+        if (!ClassHead.IsHiddenOutput(logits.Name) && dims is { Length: > 0 } && dims[^1].Value is long v and > 0 and <= int.MaxValue) return (int)v;
         // a symbolic vocabulary dim: the rows of the token embedding (the Gather that reads the ids) say it too
         var table = model.Graph.Node.Where(n => n.OpType == "Gather" && n.Input.Count == 2 && n.Input[1] == "input_ids")
             .Select(n => model.Graph.Initializer.FirstOrDefault(t => t.Name == n.Input[0])).FirstOrDefault(t => t is { Dims.Count: 2 });
@@ -250,6 +251,8 @@ public static class Trainer
             Task = o.Task == TaskKind.Cls ? TrainingTask.Cls : TrainingTask.Lm,
             Classes = classes,
             HeadMode = o.HeadMode == "lora" ? HeadMode.Lora : HeadMode.Full,
+            Pooling = ClassHead.ParsePooling(o.Pooling),
+            FreezeLora = o.FreezeLora,
             Optimizer = o.Optimizer == "sgd" ? OptimizerKind.Sgd : OptimizerKind.AdamW,
             HeadSeed = o.Seed,
             InputRoles = RoleOverride.ParseAll(o.InputRoles),
@@ -277,7 +280,7 @@ public static class Trainer
     static (double Loss, double? Accuracy) Evaluate(TrainingSession session, Dataset eval, TrainOptions o, int padId)
     {
         var batcher = new Batcher(eval, o.BatchSize, padId, shuffle: false, 0);
-        double weighted = 0, weight = 0;
+        var loss = new Deployment.LossTally();
         int correct = 0, seen = 0;
         var dp = DataParallel.Current;
         for (int i = dp.Rank; i < batcher.BatchesPerEpoch; i += dp.Size)
@@ -285,8 +288,7 @@ public static class Trainer
             var batch = batcher.Get(0, i);
             var r = session.EvalStep(batch);
             // LM loss is a mean over counted positions, classification a mean over rows: weight batches alike
-            double w = o.Task == TaskKind.Lm ? CountedPositions(batch) : batch.BatchSize;
-            weighted += r.Loss * w; weight += w;
+            loss.Add(r.Loss, o.Task == TaskKind.Lm ? CountedPositions(batch) : batch.BatchSize);
             if (r.ClassLogits is { } logits)
             {
                 int classes = logits.Length / batch.BatchSize;
@@ -297,24 +299,47 @@ public static class Trainer
                 }
             }
         }
-        Span<double> sums = [weighted, weight, correct, seen];
+        Span<double> sums = [loss.Sum, loss.Weight, correct, seen];
         dp.Sum(sums);
-        (weighted, weight, correct, seen) = (sums[0], sums[1], (int)sums[2], (int)sums[3]);
-        return (weighted / Math.Max(1e-9, weight), seen > 0 ? (double)correct / seen : null);
+        return (sums[1] > 0 ? Deployment.LossTally.From(sums[0], sums[1]).Mean : 0, sums[3] > 0 ? sums[2] / sums[3] : null);
     }
 
     static long CountedPositions(Batch b) => Math.Max(1, b.CountedTargets);
 
-    /// <summary>Writes the trained adapter in OnnxLora's layout and as an .onnx_adapter for the deployable model.</summary>
-    static string WriteAdapter(TrainingSession session, LoraManifest manifest, TrainOptions o)
+    /// <summary>
+    /// Writes the trained adapter in OnnxLora's layout and as an .onnx_adapter for the deployable model. A classifier's
+    /// adapter carries its head (a LoRA-adapted head with its frozen weight), pooling and label names, and the run folder
+    /// gets the classifier's deployable model (deploy.onnx: the rewrite's, pooled, with the head as an overridable input).
+    /// </summary>
+    static string WriteAdapter(TrainingSession session, LoraManifest manifest, TrainOptions o, string artifactsDir, int classes, IReadOnlyList<string> classNames)
     {
-        var state = session.GetState(withMoments: false);
+        var state = session.GetState(withMoments: false).Select(kv => KeyValuePair.Create(kv.Key, SafeTensor.FromFloats(kv.Value.Shape, kv.Value.Data))).ToList();
         var path = Path.Combine(o.OutDir, AdapterFile);
-        SafeTensorsFile.Write(path, state.OrderBy(kv => kv.Key, StringComparer.Ordinal)
-            .Select(kv => KeyValuePair.Create(kv.Key, SafeTensor.FromFloats(kv.Value.Shape, kv.Value.Data))),
-            new Dictionary<string, string> { ["format"] = "onnxlora.adapter/1", ["task"] = o.Task.ToString().ToLowerInvariant() });
+        var metadata = new Dictionary<string, string> { ["format"] = "onnxlora.adapter/1", ["task"] = o.Task.ToString().ToLowerInvariant() };
+        if (o.Task == TaskKind.Cls)
+        {
+            metadata[ClassHead.MetadataKey] = ClassHead.ToJson(new ClassifierInfo { Classes = classes, Pooling = o.Pooling, Labels = classNames.Count == classes ? classNames : null });
+            var spec = TrainingArtifacts.LoadSpec(artifactsDir);
+            if (spec.FrozenExtras.Count > 0)   // a LoRA head's frozen weight, or frozen LoRA factors, live in the artifacts' initial values
+            {
+                var initial = OnnxFile.Load(Path.Combine(artifactsDir, TrainingArtifacts.InitialParamsFile));
+                foreach (var name in spec.FrozenExtras)
+                {
+                    var t = initial.Graph.Initializer.First(i => i.Name == name + ".init");
+                    state.Add(KeyValuePair.Create(name, SafeTensor.FromFloats(t.Dims.ToArray(), Tensors.ToFloats(t))));
+                }
+            }
+        }
+        SafeTensorsFile.Write(path, state.OrderBy(kv => kv.Key, StringComparer.Ordinal), metadata);
         var adapter = AdapterFiles.ReadSafeTensors(path, manifest);
-        if (o.Task == TaskKind.Lm) AdapterFiles.Write(adapter, AdapterFormat.OnnxAdapter, Path.Combine(o.OutDir, OnnxAdapterFileName), o.ModelDir);
+        string deployDir = o.ModelDir;
+        if (o.Task == TaskKind.Cls)
+        {
+            var deployPath = Path.Combine(o.ModelDir, LoraManifest.DeployableModelFile);
+            OnnxFile.Save(AdapterFiles.DeployableFor(adapter, OnnxFile.Load(deployPath), deployPath), Path.Combine(o.OutDir, LoraManifest.DeployableModelFile));
+            deployDir = o.OutDir;
+        }
+        AdapterFiles.Write(adapter, AdapterFormat.OnnxAdapter, Path.Combine(o.OutDir, OnnxAdapterFileName), deployDir);
         return path;
     }
 

@@ -16,7 +16,7 @@ public class PeftAdapterTests
     {
         using var dir = new TempDir();
         var manifest = TinyDeployable.Manifest();
-        var head = new Dictionary<string, AdapterTensor> { ["score.weight"] = new([TinyDeployable.Out, 2], [1, 2, 3, 4, 5, 6, 7, 8]) };
+        var head = new Dictionary<string, AdapterTensor> { ["cls_head.weight"] = new([TinyDeployable.Out, 2], [1, 2, 3, 4, 5, 6, 7, 8]) };
         var adapter = LoraAdapter.Create(manifest, LoraAdapter.CreateRandom(manifest, 7).LoraTensors, head);
         PeftAdapter.Write(dir.Path, adapter, new PeftExportOptions { BaseModelNameOrPath = "gpt2" });
 
@@ -26,8 +26,12 @@ public class PeftAdapterTests
             Assert.That(back.A(t).Data, Is.EqualTo(adapter.A(t).Data));
             Assert.That(back.B(t).Data, Is.EqualTo(adapter.B(t).Data).Within(1e-6));
         }
-        Assert.That(back.Extras.Keys, Is.EqualTo(new[] { "score.weight" }));
-        Assert.That(back.Extras["score.weight"].Data, Is.EqualTo(head["score.weight"].Data));
+        Assert.That(back.Extras.Keys, Is.EqualTo(new[] { "cls_head.weight" }));
+        Assert.That(back.Extras["cls_head.weight"].Data, Is.EqualTo(head["cls_head.weight"].Data));
+        // PEFT's name and layout for a sequence-classification head: score.weight [classes, d], listed in modules_to_save
+        var (raw, _) = OnnxLora.Models.SafeTensorsFile.Read(Path.Combine(dir.Path, PeftAdapter.WeightsFile));
+        Assert.That(raw["base_model.model.score.weight"].Shape, Is.EqualTo(new long[] { 2, TinyDeployable.Out }));
+        Assert.That(raw["base_model.model.score.weight"].ToFloats(), Is.EqualTo(head["cls_head.weight"].Transpose2D().Data));
 
         var config = Config(dir.Path);
         Assert.That(config["peft_type"]!.GetValue<string>(), Is.EqualTo("LORA"));
@@ -40,6 +44,29 @@ public class PeftAdapterTests
         Assert.That(config["base_model_name_or_path"]!.GetValue<string>(), Is.EqualTo("gpt2"));
         Assert.That(config["target_modules"]!.AsArray().Select(n => n!.GetValue<string>()), Is.EqualTo(new[] { "c_fc", "c_proj" }));
         Assert.That(config["modules_to_save"]!.AsArray().Select(n => n!.GetValue<string>()), Is.EqualTo(new[] { "score" }));
+    }
+
+    [Test]
+    public void A_head_in_peft_models_to_save_state_dict_form_reads_as_the_classifier_head_with_its_labels()
+    {
+        using var dir = new TempDir();
+        var manifest = TinyDeployable.Manifest();
+        var adapter = LoraAdapter.Create(manifest, LoraAdapter.CreateRandom(manifest, 3).LoraTensors,
+            new Dictionary<string, AdapterTensor> { ["cls_head.weight"] = new([TinyDeployable.Out, 2], [1, 2, 3, 4, 5, 6, 7, 8]) }, "test",
+            new OnnxLora.GraphRewrite.Autodiff.ClassifierInfo { Classes = 2, Pooling = "mean", Labels = ["ham", "spam"] });
+        PeftAdapter.Write(dir.Path, adapter);
+        // what a PEFT model's state_dict holds before save strips the adapter name: score.modules_to_save.default.weight
+        var path = Path.Combine(dir.Path, PeftAdapter.WeightsFile);
+        var (tensors, metadata) = OnnxLora.Models.SafeTensorsFile.Read(path);
+        var renamed = tensors.Select(kv => KeyValuePair.Create(kv.Key == "base_model.model.score.weight" ? "base_model.model.score.modules_to_save.default.weight" : kv.Key, kv.Value)).ToList();
+        Assert.That(renamed.Select(kv => kv.Key), Does.Contain("base_model.model.score.modules_to_save.default.weight"));
+        OnnxLora.Models.SafeTensorsFile.Write(path, renamed, metadata);
+
+        var back = PeftAdapter.Read(dir.Path, manifest);
+        Assert.That(back.Head!.Shape, Is.EqualTo(new long[] { TinyDeployable.Out, 2 }));
+        Assert.That(back.Head.Data, Is.EqualTo(new float[] { 1, 2, 3, 4, 5, 6, 7, 8 }));
+        Assert.That(back.Classifier!.Labels, Is.EqualTo(new[] { "ham", "spam" }));
+        Assert.That(back.Classifier.Pooling, Is.EqualTo("mean"));
     }
 
     [Test]

@@ -147,6 +147,7 @@ static class RewriteTestModels
             {
                 DataType.Int64 when input.Name.Contains("mask") => Enumerable.Repeat(1L, n).ToArray(),
                 DataType.Int64 when input.Name.Contains("position") => Enumerable.Range(0, n).Select(i => (long)(i % shape[^1])).ToArray(),
+                DataType.Int64 when input.Name.Contains("token_type") => new long[n],   // segment ids: 0 (an encoder has 2 segments)
                 DataType.Int64 => Enumerable.Range(0, n).Select(_ => (long)r.Next((int)vocab)).ToArray(),
                 DataType.Float => Enumerable.Range(0, n).Select(_ => (float)(r.NextDouble() * 2 - 1)).ToArray(),
                 _ => throw new NotSupportedException($"test feed for input '{input.Name}' of type {type}"),

@@ -180,6 +180,22 @@ public class ServeSettings : CommandSettings
         }
     }
 
+    /// <summary>
+    /// The class names of a run: the adapter's own (run folder, PEFT or safetensors metadata), else the model's
+    /// classifier metadata (a merged model, or the deploy.onnx a training run wrote, for an .onnx_adapter); null = none recorded.
+    /// </summary>
+    internal static IReadOnlyList<string>? RecordedLabels(AdapterHost host, ServeSettings s, string? run)
+    {
+        if (run is not null)
+        {
+            var spec = s.Adapters.First(a => a.StartsWith(run + "=", StringComparison.Ordinal) || Path.GetFileNameWithoutExtension(Path.TrimEndingDirectorySeparator(a)) == run);
+            var path = spec.StartsWith(run + "=", StringComparison.Ordinal) ? spec[(run.Length + 1)..] : spec;
+            var manifestPath = Path.Combine(Path.GetDirectoryName(Path.GetFullPath(host.ModelPath))!, LoraManifest.FileName);
+            if (AdapterFiles.ClassifierOf(path, File.Exists(manifestPath) ? LoraManifest.Load(manifestPath) : null)?.Labels is { } own) return own;
+        }
+        return GraphRewrite.Autodiff.ClassHead.ReadInfo(host.ModelMetadata, host.ModelPath)?.Labels;
+    }
+
     /// <summary>--ids as token ids: whole numbers ≥ 0 (a negative id would wrap around to a real token in Gather).</summary>
     internal IReadOnlyList<int>? ParseIds() => Ids?.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries)
         .Select(t => int.TryParse(t, NumberStyles.None, CultureInfo.InvariantCulture, out var id) ? id : throw new FormatException($"--ids: '{t}' is not a token id (a whole number ≥ 0)"))
@@ -313,21 +329,23 @@ public sealed class ClassifyCommand(IAnsiConsole console) : Command<ClassifyComm
         var (host, runs) = s.OpenHost();
         using (host)
         {
-            var tokenizer = s.TokenizerFor(host, needed: ids is null || s.LabelTokens is not null)?.Inner;
+            var textTokenizer = s.TokenizerFor(host, needed: ids is null || s.LabelTokens is not null);
+            var tokenizer = textTokenizer?.Inner;
             IReadOnlyList<int>? labelTokens = s.LabelTokens?.Split(',').Select(w =>
             {
                 var t = tokenizer!.EncodeToIds(w);
                 return t.Count == 1 ? t[0] : throw new ArgumentException($"--label-tokens: '{w}' is {t.Count} tokens; each label must be one GPT-2 token");
             }).ToList();
-            var classifier = new Classifier(host, tokenizer, new ClassifierOptions
-            {
-                Labels = Pipeline.Data.DatasetLoader.ParseClassNames(s.Labels, "--labels"),
-                LabelTokenIds = labelTokens,
-            });
-            IReadOnlyList<IReadOnlyList<int>> rows = ids is not null ? [ids] : s.Text.Select(t => tokenizer!.EncodeToIds(t)).ToList();
+            var given = Pipeline.Data.DatasetLoader.ParseClassNames(s.Labels, "--labels");
+            IReadOnlyList<IReadOnlyList<int>> rows = ids is not null ? [ids] : s.Text.Select(t => (IReadOnlyList<int>)textTokenizer!.Encode(t)).ToList();
             var inputs = ids is not null ? [s.Ids!] : s.Text;
             foreach (var name in runs)
             {
+                var classifier = new Classifier(host, tokenizer, new ClassifierOptions
+                {
+                    Labels = given ?? (labelTokens is null ? ServeSettings.RecordedLabels(host, s, name) : null),
+                    LabelTokenIds = labelTokens,
+                });
                 var results = classifier.ClassifyBatch(rows, name);
                 var table = new Table().Title(Markup.Escape(name ?? "base")).AddColumns("input", "label", "probabilities");
                 for (int i = 0; i < results.Count; i++)
@@ -387,9 +405,12 @@ public sealed class EvalCommand(IAnsiConsole console) : Command<EvalCommand.Sett
             var logits = host.Outputs.TryGetValue("logits", out var l) ? l : host.Outputs.Values.First();
             int width = logits.Dimensions[^1];
             var dataTokenizer = s.Tokenizer is null ? null : TextTokenizer.Load(s.Tokenizer);
+            // the class indices of the file follow the classifier's own label order where it recorded one
+            var classNames = Pipeline.Data.DatasetLoader.ParseClassNames(s.Labels, "--labels")
+                ?? (task == Pipeline.Data.TaskKind.Cls && s.LabelTokens is null ? ServeSettings.RecordedLabels(host, s, runs[0]) : null);
             var data = Pipeline.Data.DatasetLoader.Load(s.Data, new Pipeline.Data.DatasetOptions
             {
-                Format = format, Task = task, SeqLength = s.Seq, ClassNames = Pipeline.Data.DatasetLoader.ParseClassNames(s.Labels, "--labels"),
+                Format = format, Task = task, SeqLength = s.Seq, ClassNames = classNames,
                 VocabSize = task == Pipeline.Data.TaskKind.Cls ? dataTokenizer?.VocabSize ?? 50257   // tsv text goes through the tokenizer, GPT-2's by default
                     : width > 0 ? width : throw new ArgumentException($"{host.ModelPath}: the vocabulary size (last dim of the logits) is not fixed, so token ids cannot be checked against it"),
                 Tokenizer = dataTokenizer,

@@ -30,6 +30,10 @@ public sealed class TrainCommand(IAnsiConsole console) : Command<TrainCommand.Se
         public string? Labels { get; init; }
         [CommandOption("--head <MODE>")][Description("cls head: full (trained fully, PEFT's modules_to_save; default) or lora.")]
         public string Head { get; init; } = "full";
+        [CommandOption("--pooling <MODE>")][Description("cls: the hidden state the head reads: last (last non-padding token; decoders, default), first ([CLS]; encoders) or mean (over the mask).")]
+        public string Pooling { get; init; } = "last";
+        [CommandOption("--freeze-lora")][Description("cls: keep LoRA at its start (B = 0, the frozen base) and train the head alone: the baseline a LoRA run is compared with.")]
+        public bool FreezeLora { get; init; }
         [CommandOption("-o|--out <RUN_DIR>")][Description("Run folder (new or empty): checkpoints, metrics.jsonl, loss.png and the adapter.")]
         public string? Out { get; init; }
         [CommandOption("--overwrite")][Description("Start over in --out when it holds an earlier run (nothing else is ever replaced).")]
@@ -108,7 +112,7 @@ public sealed class TrainCommand(IAnsiConsole console) : Command<TrainCommand.Se
         return new TrainOptions
         {
             ModelDir = Path.GetFullPath(s.Model), DataPath = Path.GetFullPath(s.Data), Format = ParseFormat(s.Format, s.Data, task), Task = task,
-            Classes = s.Classes, ClassNames = Pipeline.Data.DatasetLoader.ParseClassNames(s.Labels, "--labels"), HeadMode = s.Head.ToLowerInvariant(),
+            Classes = s.Classes, ClassNames = Pipeline.Data.DatasetLoader.ParseClassNames(s.Labels, "--labels"), HeadMode = s.Head.ToLowerInvariant(), Pooling = s.Pooling.ToLowerInvariant(), FreezeLora = s.FreezeLora,
             OutDir = Path.GetFullPath(s.Out), Epochs = s.Epochs, MaxSteps = s.MaxSteps, BatchSize = s.Batch, SeqLength = s.Seq,
             Optimizer = s.Optimizer.ToLowerInvariant(), Lr = s.Lr, WeightDecay = s.WeightDecay, WarmupSteps = s.Warmup,
             Schedule = Cli.Flag("--schedule", () => ScheduleKinds.Parse(s.Schedule)),
