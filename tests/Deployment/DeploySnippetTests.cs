@@ -1,4 +1,3 @@
-using System.Runtime.CompilerServices;
 using Microsoft.ML.OnnxRuntime;
 using OnnxLora.GraphRewrite.Lora;
 using OnnxLora.Pipeline.Adapters;
@@ -8,7 +7,15 @@ namespace OnnxLora.Tests.Deployment;
 
 public class DeploySnippetTests
 {
-    static string SourceDir([CallerFilePath] string path = "") => Path.GetDirectoryName(path)!;
+    // the checkout, found from the test assembly upwards: a CI build maps [CallerFilePath] to "/_/" (deterministic paths)
+    static string RepoRoot()
+    {
+        for (var dir = new DirectoryInfo(TestContext.CurrentContext.TestDirectory); dir is not null; dir = dir.Parent)
+            if (File.Exists(Path.Combine(dir.FullName, "OnnxLora.sln"))) return dir.FullName;
+        throw new DirectoryNotFoundException($"{TestContext.CurrentContext.TestDirectory}: no OnnxLora.sln above the test folder");
+    }
+
+    static string SourceDir() => Path.Combine(RepoRoot(), "tests", "Deployment");
 
     static string[] Lines(string text, string begin, string end)
     {
@@ -22,8 +29,7 @@ public class DeploySnippetTests
     public void The_documented_plain_ORT_sample_is_the_compiled_one()
     {
         var compiled = Lines(File.ReadAllText(Path.Combine(SourceDir(), "DeploySnippet.cs")), "snippet-begin", "snippet-end");
-        var docPath = Path.Combine(SourceDir(), "..", "..", "docs", "DEPLOY.md");
-        if (!File.Exists(docPath)) Assert.Inconclusive($"{docPath}: not in this checkout");
+        var docPath = Path.Combine(RepoRoot(), "docs", "DEPLOY.md");
         var documented = Lines(File.ReadAllText(docPath), "```csharp", "```").Where(l => !l.StartsWith("using Microsoft", StringComparison.Ordinal) && !l.StartsWith("long[] ids", StringComparison.Ordinal) && !l.StartsWith("string ", StringComparison.Ordinal)).ToArray();
         Assert.That(documented, Is.EqualTo(compiled));
         Assert.That(File.ReadAllText(Path.Combine(SourceDir(), "DeploySnippet.cs")), Does.Not.Contain("using OnnxLora"));
