@@ -38,7 +38,8 @@ public class BenchCommandTests
         using var dir = new TempDir();
         var json = dir.File("generate.json");
         var (code, output, error) = CliRunner.Run("bench", "--generate", "--preset", "tiny", "--prompt-tokens", "8", "--new-tokens", "4", "--batch", "2",
-                                                 "--rank", "4", "--threads", "1", "--modes", "cache", "--genai-tool", GenAiTool, "--json", json);
+                                                 "--rank", "4", "--threads", "1", "--modes", "cache", "--genai-tool", GenAiTool, "--json", json,
+                                                 "--seed", "1");   // a seed whose random adapter changes a greedy token (many leave all 4 as they are)
         Assert.That(code, Is.EqualTo(0), error);
         Assert.That(output, Does.Contain("batch 2, adapter: ours with the cache ÷ GenAI tokens/s ="));
         using var doc = JsonDocument.Parse(File.ReadAllText(json));
@@ -52,6 +53,10 @@ public class BenchCommandTests
             Assert.That(r.GetProperty("TokensPerS").GetDouble(), Is.EqualTo(r.GetProperty("Batch").GetInt32() * 4 / r.GetProperty("TotalS").GetDouble()).Within(1e-6).Percent);
             Assert.That(r.GetProperty("FirstTokenS").GetDouble(), Is.GreaterThan(0).And.LessThanOrEqualTo(r.GetProperty("TotalS").GetDouble()));
         }
+        // GenAI applied the adapter (its adapter rows, equal to ours, differ from its base rows)
+        string Tokens(int batch, string variant) => genai.Single(r => r.GetProperty("Batch").GetInt32() == batch && r.GetProperty("Variant").GetString() == variant).GetProperty("Tokens").GetRawText();
+        Assert.That(Tokens(2, "adapter"), Is.Not.EqualTo(Tokens(2, "base")));
+        Assert.That(Tokens(2, "merged"), Is.EqualTo(Tokens(2, "adapter")), "merged = adapter on (greedy, 4 tokens on tiny)");
 
         (code, _, error) = CliRunner.Run("bench", "--generate", "--preset", "tiny", "--genai-tool", dir.File("missing.dll"));
         Assert.That((code, error.Trim()), Is.EqualTo((1, $"error: --genai-tool {dir.File("missing.dll")}: no such file (build tools/GenAiBench: dotnet build tools/GenAiBench -c Release)")));

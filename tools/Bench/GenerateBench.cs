@@ -12,7 +12,9 @@ namespace OnnxLora.Tools.Bench;
 
 /// <summary>One measured generation: time to the first token and tokens/s over the whole request (all rows).</summary>
 /// <param name="SameTokensAsOurs">GenAI's rows only: whether its greedy tokens equal OnnxLora's for the same prompts</param>
-public sealed record GenerateMeasure(int Batch, string Mode, string Variant, int PromptTokens, int NewTokens, double FirstTokenS, double TotalS, bool? SameTokensAsOurs = null)
+/// <param name="Tokens">GenAI's rows only: its new tokens per row</param>
+public sealed record GenerateMeasure(int Batch, string Mode, string Variant, int PromptTokens, int NewTokens, double FirstTokenS, double TotalS,
+                                     bool? SameTokensAsOurs = null, IReadOnlyList<IReadOnlyList<int>>? Tokens = null)
 {
     public double TokensPerS => Batch * NewTokens / TotalS;
 }
@@ -127,8 +129,8 @@ public static class GenerateBench
         var line = stdout.Split('\n', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).LastOrDefault(l => l.StartsWith('{'))
                    ?? throw new InvalidOperationException($"{tool} printed no JSON result line");
         var json = JsonNode.Parse(line)!;
-        var tokens = json["tokens"]!.AsArray().Select(row => row!.AsArray().Select(t => t!.GetValue<int>()).ToList()).ToList();
+        var tokens = json["tokens"]!.AsArray().Select(row => (IReadOnlyList<int>)row!.AsArray().Select(t => t!.GetValue<int>()).ToList()).ToList();
         bool same = tokens.Count == ours.Count && tokens.Zip(ours).All(p => p.First.SequenceEqual(p.Second.TokenIds));
-        return new GenerateMeasure(batch, "genai", variant, spec.PromptTokens, spec.NewTokens, json["first_token_s"]!.GetValue<double>(), json["total_s"]!.GetValue<double>(), same);
+        return new GenerateMeasure(batch, "genai", variant, spec.PromptTokens, spec.NewTokens, json["first_token_s"]!.GetValue<double>(), json["total_s"]!.GetValue<double>(), same, tokens);
     }
 }

@@ -326,7 +326,7 @@ public sealed class BenchCommand(IAnsiConsole console) : Command<BenchCommand.Se
                     if (pair.TryGetValue("cache", out c) && pair.TryGetValue("genai", out var g))
                         console.WriteLine(string.Create(CultureInfo.InvariantCulture, $"batch {batch}, {variant}: ours with the cache ÷ GenAI tokens/s = {c.TokensPerS / g.TokensPerS:F2}, tokens {(g.SameTokensAsOurs == true ? "equal" : "DIFFER")}"));
                 }
-            if (s.Json is not null) AtomicFile.WriteAllText(s.Json, JsonSerializer.Serialize(new { spec, results = results.Select(r => new { r.Batch, r.Mode, r.Variant, r.PromptTokens, r.NewTokens, r.FirstTokenS, r.TotalS, r.TokensPerS, r.SameTokensAsOurs }) }, new JsonSerializerOptions { WriteIndented = true }));
+            if (s.Json is not null) AtomicFile.WriteAllText(s.Json, JsonSerializer.Serialize(new { spec, results = results.Select(r => new { r.Batch, r.Mode, r.Variant, r.PromptTokens, r.NewTokens, r.FirstTokenS, r.TotalS, r.TokensPerS, r.SameTokensAsOurs, r.Tokens }) }, new JsonSerializerOptions { WriteIndented = true }));
             return 0;
         }
         finally { if (Directory.Exists(dir)) Directory.Delete(dir, recursive: true); }
