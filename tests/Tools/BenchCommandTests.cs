@@ -1,3 +1,4 @@
+using System.Reflection;
 using System.Text.Json;
 using OnnxLora.Tools.Bench;
 
@@ -26,6 +27,39 @@ public class BenchCommandTests
 
         (code, _, error) = CliRunner.Run("bench", "--generate", "--preset", "tiny", "--prompt-tokens", "60", "--new-tokens", "10");
         Assert.That((code, error), Is.EqualTo((1, "error: prompt 60 + new 10 tokens exceed tiny's context (64)" + Environment.NewLine)));
+    }
+
+    /// <summary>The built GenAI contestant (tools/GenAiBench), which the test project builds first.</summary>
+    static readonly string GenAiTool = typeof(BenchCommandTests).Assembly.GetCustomAttributes<AssemblyMetadataAttribute>().Single(a => a.Key == "GenAiBench").Value!;
+
+    [Test]
+    public void GenerateWithGenAiAddsItsRowsWithOurGreedyTokens()
+    {
+        using var dir = new TempDir();
+        var json = dir.File("generate.json");
+        var (code, output, error) = CliRunner.Run("bench", "--generate", "--preset", "tiny", "--prompt-tokens", "8", "--new-tokens", "4", "--batch", "2",
+                                                 "--rank", "4", "--threads", "1", "--modes", "cache", "--genai-tool", GenAiTool, "--json", json,
+                                                 "--seed", "1");   // a seed whose random adapter changes a greedy token (many leave all 4 as they are)
+        Assert.That(code, Is.EqualTo(0), error);
+        Assert.That(output, Does.Contain("batch 2, adapter: ours with the cache ÷ GenAI tokens/s ="));
+        using var doc = JsonDocument.Parse(File.ReadAllText(json));
+        var genai = doc.RootElement.GetProperty("results").EnumerateArray().Where(r => r.GetProperty("Mode").GetString() == "genai").ToList();
+        Assert.That(genai.Select(r => (r.GetProperty("Batch").GetInt32(), r.GetProperty("Variant").GetString())),
+                    Is.EquivalentTo(from b in new[] { 1, 2 } from v in new[] { "base", "adapter", "merged" } select (b, v)));
+        foreach (var r in genai)
+        {
+            // GenAI's greedy search on the exported folder (the adapter through its Adapters API) picks our tokens
+            Assert.That(r.GetProperty("SameTokensAsOurs").GetBoolean(), Is.True, $"batch {r.GetProperty("Batch")}, {r.GetProperty("Variant")}");
+            Assert.That(r.GetProperty("TokensPerS").GetDouble(), Is.EqualTo(r.GetProperty("Batch").GetInt32() * 4 / r.GetProperty("TotalS").GetDouble()).Within(1e-6).Percent);
+            Assert.That(r.GetProperty("FirstTokenS").GetDouble(), Is.GreaterThan(0).And.LessThanOrEqualTo(r.GetProperty("TotalS").GetDouble()));
+        }
+        // GenAI applied the adapter (its adapter rows, equal to ours, differ from its base rows)
+        string Tokens(int batch, string variant) => genai.Single(r => r.GetProperty("Batch").GetInt32() == batch && r.GetProperty("Variant").GetString() == variant).GetProperty("Tokens").GetRawText();
+        Assert.That(Tokens(2, "adapter"), Is.Not.EqualTo(Tokens(2, "base")));
+        Assert.That(Tokens(2, "merged"), Is.EqualTo(Tokens(2, "adapter")), "merged = adapter on (greedy, 4 tokens on tiny)");
+
+        (code, _, error) = CliRunner.Run("bench", "--generate", "--preset", "tiny", "--genai-tool", dir.File("missing.dll"));
+        Assert.That((code, error.Trim()), Is.EqualTo((1, $"error: --genai-tool {dir.File("missing.dll")}: no such file (build tools/GenAiBench: dotnet build tools/GenAiBench -c Release)")));
     }
 
     [Test]

@@ -21,6 +21,16 @@ public sealed record BenchProcess(string Name, string FileName, IReadOnlyList<st
     /// </summary>
     public BenchResult Run(Action<string>? onStderrLine, CancellationToken cancel = default)
     {
+        var (output, tail) = Execute(onStderrLine, cancel);
+        return BenchResult.FromOutput(output)
+               ?? throw new InvalidOperationException($"{Name} printed no JSON result line; command: {CommandLine}; stderr: {tail}");
+    }
+
+    /// <summary>Runs the process to completion and returns its stdout; throws with the tail of stderr when it fails.</summary>
+    public string Output(Action<string>? onStderrLine, CancellationToken cancel = default) => Execute(onStderrLine, cancel).Stdout;
+
+    (string Stdout, string StderrTail) Execute(Action<string>? onStderrLine, CancellationToken cancel)
+    {
         var psi = new ProcessStartInfo(FileName) { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
         foreach (var a in Arguments) psi.ArgumentList.Add(a);
         if (Environment is not null) foreach (var (k, v) in Environment) psi.Environment[k] = v;
@@ -46,9 +56,6 @@ public sealed record BenchProcess(string Name, string FileName, IReadOnlyList<st
         cancel.ThrowIfCancellationRequested();
         string Tail() { lock (stderr) return string.Join(" | ", stderr.TakeLast(4)); }
         if (p.ExitCode != 0) throw new InvalidOperationException($"{Name} failed (exit code {p.ExitCode}): {Tail()}; command: {CommandLine}");
-        string output;
-        lock (stdout) output = stdout.ToString();
-        return BenchResult.FromOutput(output)
-               ?? throw new InvalidOperationException($"{Name} printed no JSON result line; command: {CommandLine}; stderr: {Tail()}");
+        lock (stdout) return (stdout.ToString(), Tail());
     }
 }

@@ -77,6 +77,8 @@ public sealed class BenchCommand(IAnsiConsole console) : Command<BenchCommand.Se
         public string Modes { get; init; } = "nocache,cache";
         [CommandOption("--variants <LIST>")][Description("--generate: base, adapter, merged, comma-separated (default all three).")]
         public string Variants { get; init; } = "base,adapter,merged";
+        [CommandOption("--genai-tool <PATH>")][Description("--generate: also run ONNX Runtime GenAI (mode genai) on the exported genai folders, base / adapter / merged, with this built OnnxLora.GenAiBench.dll (tools/GenAiBench) in a child process.")]
+        public string? GenAiTool { get; init; }
         [CommandOption("--self-only")][Description("Run only OnnxLora, in this process, and print one JSON line in the peers' format (what the child run does).")]
         public bool SelfOnly { get; init; }
         [CommandOption("--artifacts <DIR>")][Description("With --self-only: use the artifacts in DIR (with their bench_counts.json), or build them there and keep them.")]
@@ -96,6 +98,8 @@ public sealed class BenchCommand(IAnsiConsole console) : Command<BenchCommand.Se
             if (Generate && (PromptTokens < 1 || NewTokens < 1)) return ValidationResult.Error("--prompt-tokens and --new-tokens must be ≥ 1");
             if (Generate && Modes.Split(',').Any(m => !GenerateBench.AllModes.Contains(m.Trim()))) return ValidationResult.Error($"--modes: use {string.Join(", ", GenerateBench.AllModes)} (got '{Modes}')");
             if (Generate && Variants.Split(',').Any(v => !GenerateBench.Variants.Contains(v.Trim()))) return ValidationResult.Error($"--variants: use {string.Join(", ", GenerateBench.Variants)} (got '{Variants}')");
+            if (GenAiTool is not null && !Generate) return ValidationResult.Error("--genai-tool goes with --generate");
+            if (GenAiTool is not null && !File.Exists(GenAiTool)) return ValidationResult.Error($"--genai-tool {GenAiTool}: no such file (build tools/GenAiBench: dotnet build tools/GenAiBench -c Release)");
             if (Generate && (Peers ?? Artifacts) is not null) return ValidationResult.Error("--generate runs OnnxLora only; leave out --peers and --artifacts");
             if (Artifacts is not null && !SelfOnly) return ValidationResult.Error("--artifacts goes with --self-only");
             if (Peers is not null && !Directory.Exists(Peers)) return ValidationResult.Error($"--peers {Peers}: no such folder");
@@ -299,8 +303,9 @@ public sealed class BenchCommand(IAnsiConsole console) : Command<BenchCommand.Se
     int Generate(Settings s)
     {
         var spec = new GenerateBench.Spec(s.Preset, s.PromptTokens, s.NewTokens, new[] { 1, s.Batch }.Distinct().ToList(),
-            s.Modes.Split(',').Select(m => m.Trim()).Distinct().ToList(), s.Variants.Split(',').Select(v => v.Trim()).Distinct().ToList(), s.Rank, s.Threads, s.Seed);
-        console.MarkupLineInterpolated($"[bold]onnxlora bench --generate[/]: {spec.Preset} with past, prompt {spec.PromptTokens} + {spec.NewTokens} new tokens, greedy, batch {string.Join(" and ", spec.Batches)}, {s.Threads} threads, {string.Join(" vs ", spec.Modes)}");
+            s.Modes.Split(',').Select(m => m.Trim()).Distinct().ToList(), s.Variants.Split(',').Select(v => v.Trim()).Distinct().ToList(), s.Rank, s.Threads, s.Seed,
+            s.GenAiTool is null ? null : Path.GetFullPath(s.GenAiTool));
+        console.MarkupLineInterpolated($"[bold]onnxlora bench --generate[/]: {spec.Preset} with past, prompt {spec.PromptTokens} + {spec.NewTokens} new tokens, greedy, batch {string.Join(" and ", spec.Batches)}, {s.Threads} threads, {string.Join(" vs ", spec.Modes)}{(spec.GenAiTool is null ? "" : " vs ONNX Runtime GenAI")}");
         if (s.Json is not null) OutputFolder.CheckFile(s.Json, "--json", [], s.Overwrite);
         var dir = Path.Combine(Path.GetTempPath(), $"onnxlora-bench-{Environment.ProcessId}-{Guid.NewGuid():N}"[..48]);
         try
@@ -318,8 +323,10 @@ public sealed class BenchCommand(IAnsiConsole console) : Command<BenchCommand.Se
                     var pair = results.Where(r => r.Batch == batch && r.Variant == variant).ToDictionary(r => r.Mode);
                     if (pair.TryGetValue("cache", out var c) && pair.TryGetValue("nocache", out var n))
                         console.WriteLine(string.Create(CultureInfo.InvariantCulture, $"batch {batch}, {variant}: the cache is {n.TotalS / c.TotalS:F1}× faster"));
+                    if (pair.TryGetValue("cache", out c) && pair.TryGetValue("genai", out var g))
+                        console.WriteLine(string.Create(CultureInfo.InvariantCulture, $"batch {batch}, {variant}: ours with the cache ÷ GenAI tokens/s = {c.TokensPerS / g.TokensPerS:F2}, tokens {(g.SameTokensAsOurs == true ? "equal" : "DIFFER")}"));
                 }
-            if (s.Json is not null) AtomicFile.WriteAllText(s.Json, JsonSerializer.Serialize(new { spec, results = results.Select(r => new { r.Batch, r.Mode, r.Variant, r.PromptTokens, r.NewTokens, r.FirstTokenS, r.TotalS, r.TokensPerS }) }, new JsonSerializerOptions { WriteIndented = true }));
+            if (s.Json is not null) AtomicFile.WriteAllText(s.Json, JsonSerializer.Serialize(new { spec, results = results.Select(r => new { r.Batch, r.Mode, r.Variant, r.PromptTokens, r.NewTokens, r.FirstTokenS, r.TotalS, r.TokensPerS, r.SameTokensAsOurs, r.Tokens }) }, new JsonSerializerOptions { WriteIndented = true }));
             return 0;
         }
         finally { if (Directory.Exists(dir)) Directory.Delete(dir, recursive: true); }
