@@ -2,7 +2,7 @@ using System.Text;
 using Google.Protobuf;
 using System.Text.Json.Nodes;
 using Onnx;
-using OnnxLora.GraphRewrite.Onnx;
+using OnnxLora.GraphRewrite.Graphs;
 using OnnxLora.Models;
 using OnnxLora.Pipeline.Adapters;
 using OnnxLora.Pipeline.Runner;

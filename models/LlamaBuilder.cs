@@ -1,7 +1,7 @@
 using System.Text.Json;
 using Google.Protobuf;
 using Onnx;
-using OnnxLora.GraphRewrite.Onnx;
+using OnnxLora.GraphRewrite.Graphs;
 using DataType = Onnx.TensorProto.Types.DataType;
 
 namespace OnnxLora.Models;

@@ -1,7 +1,7 @@
 using System.Text.Json;
 using System.Text.Json.Serialization;
 using Onnx;
-using OnnxLora.GraphRewrite.Onnx;
+using OnnxLora.GraphRewrite.Graphs;
 using OnnxLora.GraphRewrite.Signature;
 using DataType = Onnx.TensorProto.Types.DataType;
 
@@ -93,25 +93,25 @@ public static class ClassHead
     {
         var h = hidden;
         if (ShapeInference.Infer(model)[hidden].Rank == 2)
-            h = g.Add("Reshape", [hidden, g.Add("Concat", [g.Add("Shape", [inputIds], "head/shape"), g.AddConstant("head/minus1", Tensors.Int64Vector("", -1))], "head/shape3", attributes: Attr.Int("axis", 0))], "head/hidden3");
+            h = g.Op("Reshape", [hidden, g.Op("Concat", [g.Op("Shape", [inputIds], "head/shape"), g.AddConstant("head/minus1", Tensors.Int64Vector("", -1))], "head/shape3", attributes: Attr.Int("axis", 0))], "head/hidden3");
         var axis1 = g.AddConstant("head/axis1", Tensors.Int64Vector("", 1));
         string weights;   // [batch, seq] float: the share of each position in the pooled state
         if (pooling == Pooling.Mean)
         {
-            var count = g.Add("ReduceSum", [mask, axis1], "head/count", attributes: Attr.Int("keepdims", 1));   // [batch, 1]
-            weights = g.Add("Mul", [mask, g.Add("Reciprocal", [g.Add("Max", [count, g.AddConstant("head/one_f", Tensors.Scalar("", DataType.Float, 1))], "head/count1")], "head/inv_count")], "head/mean_weights");
+            var count = g.Op("ReduceSum", [mask, axis1], "head/count", attributes: Attr.Int("keepdims", 1));   // [batch, 1]
+            weights = g.Op("Mul", [mask, g.Op("Reciprocal", [g.Op("Max", [count, g.AddConstant("head/one_f", Tensors.Scalar("", DataType.Float, 1))], "head/count1")], "head/inv_count")], "head/mean_weights");
         }
         else
         {
             // ArgMax returns the first (or with select_last_index the last) position where the mask is 1
-            var at = g.Add("ArgMax", [mask], "head/at", attributes: [Attr.Int("axis", 1), Attr.Int("keepdims", 1), Attr.Int("select_last_index", pooling == Pooling.Last ? 1 : 0)]);
-            var seqLen = g.Add("Gather", [g.Add("Shape", [inputIds], "head/ids_shape"), g.AddConstant("head/one", Tensors.Int64("", [], [1]))], "head/seq");
-            var positions = g.Add("Range", [g.AddConstant("head/zero", Tensors.Int64("", [], [0])), seqLen, g.AddConstant("head/step", Tensors.Int64("", [], [1]))], "head/positions");
-            var row = g.Add("Unsqueeze", [positions, g.AddConstant("head/axis0", Tensors.Int64Vector("", 0))], "head/pos2");   // [1, seq]
-            weights = g.Add("Cast", [g.Add("Equal", [row, at], "head/is_at")], "head/select", attributes: Attr.Int("to", (int)DataType.Float));
+            var at = g.Op("ArgMax", [mask], "head/at", attributes: [Attr.Int("axis", 1), Attr.Int("keepdims", 1), Attr.Int("select_last_index", pooling == Pooling.Last ? 1 : 0)]);
+            var seqLen = g.Op("Gather", [g.Op("Shape", [inputIds], "head/ids_shape"), g.AddConstant("head/one", Tensors.Int64("", [], [1]))], "head/seq");
+            var positions = g.Op("Range", [g.AddConstant("head/zero", Tensors.Int64("", [], [0])), seqLen, g.AddConstant("head/step", Tensors.Int64("", [], [1]))], "head/positions");
+            var row = g.Op("Unsqueeze", [positions, g.AddConstant("head/axis0", Tensors.Int64Vector("", 0))], "head/pos2");   // [1, seq]
+            weights = g.Op("Cast", [g.Op("Equal", [row, at], "head/is_at")], "head/select", attributes: Attr.Int("to", (int)DataType.Float));
         }
-        var w3 = g.Add("Unsqueeze", [weights, g.AddConstant("head/axism1", Tensors.Int64Vector("", -1))], "head/weights3");   // [batch, seq, 1]
-        return g.Add("ReduceSum", [g.Add("Mul", [h, w3], "head/weighted"), axis1], "head/pooled", attributes: Attr.Int("keepdims", 0));   // [batch, d]
+        var w3 = g.Op("Unsqueeze", [weights, g.AddConstant("head/axism1", Tensors.Int64Vector("", -1))], "head/weights3");   // [batch, seq, 1]
+        return g.Op("ReduceSum", [g.Op("Mul", [h, w3], "head/weighted"), axis1], "head/pooled", attributes: Attr.Int("keepdims", 0));   // [batch, d]
     }
 
     /// <summary>
@@ -142,11 +142,11 @@ public static class ClassHead
             if (g.IsGraphInput(mask) || g.Producer(mask) is not null) throw new InvalidDataException($"{source}: '{mask}' is a value of the model but not its attention mask; cannot add one for pooling");
             g.AddInput(ValueInfos.Tensor(mask, DataType.Int64, idsDims));
         }
-        var maskF = g.Add("Cast", [mask], "head/mask", attributes: Attr.Int("to", (int)DataType.Float));
+        var maskF = g.Op("Cast", [mask], "head/mask", attributes: Attr.Int("to", (int)DataType.Float));
         var pooled = Pool(m, g, hidden, roles.InputIds, maskF, ParsePooling(info.Pooling));
         g.AddInitializer(Tensors.Float(Weight, [d, info.Classes], head));
         if (headAsInput) g.AddInput(ValueInfos.Tensor(Weight, DataType.Float, new Dim(d), new Dim(info.Classes)));
-        g.AddNode("Identity", [g.Add("MatMul", [pooled, Weight], "head/logits")], [Output], Output);
+        g.AddNode("Identity", [g.Op("MatMul", [pooled, Weight], "head/logits")], [Output], Output);
         m.Graph.Output.Clear();
         g.AddOutput(ValueInfos.Tensor(Output, DataType.Float, idsDims[0], new Dim(info.Classes)));
         g.RemoveDeadNodes();

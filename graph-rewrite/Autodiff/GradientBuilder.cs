@@ -1,5 +1,5 @@
 using Onnx;
-using OnnxLora.GraphRewrite.Onnx;
+using OnnxLora.GraphRewrite.Graphs;
 
 namespace OnnxLora.GraphRewrite.Autodiff;
 

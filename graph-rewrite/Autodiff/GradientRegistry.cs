@@ -1,6 +1,6 @@
 using Onnx;
 using OnnxLora.GraphRewrite.Autodiff.Rules;
-using OnnxLora.GraphRewrite.Onnx;
+using OnnxLora.GraphRewrite.Graphs;
 
 namespace OnnxLora.GraphRewrite.Autodiff;
 

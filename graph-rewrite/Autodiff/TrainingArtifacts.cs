@@ -3,7 +3,7 @@ using System.Text.Json.Serialization;
 using Google.Protobuf;
 using Onnx;
 using OnnxLora.GraphRewrite.Lora;
-using OnnxLora.GraphRewrite.Onnx;
+using OnnxLora.GraphRewrite.Graphs;
 using OnnxLora.GraphRewrite.Signature;
 using DataType = Onnx.TensorProto.Types.DataType;
 
@@ -285,7 +285,7 @@ public sealed class TrainingArtifacts
                 {
                     g.AddInput(ValueInfos.Tensor(GradIn(p.Name), DataType.Float, dims));
                     _roles[GradIn(p.Name)] = (IoRole.GradIn, p.Name, null);
-                    grad = g.Add("Where", [ResetGrad, grad, g.Add("Add", [grad, GradIn(p.Name)], "grad/accumulate")], "grad/accumulate");
+                    grad = g.Op("Where", [ResetGrad, grad, g.Op("Add", [grad, GradIn(p.Name)], "grad/accumulate")], "grad/accumulate");
                 }
                 g.AddNode("Identity", [grad], [Optimizers.Grad(p.Name)], Optimizers.Grad(p.Name));
                 g.AddOutput(ValueInfos.Tensor(Optimizers.Grad(p.Name), DataType.Float, dims));
@@ -296,21 +296,21 @@ public sealed class TrainingArtifacts
         void AddClassHead(ModelProto m, GraphEditor g, Dim batch)
         {
             var (hidden, _) = ClassHead.FindHidden(g, Logits);
-            var seqLen = g.Add("Gather", [g.Add("Shape", [InputIds], "head/ids_shape"), g.AddConstant("head/one", Tensors.Int64("", [], [1]))], "head/seq");
-            var positions = g.Add("Range", [g.AddConstant("head/zero", Tensors.Int64("", [], [0])), seqLen, g.AddConstant("head/step", Tensors.Int64("", [], [1]))], "head/positions");
-            var row = g.Add("Unsqueeze", [positions, g.AddConstant("head/axis0", Tensors.Int64Vector("", 0))], "head/pos2");   // [1, seq]
-            var lengths = g.Add("Unsqueeze", [Lengths, g.AddConstant("head/axis1", Tensors.Int64Vector("", 1))], "head/lengths2");   // [batch, 1]
-            var mask = g.Add("Cast", [g.Add("Less", [row, lengths], "head/is_real")], "head/mask", attributes: Attr.Int("to", (int)DataType.Float));
+            var seqLen = g.Op("Gather", [g.Op("Shape", [InputIds], "head/ids_shape"), g.AddConstant("head/one", Tensors.Int64("", [], [1]))], "head/seq");
+            var positions = g.Op("Range", [g.AddConstant("head/zero", Tensors.Int64("", [], [0])), seqLen, g.AddConstant("head/step", Tensors.Int64("", [], [1]))], "head/positions");
+            var row = g.Op("Unsqueeze", [positions, g.AddConstant("head/axis0", Tensors.Int64Vector("", 0))], "head/pos2");   // [1, seq]
+            var lengths = g.Op("Unsqueeze", [Lengths, g.AddConstant("head/axis1", Tensors.Int64Vector("", 1))], "head/lengths2");   // [batch, 1]
+            var mask = g.Op("Cast", [g.Op("Less", [row, lengths], "head/is_real")], "head/mask", attributes: Attr.Int("to", (int)DataType.Float));
             var lastHidden = ClassHead.Pool(m, g, hidden, InputIds, mask, options.Pooling);
             string logits;
-            if (options.HeadMode == HeadMode.Full) logits = g.Add("MatMul", [lastHidden, HeadWeight], "head/logits");
+            if (options.HeadMode == HeadMode.Full) logits = g.Op("MatMul", [lastHidden, HeadWeight], "head/logits");
             else
             {
                 g.AddInitializer(_frozenExtras.First(t => t.Name == HeadWeight).Clone());
                 var scale = LoraManifest.ScaleFor(manifest.Scaling, manifest.Alpha, manifest.Rank);
-                var branch = g.Add("MatMul", [g.Add("MatMul", [lastHidden, HeadLoraA], "head/lora_h"), HeadLoraB], "head/lora");
-                if (scale != 1) branch = g.Add("Mul", [branch, g.AddConstant("head/lora_scale", Tensors.Scalar("", DataType.Float, scale))], "head/lora_scaled");
-                logits = g.Add("Add", [g.Add("MatMul", [lastHidden, HeadWeight], "head/base"), branch], "head/logits");
+                var branch = g.Op("MatMul", [g.Op("MatMul", [lastHidden, HeadLoraA], "head/lora_h"), HeadLoraB], "head/lora");
+                if (scale != 1) branch = g.Op("Mul", [branch, g.AddConstant("head/lora_scale", Tensors.Scalar("", DataType.Float, scale))], "head/lora_scaled");
+                logits = g.Op("Add", [g.Op("MatMul", [lastHidden, HeadWeight], "head/base"), branch], "head/logits");
             }
             g.AddNode("Identity", [logits], [ClassLogits], ClassLogits);
             m.Graph.ValueInfo.Add(ValueInfos.Tensor(ClassLogits, DataType.Float, batch, new Dim(options.Classes)));

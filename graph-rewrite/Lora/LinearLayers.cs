@@ -1,6 +1,6 @@
 using System.Text.RegularExpressions;
 using Onnx;
-using OnnxLora.GraphRewrite.Onnx;
+using OnnxLora.GraphRewrite.Graphs;
 
 namespace OnnxLora.GraphRewrite.Lora;
 

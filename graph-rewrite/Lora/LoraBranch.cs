@@ -1,5 +1,5 @@
 using Onnx;
-using OnnxLora.GraphRewrite.Onnx;
+using OnnxLora.GraphRewrite.Graphs;
 using DataType = Onnx.TensorProto.Types.DataType;
 
 namespace OnnxLora.GraphRewrite.Lora;
@@ -27,12 +27,12 @@ internal static class LoraBranch
             g.AddNode("Dropout", [x, d.Ratio, d.TrainingMode], [dropped], module + "/lora/Dropout", "", Attr.Int("seed", d.Seed));
             x = dropped;
         }
-        var h = g.Add("MatMul", [x, loraA], module + "/lora/h");   // [..., r]
-        var delta = g.Add("MatMul", [h, loraB], module + "/lora/delta"); // [..., out]
+        var h = g.Op("MatMul", [x, loraA], module + "/lora/h");   // [..., r]
+        var delta = g.Op("MatMul", [h, loraB], module + "/lora/delta"); // [..., out]
         if (scale is double s)
         {
             var scaleConst = g.AddConstant(module + "/lora/scale", Tensors.Scalar("", (DataType)computeType, s));
-            delta = g.Add("Mul", [delta, scaleConst], module + "/lora/scaled");
+            delta = g.Op("Mul", [delta, scaleConst], module + "/lora/scaled");
         }
         g.AddNode("Add", [baseOut, delta], [output], module + "/lora/Add");
     }

@@ -1,6 +1,6 @@
 using System.Text.Json;
 using System.Text.Json.Serialization;
-using OnnxLora.GraphRewrite.Onnx;
+using OnnxLora.GraphRewrite.Graphs;
 
 namespace OnnxLora.GraphRewrite.Lora;
 
@@ -144,7 +144,7 @@ public sealed record LoraManifest
     /// Checks that <paramref name="model"/> (a rewrite's training view) has every target's A [in, rank] and B [rank, out]
     /// as graph inputs of those shapes, so a manifest and a model from different rewrites fail here rather than after training.
     /// </summary>
-    public void CheckAgainst(global::Onnx.ModelProto model, string modelPath)
+    public void CheckAgainst(Onnx.ModelProto model, string modelPath)
     {
         var inputs = model.Graph.Input.ToDictionary(v => v.Name, StringComparer.Ordinal);
         foreach (var t in Targets)
@@ -152,7 +152,7 @@ public sealed record LoraManifest
             {
                 if (!inputs.TryGetValue(name, out var input))
                     throw new InvalidDataException($"{modelPath}: has no input '{name}' for module '{t.Module}' of {FileName}; the model and {FileName} come from different rewrites");
-                var dims = input.Type?.TensorType?.Shape?.Dim.Select(d => d.ValueCase == global::Onnx.TensorShapeProto.Types.Dimension.ValueOneofCase.DimValue ? d.DimValue : -1).ToArray() ?? [];
+                var dims = input.Type?.TensorType?.Shape?.Dim.Select(d => d.ValueCase == Onnx.TensorShapeProto.Types.Dimension.ValueOneofCase.DimValue ? d.DimValue : -1).ToArray() ?? [];
                 if (!dims.SequenceEqual(shape))
                     throw new InvalidDataException($"{modelPath}: input '{name}' has shape [{string.Join(", ", dims)}], but {FileName} needs [{string.Join(", ", shape)}] for module '{t.Module}'; the model and {FileName} come from different rewrites");
             }

@@ -2,7 +2,7 @@ using System.Globalization;
 using System.Reflection;
 using System.Security.Cryptography;
 using Onnx;
-using OnnxLora.GraphRewrite.Onnx;
+using OnnxLora.GraphRewrite.Graphs;
 using OnnxLora.GraphRewrite.Signature;
 
 namespace OnnxLora.GraphRewrite.Lora;

@@ -1,5 +1,5 @@
 using System.Runtime.InteropServices;
-using OnnxLora.GraphRewrite.Onnx;
+using OnnxLora.GraphRewrite.Graphs;
 using Onnx;
 using DataType = Onnx.TensorProto.Types.DataType;
 

@@ -1,6 +1,6 @@
 using OnnxLora.GraphRewrite.Autodiff;
 using OnnxLora.GraphRewrite.Lora;
-using OnnxLora.GraphRewrite.Onnx;
+using OnnxLora.GraphRewrite.Graphs;
 
 namespace OnnxLora.Pipeline.Adapters;
 

@@ -1,7 +1,7 @@
 using System.Text;
 using Google.FlatBuffers;
 using OnnxLora.GraphRewrite.Lora;
-using OnnxLora.GraphRewrite.Onnx;
+using OnnxLora.GraphRewrite.Graphs;
 using DataType = Onnx.TensorProto.Types.DataType;
 
 namespace OnnxLora.Pipeline.Adapters;

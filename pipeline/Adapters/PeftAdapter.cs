@@ -2,7 +2,7 @@ using System.Text.Json;
 using System.Text.Json.Nodes;
 using OnnxLora.GraphRewrite.Autodiff;
 using OnnxLora.GraphRewrite.Lora;
-using OnnxLora.GraphRewrite.Onnx;
+using OnnxLora.GraphRewrite.Graphs;
 using OnnxLora.Models;
 
 namespace OnnxLora.Pipeline.Adapters;

@@ -1,5 +1,5 @@
 using System.Globalization;
-using OnnxLora.GraphRewrite.Onnx;
+using OnnxLora.GraphRewrite.Graphs;
 
 namespace OnnxLora.Pipeline.Runner;
 

@@ -42,7 +42,7 @@ public sealed class MetricsLog : IDisposable
             }
         }
         // rewrite the kept prefix atomically, then append
-        OnnxLora.GraphRewrite.Onnx.AtomicFile.WriteAllText(path, string.Concat(_rows.Select(r => Format(r) + "\n")));
+        OnnxLora.GraphRewrite.Graphs.AtomicFile.WriteAllText(path, string.Concat(_rows.Select(r => Format(r) + "\n")));
         _writer = new StreamWriter(new FileStream(path, FileMode.Append, FileAccess.Write, FileShare.Read));
     }
 

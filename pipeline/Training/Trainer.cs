@@ -1,7 +1,7 @@
 using System.Diagnostics;
 using OnnxLora.GraphRewrite.Autodiff;
 using OnnxLora.GraphRewrite.Lora;
-using OnnxLora.GraphRewrite.Onnx;
+using OnnxLora.GraphRewrite.Graphs;
 using OnnxLora.GraphRewrite.Signature;
 using OnnxLora.Models;
 using OnnxLora.Pipeline.Adapters;

@@ -1,4 +1,4 @@
-using OnnxLora.GraphRewrite.Onnx;
+using OnnxLora.GraphRewrite.Graphs;
 using OnnxLora.Pipeline.Adapters;
 using OnnxLora.Tests.Deployment;
 using DataType = Onnx.TensorProto.Types.DataType;

@@ -1,7 +1,7 @@
 using Onnx;
 using OnnxLora.GraphRewrite.Autodiff;
 using OnnxLora.GraphRewrite.Lora;
-using OnnxLora.GraphRewrite.Onnx;
+using OnnxLora.GraphRewrite.Graphs;
 using OnnxLora.Models;
 using DataType = Onnx.TensorProto.Types.DataType;
 
@@ -90,9 +90,9 @@ public class BackwardGraphTests
         var g = new GraphEditor(model);
         g.AddInput(ValueInfos.Tensor("x", DataType.Float, 2, 3));
         g.AddInput(ValueInfos.Tensor("lora_A", DataType.Float, 3, 3));
-        var h = g.Add("MatMul", ["x", "lora_A"], "h");
-        var s = g.Add("Softplus", [h], "s");
-        var loss = g.Add("ReduceSum", [s], "loss", attributes: Attr.Int("keepdims", 0));
+        var h = g.Op("MatMul", ["x", "lora_A"], "h");
+        var s = g.Op("Softplus", [h], "s");
+        var loss = g.Op("ReduceSum", [s], "loss", attributes: Attr.Int("keepdims", 0));
         var one = g.AddConstant("one", Tensors.Scalar("", DataType.Float, 1));
         var e = Assert.Throws<GradientException>(() => GradientBuilder.Build(model, new Dictionary<string, string> { [loss] = one }, ["lora_A"]))!;
         Assert.That(e.Message, Does.Contain("Softplus").And.Contain("s/Softplus").And.Contain("lora_A").And.Contain("loss"));

@@ -3,7 +3,7 @@ using Microsoft.ML.OnnxRuntime;
 using Microsoft.ML.OnnxRuntime.Tensors;
 using Onnx;
 using OnnxLora.GraphRewrite.Autodiff;
-using OnnxLora.GraphRewrite.Onnx;
+using OnnxLora.GraphRewrite.Graphs;
 using DataType = Onnx.TensorProto.Types.DataType;
 
 namespace OnnxLora.Tests.Autodiff;
@@ -66,9 +66,9 @@ public static class GradCheck
             var dims = s.Dims!.Select(d => d.Value!.Value).ToArray();
             var r = Enumerable.Range(0, (int)dims.Aggregate(1L, (a, b) => a * b)).Select(_ => rng.NextDouble() * 2 - 1).ToArray();
             var rName = g.AddConstant($"r{k}", Tensors.FromDoubles("", (DataType)s.ElemType, dims, r));
-            terms.Add(g.Add("ReduceSum", [g.Add("Mul", [outs[k], rName])], "term", attributes: Attr.Int("keepdims", 0)));
+            terms.Add(g.Op("ReduceSum", [g.Op("Mul", [outs[k], rName])], "term", attributes: Attr.Int("keepdims", 0)));
         }
-        var loss = terms.Count == 1 ? terms[0] : g.Add("Sum", terms.ToArray(), "loss");
+        var loss = terms.Count == 1 ? terms[0] : g.Op("Sum", terms.ToArray(), "loss");
         int lossType = shapes[outs[(usedOutputs ?? [0])[0]]].ElemType;
         g.AddOutput(ValueInfos.Tensor(loss, lossType, []));
         var one = g.AddConstant("one", Tensors.Scalar("", (DataType)lossType, 1));

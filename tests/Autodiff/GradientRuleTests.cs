@@ -1,6 +1,6 @@
 using Onnx;
 using OnnxLora.GraphRewrite.Autodiff;
-using OnnxLora.GraphRewrite.Onnx;
+using OnnxLora.GraphRewrite.Graphs;
 using static OnnxLora.Tests.Autodiff.In;
 using DataType = Onnx.TensorProto.Types.DataType;
 
@@ -127,7 +127,7 @@ public class DropoutRuleTests
         g.AddNode("Dropout", ["x", ratio, "training"], ["y"], "drop", attributes: Attr.Int("seed", 7));
         var rv = Enumerable.Range(0, 32).Select(i => (float)Math.Sin(i + 1)).ToArray();
         var r = g.AddConstant("r", Tensors.Float("", [4, 8], rv));
-        var loss = g.Add("ReduceSum", [g.Add("Mul", ["y", r])], "loss", attributes: Attr.Int("keepdims", 0));
+        var loss = g.Op("ReduceSum", [g.Op("Mul", ["y", r])], "loss", attributes: Attr.Int("keepdims", 0));
         var grads = GradientBuilder.Build(model, new Dictionary<string, string> { [loss] = g.AddConstant("one", Tensors.Scalar("", DataType.Float, 1)) }, ["x"]);
         var node = model.Graph.Node.First(n => n.OpType == "Dropout");
         Assert.That(node.Output, Has.Count.EqualTo(2), "the rule adds the mask output to the forward node");

@@ -1,5 +1,5 @@
 using Onnx;
-using OnnxLora.GraphRewrite.Onnx;
+using OnnxLora.GraphRewrite.Graphs;
 using DataType = Onnx.TensorProto.Types.DataType;
 
 namespace OnnxLora.Tests.Autodiff;
@@ -36,10 +36,10 @@ public class ShapeInferenceTests
         var g = new GraphEditor(model);
         g.AddInput(ValueInfos.Tensor("x", DataType.Float, "b", 1, 5));
         g.AddInput(ValueInfos.Tensor("y", DataType.Float, 4, 1));
-        var sq = g.Add("Squeeze", ["x"], "sq", attributes: Attr.Ints("axes", 1));
-        var un = g.Add("Unsqueeze", [sq], "un", attributes: Attr.Ints("axes", 0, -1));
-        var sum = g.Add("Add", ["x", "y"], "sum");
-        var red = g.Add("ReduceMean", [sum], "red", attributes: [Attr.Ints("axes", -1), Attr.Int("keepdims", 0)]);
+        var sq = g.Op("Squeeze", ["x"], "sq", attributes: Attr.Ints("axes", 1));
+        var un = g.Op("Unsqueeze", [sq], "un", attributes: Attr.Ints("axes", 0, -1));
+        var sum = g.Op("Add", ["x", "y"], "sum");
+        var red = g.Op("ReduceMean", [sum], "red", attributes: [Attr.Ints("axes", -1), Attr.Int("keepdims", 0)]);
         var s = ShapeInference.Infer(model);
         Assert.That(s[sq].ToString(), Is.EqualTo("Float[b, 5]"));
         Assert.That(s[un].ToString(), Is.EqualTo("Float[1, b, 5, 1]"));
@@ -66,9 +66,9 @@ public class ShapeInferenceTests
         model.OpsetImport.Add(new OperatorSetIdProto { Version = 17 });
         var g = new GraphEditor(model);
         g.AddInput(ValueInfos.Tensor("x", DataType.Float, 2, 3));
-        var det = g.Add("Det", ["x"], "det");
-        var bad = g.Add("Transpose", ["x"], "bad", attributes: Attr.Ints("perm", 0, 5));
-        var ok = g.Add("Relu", ["x"], "ok");
+        var det = g.Op("Det", ["x"], "det");
+        var bad = g.Op("Transpose", ["x"], "bad", attributes: Attr.Ints("perm", 0, 5));
+        var ok = g.Op("Relu", ["x"], "ok");
         var s = ShapeInference.Run(model);
         Assert.That(s.NotInferred.Select(x => x.Node.Name), Is.EqualTo(new[] { det, bad }.Select(o => model.Graph.Node.First(n => n.Output[0] == o).Name)));
         Assert.That(s.NotInferred[0].Reason, Does.Contain("no shape inferer"));

@@ -4,7 +4,7 @@ using Microsoft.ML.OnnxRuntime;
 using Onnx;
 using OnnxLora.GraphRewrite.Autodiff;
 using OnnxLora.GraphRewrite.Lora;
-using OnnxLora.GraphRewrite.Onnx;
+using OnnxLora.GraphRewrite.Graphs;
 using OnnxLora.Models;
 
 namespace OnnxLora.Tests.Autodiff;

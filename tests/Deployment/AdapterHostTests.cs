@@ -143,7 +143,7 @@ public class AdapterHostTests
         var half = TinyDeployable.Write(Directory.CreateDirectory(dir.File("fp16")).FullName, parameterType: Onnx.TensorProto.Types.DataType.Float16);
         var full = TinyDeployable.Write(Directory.CreateDirectory(dir.File("fp32")).FullName);
         var adapter = LoraAdapter.CreateRandom(half.Manifest, 51, 0.5);
-        var model = OnnxLora.GraphRewrite.Onnx.OnnxFile.Load(half.Deploy);
+        var model = OnnxLora.GraphRewrite.Graphs.OnnxFile.Load(half.Deploy);
         OnnxAdapterFile.Write(dir.File("h.onnx_adapter"), adapter, new() { ElementType = Onnx.TensorProto.Types.DataType.Float16, DeployableModel = model });
         var bf16 = Assert.Throws<InvalidDataException>(() => OnnxAdapterFile.Write(dir.File("b.onnx_adapter"), adapter,
             new() { ElementType = Onnx.TensorProto.Types.DataType.Bfloat16, DeployableModel = model }))!;

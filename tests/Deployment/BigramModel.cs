@@ -1,5 +1,5 @@
 using Onnx;
-using OnnxLora.GraphRewrite.Onnx;
+using OnnxLora.GraphRewrite.Graphs;
 using DataType = Onnx.TensorProto.Types.DataType;
 
 namespace OnnxLora.Tests.Deployment;
@@ -22,7 +22,7 @@ static class BigramModel
         g.AddInput(ValueInfos.Tensor("input_ids", DataType.Int64, "batch", tokens));
         g.AddInitializer(Tensors.Float("wte", [vocab, hidden], Values(vocab * hidden)));
         g.AddInitializer(Tensors.Float("head", [hidden, width], Values(hidden * width)));
-        var h = g.Add("Gather", ["wte", "input_ids"], "h");           // [batch, tokens, hidden]
+        var h = g.Op("Gather", ["wte", "input_ids"], "h");           // [batch, tokens, hidden]
         g.AddNode("MatMul", [h, "head"], ["logits"]);                  // [batch, tokens, width]
         g.AddOutput(ValueInfos.Tensor("logits", DataType.Float, "batch", tokens, width));
         OnnxFile.Save(model, path);

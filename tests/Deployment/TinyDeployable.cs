@@ -1,7 +1,7 @@
 using Microsoft.ML.OnnxRuntime;
 using Onnx;
 using OnnxLora.GraphRewrite.Lora;
-using OnnxLora.GraphRewrite.Onnx;
+using OnnxLora.GraphRewrite.Graphs;
 using DataType = Onnx.TensorProto.Types.DataType;
 
 namespace OnnxLora.Tests.Deployment;
@@ -71,7 +71,7 @@ static class TinyDeployable
 
     static string Layer(GraphEditor g, string x, LoraTarget t, bool withBranches, DataType type)
     {
-        var y = g.Add("MatMul", [x, t.Weight], t.Module + "/y");
+        var y = g.Op("MatMul", [x, t.Weight], t.Module + "/y");
         if (!withBranches) return y;
         g.AddInput(ValueInfos.Tensor(t.LoraA, type, t.In, "rank"));
         g.AddInput(ValueInfos.Tensor(t.LoraB, type, "rank", t.Out));
@@ -80,12 +80,12 @@ static class TinyDeployable
         string a = t.LoraA, b = t.LoraB;
         if (type != DataType.Float)
         {
-            a = g.Add("Cast", [a], t.Module + "/a32", "", Attr.Int("to", (long)DataType.Float));
-            b = g.Add("Cast", [b], t.Module + "/b32", "", Attr.Int("to", (long)DataType.Float));
+            a = g.Op("Cast", [a], t.Module + "/a32", "", Attr.Int("to", (long)DataType.Float));
+            b = g.Op("Cast", [b], t.Module + "/b32", "", Attr.Int("to", (long)DataType.Float));
         }
-        var xa = g.Add("MatMul", [x, a], t.Module + "/xa");
-        var xab = g.Add("MatMul", [xa, b], t.Module + "/xab");
-        return g.Add("Add", [y, xab], t.Module + "/out");
+        var xa = g.Op("MatMul", [x, a], t.Module + "/xa");
+        var xab = g.Op("MatMul", [xa, b], t.Module + "/xab");
+        return g.Op("Add", [y, xab], t.Module + "/out");
     }
 
     public static float[] Input(int batch, int seed)

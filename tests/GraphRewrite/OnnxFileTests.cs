@@ -1,7 +1,7 @@
 using Google.Protobuf;
 using Microsoft.ML.OnnxRuntime;
 using Onnx;
-using OnnxLora.GraphRewrite.Onnx;
+using OnnxLora.GraphRewrite.Graphs;
 using DataType = Onnx.TensorProto.Types.DataType;
 
 namespace OnnxLora.Tests.GraphRewrite;
@@ -17,7 +17,7 @@ public class OnnxFileTests
         var w = new float[4 * 300];
         for (int i = 0; i < w.Length; i++) w[i] = (i % 17) * 0.01f;
         g.AddInitializer(Tensors.Float("w", [4, 300], w));
-        var y = g.Add("MatMul", ["x", "w"], "y");
+        var y = g.Op("MatMul", ["x", "w"], "y");
         g.AddOutput(ValueInfos.Tensor(y, DataType.Float, "batch", 300));
         return model;
     }

@@ -1,6 +1,6 @@
 using System.Runtime.InteropServices;
 using OnnxLora.GraphRewrite.Autodiff;
-using OnnxLora.GraphRewrite.Onnx;
+using OnnxLora.GraphRewrite.Graphs;
 using OnnxLora.Models;
 using OnnxLora.Pipeline.Runtime;
 using OnnxLora.Pipeline.Training;

@@ -1,6 +1,6 @@
 using System.Security.Cryptography;
 using OnnxLora.GraphRewrite.Lora;
-using OnnxLora.GraphRewrite.Onnx;
+using OnnxLora.GraphRewrite.Graphs;
 using OnnxLora.Pipeline.Runner;
 using OnnxLora.Pipeline.Training;
 using OnnxLora.Tests.Training;

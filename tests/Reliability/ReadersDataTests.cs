@@ -159,7 +159,7 @@ public class ReadersDataTests
     {
         using var dir = new TempDir();
         var runDir = dir.File("run");
-        OnnxLora.GraphRewrite.Onnx.OutputFolder.Mark(runDir, "run");   // an earlier run's folder, as the runner marks it
+        OnnxLora.GraphRewrite.Graphs.OutputFolder.Mark(runDir, "run");   // an earlier run's folder, as the runner marks it
         var stages = Path.Combine(runDir, "stages.json");
         File.WriteAllText(stages, contents);
         var config = PipelineConfig.Parse(DemoData.DefaultConfig, "test", runDir);

@@ -1,5 +1,5 @@
 using Onnx;
-using OnnxLora.GraphRewrite.Onnx;
+using OnnxLora.GraphRewrite.Graphs;
 using DataType = Onnx.TensorProto.Types.DataType;
 
 namespace OnnxLora.Tests.Rewrite;
@@ -21,19 +21,19 @@ static class Gpt2ShapeModel
         {
             Param(module + ".weight", @in, @out); // Conv1D layout [in, out]
             Param(module + ".bias", @out);
-            var y = g.Add("MatMul", [x, module + ".weight"], module);
-            return g.Add("Add", [y, module + ".bias"], module + ".add");
+            var y = g.Op("MatMul", [x, module + ".weight"], module);
+            return g.Op("Add", [y, module + ".bias"], module + ".add");
         }
         string LayerNorm(string x, string module)
         {
             Param(module + ".weight", C); Param(module + ".bias", C);
-            return g.Add("LayerNormalization", [x, module + ".weight", module + ".bias"], module, "", Attr.Int("axis", -1));
+            return g.Op("LayerNormalization", [x, module + ".weight", module + ".bias"], module, "", Attr.Int("axis", -1));
         }
         g.AddInput(ValueInfos.Tensor("input_ids", DataType.Int64, "batch", "seq"));
         g.AddInput(ValueInfos.Tensor("position_ids", DataType.Int64, "batch", "seq"));
         Param("transformer.wte.weight", vocab, C);
         Param("transformer.wpe.weight", context, C);
-        var h = g.Add("Add", [g.Add("Gather", ["transformer.wte.weight", "input_ids"]), g.Add("Gather", ["transformer.wpe.weight", "position_ids"])], "embed");
+        var h = g.Op("Add", [g.Op("Gather", ["transformer.wte.weight", "input_ids"]), g.Op("Gather", ["transformer.wpe.weight", "position_ids"])], "embed");
         for (int i = 0; i < layers; i++)
         {
             var p = $"transformer.h.{i}";
@@ -46,17 +46,17 @@ static class Gpt2ShapeModel
             else
             {
                 var qkv = Linear(a, p + ".attn.c_attn", C, 3 * C);
-                q = g.Add("Identity", [qkv]); k = g.Add("Identity", [qkv]); v = g.Add("Identity", [qkv]);
+                q = g.Op("Identity", [qkv]); k = g.Op("Identity", [qkv]); v = g.Op("Identity", [qkv]);
             }
-            var scores = g.Add("MatMul", [q, g.Add("Transpose", [k], null, "", Attr.Ints("perm", 0, 2, 1))], p + ".attn.scores");
-            var ctx = g.Add("MatMul", [g.Add("Softmax", [scores]), v], p + ".attn.context");
-            h = g.Add("Add", [h, Linear(ctx, p + ".attn.c_proj", C, C)]);
+            var scores = g.Op("MatMul", [q, g.Op("Transpose", [k], null, "", Attr.Ints("perm", 0, 2, 1))], p + ".attn.scores");
+            var ctx = g.Op("MatMul", [g.Op("Softmax", [scores]), v], p + ".attn.context");
+            h = g.Op("Add", [h, Linear(ctx, p + ".attn.c_proj", C, C)]);
             var m = LayerNorm(h, p + ".ln_2");
-            var f = g.Add("Tanh", [Linear(m, p + ".mlp.c_fc", C, 4 * C)]);
-            h = g.Add("Add", [h, Linear(f, p + ".mlp.c_proj", 4 * C, C)]);
+            var f = g.Op("Tanh", [Linear(m, p + ".mlp.c_fc", C, 4 * C)]);
+            h = g.Op("Add", [h, Linear(f, p + ".mlp.c_proj", 4 * C, C)]);
         }
         var final = LayerNorm(h, "transformer.ln_f");
-        g.AddNode("MatMul", [final, g.Add("Transpose", ["transformer.wte.weight"])], ["logits"], "/lm_head/MatMul");
+        g.AddNode("MatMul", [final, g.Op("Transpose", ["transformer.wte.weight"])], ["logits"], "/lm_head/MatMul");
         g.AddOutput(ValueInfos.Tensor("logits", DataType.Float, "batch", "seq", vocab));
         return model;
     }

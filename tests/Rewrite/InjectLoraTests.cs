@@ -1,6 +1,6 @@
 using Onnx;
 using OnnxLora.GraphRewrite.Lora;
-using OnnxLora.GraphRewrite.Onnx;
+using OnnxLora.GraphRewrite.Graphs;
 using OnnxLora.Models;
 using static OnnxLora.Tests.Rewrite.RewriteTestModels;
 

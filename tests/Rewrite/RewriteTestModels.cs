@@ -2,7 +2,7 @@ using Google.Protobuf;
 using Microsoft.ML.OnnxRuntime;
 using Microsoft.ML.OnnxRuntime.Tensors;
 using Onnx;
-using OnnxLora.GraphRewrite.Onnx;
+using OnnxLora.GraphRewrite.Graphs;
 using DataType = Onnx.TensorProto.Types.DataType;
 
 namespace OnnxLora.Tests.Rewrite;
@@ -78,7 +78,7 @@ static class RewriteTestModels
         // com.microsoft.FusedMatMul with transB, as ORT's optimizer and our backward graphs write it
         g.EnsureOpset("com.microsoft", 1);
         g.AddInitializer(Tensors.Float("onnx::FusedMatMul_120", [C, C], Random(C * C, seed++)));               // [out, in]
-        var u4 = g.Add("FusedMatMul", [x4, "onnx::FusedMatMul_120"], "blocks.2.fused_out", "com.microsoft", Attr.Int("transB", 1));
+        var u4 = g.Op("FusedMatMul", [x4, "onnx::FusedMatMul_120"], "blocks.2.fused_out", "com.microsoft", Attr.Int("transB", 1));
         g.Graph.Node[^1].Name = "/blocks/blocks.2/fused/FusedMatMul";
         g.Reindex();
         var x5 = Node(g, "Add", [x4, u4], "/blocks/blocks.2/Add");

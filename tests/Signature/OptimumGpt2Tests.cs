@@ -3,7 +3,7 @@ using Microsoft.ML.OnnxRuntime;
 using TrainingSession = OnnxLora.Pipeline.Training.TrainingSession;
 using OnnxLora.GraphRewrite.Autodiff;
 using OnnxLora.GraphRewrite.Lora;
-using OnnxLora.GraphRewrite.Onnx;
+using OnnxLora.GraphRewrite.Graphs;
 using OnnxLora.GraphRewrite.Signature;
 using OnnxLora.Models;
 using OnnxLora.Pipeline.Data;
@@ -188,8 +188,8 @@ public class OptimumGpt2Tests
         var model = OnnxFile.Load(Fixture("gpt2_opset17.onnx"));
         model.Graph.Input.Remove(model.Graph.Input.Single(i => i.Name == "position_ids"));
         var g = new GraphEditor(model);
-        var seq = g.Add("Gather", [g.Add("Shape", ["input_ids"], "pos/shape"), g.AddConstant("pos/one", Tensors.Int64("", [], [1]))], "pos/seq");
-        var range = g.Add("Range", [g.AddConstant("pos/zero", Tensors.Int64("", [], [0])), seq, g.AddConstant("pos/step", Tensors.Int64("", [], [1]))], "pos/range");
+        var seq = g.Op("Gather", [g.Op("Shape", ["input_ids"], "pos/shape"), g.AddConstant("pos/one", Tensors.Int64("", [], [1]))], "pos/seq");
+        var range = g.Op("Range", [g.AddConstant("pos/zero", Tensors.Int64("", [], [0])), seq, g.AddConstant("pos/step", Tensors.Int64("", [], [1]))], "pos/range");
         g.AddNode("Unsqueeze", [range, g.AddConstant("pos/axes", Tensors.Int64Vector("", 0))], ["position_ids"], "pos/unsqueeze");   // [1, seq]
         g.SortTopologically();
         using var dir = new TempDir();

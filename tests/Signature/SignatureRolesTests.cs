@@ -2,7 +2,7 @@ using System.Text.Json;
 using Onnx;
 using OnnxLora.GraphRewrite.Autodiff;
 using OnnxLora.GraphRewrite.Lora;
-using OnnxLora.GraphRewrite.Onnx;
+using OnnxLora.GraphRewrite.Graphs;
 using OnnxLora.GraphRewrite.Signature;
 using OnnxLora.Pipeline.Deployment;
 using DataType = Onnx.TensorProto.Types.DataType;

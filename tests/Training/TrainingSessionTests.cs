@@ -1,7 +1,7 @@
 using System.Text.Json;
 using OnnxLora.GraphRewrite.Autodiff;
 using OnnxLora.GraphRewrite.Lora;
-using OnnxLora.GraphRewrite.Onnx;
+using OnnxLora.GraphRewrite.Graphs;
 using OnnxLora.Models;
 using OnnxLora.Pipeline.Data;
 using OnnxLora.Pipeline.Runtime;

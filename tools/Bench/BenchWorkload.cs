@@ -5,7 +5,7 @@ using SessionOptions = Microsoft.ML.OnnxRuntime.SessionOptions;
 using OrtEnv = Microsoft.ML.OnnxRuntime.OrtEnv;
 using OnnxLora.GraphRewrite.Autodiff;
 using OnnxLora.GraphRewrite.Lora;
-using OnnxLora.GraphRewrite.Onnx;
+using OnnxLora.GraphRewrite.Graphs;
 using OnnxLora.Models;
 using OnnxLora.Pipeline.Data;
 using OnnxLora.Pipeline.Runtime;

@@ -2,7 +2,7 @@ using System.ComponentModel;
 using System.Globalization;
 using OnnxLora.GraphRewrite.Signature;
 using OnnxLora.GraphRewrite.Lora;
-using OnnxLora.GraphRewrite.Onnx;
+using OnnxLora.GraphRewrite.Graphs;
 using OnnxLora.Pipeline.Adapters;
 using OnnxLora.Pipeline.Data;
 using OnnxLora.Pipeline.Deployment;

@@ -2,7 +2,7 @@ using System.ComponentModel;
 using System.Globalization;
 using Onnx;
 using OnnxLora.GraphRewrite.Lora;
-using OnnxLora.GraphRewrite.Onnx;
+using OnnxLora.GraphRewrite.Graphs;
 using OnnxLora.GraphRewrite.Signature;
 using Spectre.Console;
 using Spectre.Console.Cli;

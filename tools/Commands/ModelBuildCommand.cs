@@ -1,6 +1,6 @@
 using System.ComponentModel;
 using System.Diagnostics;
-using OnnxLora.GraphRewrite.Onnx;
+using OnnxLora.GraphRewrite.Graphs;
 using OnnxLora.Models;
 using Spectre.Console;
 using Spectre.Console.Cli;

@@ -1,5 +1,5 @@
 using System.ComponentModel;
-using OnnxLora.GraphRewrite.Onnx;
+using OnnxLora.GraphRewrite.Graphs;
 using OnnxLora.Models;
 using Spectre.Console;
 using Spectre.Console.Cli;

@@ -1,4 +1,4 @@
-using OnnxLora.GraphRewrite.Onnx;
+using OnnxLora.GraphRewrite.Graphs;
 
 namespace OnnxLora.GraphRewrite.Autodiff.Rules;
 

@@ -1,4 +1,4 @@
-using OnnxLora.GraphRewrite.Onnx;
+using OnnxLora.GraphRewrite.Graphs;
 using DataType = Onnx.TensorProto.Types.DataType;
 
 namespace OnnxLora.GraphRewrite.Autodiff.Rules;
@@ -40,7 +40,7 @@ sealed class SliceRule : IGradientRule
     }
 
     static string Scalar(GradientContext g, long v) => g.Const(Tensors.Int64("", [], [v]), "index");
-    internal static global::Onnx.TensorProto ZeroOf(GradientContext g, string like)
+    internal static Onnx.TensorProto ZeroOf(GradientContext g, string like)
     {
         var t = Tensors.Scalar("", (DataType)g.ElemTypeOf(like), 0);
         t.Dims.Add(1);

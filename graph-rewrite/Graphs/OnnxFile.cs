@@ -1,7 +1,7 @@
 using Google.Protobuf;
 using Onnx;
 
-namespace OnnxLora.GraphRewrite.Onnx;
+namespace OnnxLora.GraphRewrite.Graphs;
 
 /// <summary>Where a saved model keeps its tensor payloads.</summary>
 public enum ExternalDataMode

@@ -1,7 +1,7 @@
 using Onnx;
 using DataType = Onnx.TensorProto.Types.DataType;
 
-namespace OnnxLora.GraphRewrite.Onnx;
+namespace OnnxLora.GraphRewrite.Graphs;
 
 /// <summary>
 /// The checks a model from a stranger passes before rewrite, merge or train reads it, so that a broken model fails

@@ -1,7 +1,7 @@
 using Onnx;
 using DataType = Onnx.TensorProto.Types.DataType;
 
-namespace OnnxLora.GraphRewrite.Onnx;
+namespace OnnxLora.GraphRewrite.Graphs;
 
 /// <summary>Element type and shape of one value; <see cref="Dims"/> is null when even the rank is unknown.</summary>
 public sealed record ValueShape(int ElemType, Dim[]? Dims)

@@ -2,7 +2,7 @@ using Google.Protobuf;
 using Onnx;
 using AttrType = Onnx.AttributeProto.Types.AttributeType;
 
-namespace OnnxLora.GraphRewrite.Onnx;
+namespace OnnxLora.GraphRewrite.Graphs;
 
 /// <summary>Makes node attributes.</summary>
 public static class Attr

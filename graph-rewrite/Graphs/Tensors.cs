@@ -3,7 +3,7 @@ using Google.Protobuf;
 using Onnx;
 using DataType = Onnx.TensorProto.Types.DataType;
 
-namespace OnnxLora.GraphRewrite.Onnx;
+namespace OnnxLora.GraphRewrite.Graphs;
 
 /// <summary>Builds and reads <see cref="TensorProto"/> values. Writers always use little-endian raw_data.</summary>
 public static class Tensors

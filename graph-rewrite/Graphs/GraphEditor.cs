@@ -1,7 +1,7 @@
 using Onnx;
 using DataType = Onnx.TensorProto.Types.DataType;
 
-namespace OnnxLora.GraphRewrite.Onnx;
+namespace OnnxLora.GraphRewrite.Graphs;
 
 /// <summary>A tensor dimension: a fixed size or a symbolic name (null for unknown).</summary>
 public readonly record struct Dim(long? Value, string? Param = null)
@@ -152,7 +152,7 @@ public sealed class GraphEditor
     }
 
     /// <summary>Appends a one-output node and returns the output's (new, unique) name.</summary>
-    public string Add(string opType, string[] inputs, string? outputHint = null, string domain = "", params AttributeProto[] attributes)
+    public string Op(string opType, string[] inputs, string? outputHint = null, string domain = "", params AttributeProto[] attributes)
     {
         var output = UniqueName(outputHint ?? opType.ToLowerInvariant());
         AddNode(opType, inputs, [output], outputHint is null ? null : outputHint + "/" + opType, domain, attributes);
