@@ -1,5 +1,5 @@
 using Onnx;
-using OnnxLora.GraphRewrite.Autodiff;
+using OnnxLora.GraphRewrite.Artifacts;
 using OnnxLora.GraphRewrite.Lora;
 using OnnxLora.GraphRewrite.Graphs;
 using DataType = Onnx.TensorProto.Types.DataType;

@@ -5,7 +5,7 @@ using OnnxLora.GraphRewrite.Graphs;
 using OnnxLora.GraphRewrite.Signature;
 using DataType = Onnx.TensorProto.Types.DataType;
 
-namespace OnnxLora.GraphRewrite.Autodiff;
+namespace OnnxLora.GraphRewrite.Artifacts;
 
 /// <summary>Which hidden state of a sequence the classification head reads.</summary>
 public enum Pooling
@@ -105,13 +105,47 @@ public static class ClassHead
         {
             // ArgMax returns the first (or with select_last_index the last) position where the mask is 1
             var at = g.Op("ArgMax", [mask], "head/at", attributes: [Attr.Int("axis", 1), Attr.Int("keepdims", 1), Attr.Int("select_last_index", pooling == Pooling.Last ? 1 : 0)]);
-            var seqLen = g.Op("Gather", [g.Op("Shape", [inputIds], "head/ids_shape"), g.AddConstant("head/one", Tensors.Int64("", [], [1]))], "head/seq");
-            var positions = g.Op("Range", [g.AddConstant("head/zero", Tensors.Int64("", [], [0])), seqLen, g.AddConstant("head/step", Tensors.Int64("", [], [1]))], "head/positions");
-            var row = g.Op("Unsqueeze", [positions, g.AddConstant("head/axis0", Tensors.Int64Vector("", 0))], "head/pos2");   // [1, seq]
-            weights = g.Op("Cast", [g.Op("Equal", [row, at], "head/is_at")], "head/select", attributes: Attr.Int("to", (int)DataType.Float));
+            weights = g.Op("Cast", [g.Op("Equal", [Positions(g, inputIds), at], "head/is_at")], "head/select", attributes: Attr.Int("to", (int)DataType.Float));
         }
         var w3 = g.Op("Unsqueeze", [weights, g.AddConstant("head/axism1", Tensors.Int64Vector("", -1))], "head/weights3");   // [batch, seq, 1]
         return g.Op("ReduceSum", [g.Op("Mul", [h, w3], "head/weighted"), axis1], "head/pooled", attributes: Attr.Int("keepdims", 0));   // [batch, d]
+    }
+
+    /// <summary>The positions 0..seq−1 of <paramref name="inputIds"/> as a row [1, seq].</summary>
+    static string Positions(GraphEditor g, string inputIds)
+    {
+        var seqLen = g.Op("Gather", [g.Op("Shape", [inputIds], "head/ids_shape"), g.AddConstant("head/one", Tensors.Int64("", [], [1]))], "head/seq");
+        var positions = g.Op("Range", [g.AddConstant("head/zero", Tensors.Int64("", [], [0])), seqLen, g.AddConstant("head/step", Tensors.Int64("", [], [1]))], "head/positions");
+        return g.Op("Unsqueeze", [positions, g.AddConstant("head/axis0", Tensors.Int64Vector("", 0))], "head/pos2");
+    }
+
+    /// <summary>A LoRA-adapted training head: the frozen seeded weight <see cref="Weight"/> and the branch's scale (A, B are inputs).</summary>
+    public sealed record LoraBranch(TensorProto FrozenWeight, double Scale);
+
+    /// <summary>
+    /// The head of a classifier's train and eval models, in place: <see cref="Output"/> [batch, classes] from the
+    /// hidden state under <paramref name="logits"/>, pooled over the first <paramref name="lengths"/> positions of each
+    /// row (right padding), times <see cref="Weight"/> (an input), or with <paramref name="lora"/> times the frozen
+    /// weight plus scale·(pooled·A)·B.
+    /// </summary>
+    public static void AddTrainingHead(ModelProto m, GraphEditor g, string logits, string inputIds, string lengths, Dim batch, int classes, Pooling pooling, LoraBranch? lora)
+    {
+        var (hidden, _) = FindHidden(g, logits);
+        var row = Positions(g, inputIds);                                                                                 // [1, seq]
+        var lengths2 = g.Op("Unsqueeze", [lengths, g.AddConstant("head/axis1", Tensors.Int64Vector("", 1))], "head/lengths2");   // [batch, 1]
+        var mask = g.Op("Cast", [g.Op("Less", [row, lengths2], "head/is_real")], "head/mask", attributes: Attr.Int("to", (int)DataType.Float));
+        var pooled = Pool(m, g, hidden, inputIds, mask, pooling);
+        string classLogits;
+        if (lora is null) classLogits = g.Op("MatMul", [pooled, Weight], "head/logits");
+        else
+        {
+            g.AddInitializer(lora.FrozenWeight.Clone());
+            var branch = g.Op("MatMul", [g.Op("MatMul", [pooled, LoraA], "head/lora_h"), LoraB], "head/lora");
+            if (lora.Scale != 1) branch = g.Op("Mul", [branch, g.AddConstant("head/lora_scale", Tensors.Scalar("", DataType.Float, lora.Scale))], "head/lora_scaled");
+            classLogits = g.Op("Add", [g.Op("MatMul", [pooled, Weight], "head/base"), branch], "head/logits");
+        }
+        g.AddNode("Identity", [classLogits], [Output], Output);
+        m.Graph.ValueInfo.Add(ValueInfos.Tensor(Output, DataType.Float, batch, new Dim(classes)));
     }
 
     /// <summary>
