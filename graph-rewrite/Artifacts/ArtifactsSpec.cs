@@ -1,5 +1,6 @@
 using System.Text.Json;
 using System.Text.Json.Serialization;
+using OnnxLora.GraphRewrite.Autodiff;
 using OnnxLora.GraphRewrite.Graphs;
 using OnnxLora.GraphRewrite.Signature;
 using DataType = Onnx.TensorProto.Types.DataType;
@@ -11,18 +12,31 @@ namespace OnnxLora.GraphRewrite.Artifacts;
 public enum TrainingTask
 {
     /// <summary>Causal language modelling on the model's own logits.</summary>
-    Lm,
+    [JsonStringEnumMemberName("lm")] Lm,
     /// <summary>Sequence classification by a new head on the last non-padding position.</summary>
-    Cls,
+    [JsonStringEnumMemberName("cls")] Cls,
 }
 
 /// <summary>How a classification head is trained.</summary>
+[JsonConverter(typeof(JsonStringEnumConverter<HeadMode>))]
 public enum HeadMode
 {
     /// <summary>The head weight [d, classes] is trained fully (PEFT's modules_to_save).</summary>
-    Full,
+    [JsonStringEnumMemberName("full")] Full,
     /// <summary>The head weight is frozen at its seeded init and gets a LoRA branch (A [d, r], B [r, classes]).</summary>
-    Lora,
+    [JsonStringEnumMemberName("lora")] Lora,
+}
+
+/// <summary>Which hidden state of a sequence the classification head reads.</summary>
+[JsonConverter(typeof(JsonStringEnumConverter<Pooling>))]
+public enum Pooling
+{
+    /// <summary>The last non-padding token (decoders: the only one that has seen the whole row).</summary>
+    [JsonStringEnumMemberName("last")] Last,
+    /// <summary>The first non-padding token (an encoder's [CLS]).</summary>
+    [JsonStringEnumMemberName("first")] First,
+    /// <summary>The mean over the non-padding tokens.</summary>
+    [JsonStringEnumMemberName("mean")] Mean,
 }
 
 /// <summary>
@@ -33,15 +47,13 @@ public sealed record ArtifactsSpec
 {
     public const string CurrentFormat = "onnxlora.artifacts/1";
     public string Format { get; init; } = CurrentFormat;
-    /// <summary>"lm" or "cls".</summary>
-    public required string Task { get; init; }
+    public required TrainingTask Task { get; init; }
     public int? Classes { get; init; }
-    /// <summary>"full" or "lora" (cls only).</summary>
-    public string? HeadMode { get; init; }
-    /// <summary>"last", "first" or "mean" (cls only): which hidden state the head reads.</summary>
-    public string? Pooling { get; init; }
-    /// <summary>"adamw" or "sgd".</summary>
-    public required string Optimizer { get; init; }
+    /// <summary>cls only.</summary>
+    public HeadMode? HeadMode { get; init; }
+    /// <summary>cls only: which hidden state the head reads.</summary>
+    public Pooling? Pooling { get; init; }
+    public required OptimizerKind Optimizer { get; init; }
     public double Beta1 { get; init; }
     public double Beta2 { get; init; }
     public double Epsilon { get; init; }

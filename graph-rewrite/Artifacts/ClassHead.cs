@@ -7,23 +7,11 @@ using DataType = Onnx.TensorProto.Types.DataType;
 
 namespace OnnxLora.GraphRewrite.Artifacts;
 
-/// <summary>Which hidden state of a sequence the classification head reads.</summary>
-public enum Pooling
-{
-    /// <summary>The last non-padding token (decoders: the only one that has seen the whole row).</summary>
-    Last,
-    /// <summary>The first non-padding token (an encoder's [CLS]).</summary>
-    First,
-    /// <summary>The mean over the non-padding tokens.</summary>
-    Mean,
-}
-
 /// <summary>What a classifier model records in its metadata (<see cref="ClassHead.MetadataKey"/>).</summary>
 public sealed record ClassifierInfo
 {
     public required int Classes { get; init; }
-    /// <summary>"last", "first" or "mean".</summary>
-    public required string Pooling { get; init; }
+    public required Pooling Pooling { get; init; }
     /// <summary>Class names in output order, when the training data named them.</summary>
     public IReadOnlyList<string>? Labels { get; init; }
 
@@ -41,16 +29,6 @@ public static class ClassHead
     /// <summary>The head's module name in Hugging Face's *ForSequenceClassification decoders (PEFT's modules_to_save entry).</summary>
     public const string PeftModule = "score";
     public const string MetadataKey = "onnxlora.classifier";
-
-    public static Pooling ParsePooling(string text) => text.Trim().ToLowerInvariant() switch
-    {
-        "last" => Pooling.Last,
-        "first" or "cls" => Pooling.First,
-        "mean" => Pooling.Mean,
-        _ => throw new ArgumentException($"pooling '{text}' is not one of last, first, mean"),
-    };
-
-    public static string Name(this Pooling p) => p.ToString().ToLowerInvariant();
 
     /// <summary>True for an encoder's feature-extraction output (Optimum/sentence-transformers' last_hidden_state): the hidden state itself, no head.</summary>
     public static bool IsHiddenOutput(string name) => name is "last_hidden_state" or "token_embeddings";
@@ -177,7 +155,7 @@ public static class ClassHead
             g.AddInput(ValueInfos.Tensor(mask, DataType.Int64, idsDims));
         }
         var maskF = g.Op("Cast", [mask], "head/mask", attributes: Attr.Int("to", (int)DataType.Float));
-        var pooled = Pool(m, g, hidden, roles.InputIds, maskF, ParsePooling(info.Pooling));
+        var pooled = Pool(m, g, hidden, roles.InputIds, maskF, info.Pooling);
         g.AddInitializer(Tensors.Float(Weight, [d, info.Classes], head));
         if (headAsInput) g.AddInput(ValueInfos.Tensor(Weight, DataType.Float, new Dim(d), new Dim(info.Classes)));
         g.AddNode("Identity", [g.Op("MatMul", [pooled, Weight], "head/logits")], [Output], Output);
@@ -209,10 +187,10 @@ public static class ClassHead
         try
         {
             var info = JsonSerializer.Deserialize<ClassifierInfo>(json, ClassifierInfo.Json) ?? throw new JsonException("null");
-            ParsePooling(info.Pooling);
+            if (!Enum.IsDefined(info.Pooling)) throw new JsonException($"pooling {(int)info.Pooling} is not one of last, first, mean");
             return info.Classes >= 2 ? info : throw new JsonException($"classes is {info.Classes}");
         }
-        catch (Exception e) when (e is JsonException or ArgumentException) { throw new InvalidDataException($"{source}: metadata '{MetadataKey}' is not valid ({e.Message})", e); }
+        catch (JsonException e) { throw new InvalidDataException($"{source}: metadata '{MetadataKey}' is not valid ({e.Message})", e); }
     }
 
     /// <summary>A LoRA-adapted head folded into one weight: W + scale·A·B ([d, classes]), as every deployed form takes it.</summary>

@@ -26,11 +26,11 @@ internal sealed class SpecWriter(ArtifactOptions options, Trainables trainables,
         bool cls = options.Task == TrainingTask.Cls;
         return new ArtifactsSpec
         {
-            Task = cls ? "cls" : "lm",
+            Task = options.Task,
             Classes = cls ? options.Classes : null,
-            HeadMode = cls ? options.HeadMode.ToString().ToLowerInvariant() : null,
-            Pooling = cls ? options.Pooling.Name() : null,
-            Optimizer = options.Optimizer == OptimizerKind.AdamW ? "adamw" : "sgd",
+            HeadMode = cls ? options.HeadMode : null,
+            Pooling = cls ? options.Pooling : null,
+            Optimizer = options.Optimizer,
             Beta1 = options.Beta1, Beta2 = options.Beta2, Epsilon = options.Epsilon,
             AccumulateGradients = options.AccumulateGradients,
             Params = trainables.Params.Select(p => p.Spec).ToList(),

@@ -116,6 +116,9 @@ public sealed class TrainingArtifacts
         catch (JsonException e) { throw new InvalidDataException($"{path}: not a valid {SpecFile} ({e.Message})", e); }
         if (spec is null || spec.Format != ArtifactsSpec.CurrentFormat)
             throw new InvalidDataException($"{path}: format '{spec?.Format}' is not '{ArtifactsSpec.CurrentFormat}'; rebuild the artifacts");
+        // the enum converters also take numbers; only the names are the contract
+        if (!Enum.IsDefined(spec.Task) || !Enum.IsDefined(spec.Optimizer) || (spec.HeadMode is { } h && !Enum.IsDefined(h)) || (spec.Pooling is { } p && !Enum.IsDefined(p)))
+            throw new InvalidDataException($"{path}: task, optimizer, head_mode or pooling is not one of its names ({spec.Task}, {spec.Optimizer}, {spec.HeadMode}, {spec.Pooling}); rebuild the artifacts");
         return spec;
     }
 

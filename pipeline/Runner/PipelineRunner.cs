@@ -2,6 +2,8 @@ using System.Text.Json;
 using System.Text.Json.Nodes;
 using Microsoft.ML.OnnxRuntime;
 using TrainingSession = OnnxLora.Pipeline.Training.TrainingSession;
+using OnnxLora.GraphRewrite.Artifacts;
+using OnnxLora.GraphRewrite.Autodiff;
 using OnnxLora.GraphRewrite.Lora;
 using OnnxLora.GraphRewrite.Graphs;
 using OnnxLora.GraphRewrite.Signature;
@@ -220,14 +222,15 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
             Classes = config.Int("data.classes"),
             ClassNames = config.String("data.generate") is not null ? DemoData.Labels : DatasetLoader.ParseClassNames(config.String("data.labels"), "data.labels"),
             SeqLength = config.Int("data.seq"), SkipBadRows = config.Bool("data.skip_bad_rows"), Tokenizer = config.Path("data.tokenizer"),
-            Optimizer = config.Required("train.optimizer").ToLowerInvariant(), Lr = config.Double("train.lr"), WeightDecay = config.Double("train.weight_decay"),
+            Optimizer = Key("train.optimizer", () => WireNames.Parse<OptimizerKind>(config.Required("train.optimizer"), "optimizer")), Lr = config.Double("train.lr"), WeightDecay = config.Double("train.weight_decay"),
             WarmupSteps = config.Int("train.warmup"),
             Schedule = Key("train.schedule", () => ScheduleKinds.Parse(config.Required("train.schedule"))),
             Epochs = config.Int("train.epochs"), MaxSteps = config.Int("train.max_steps"), BatchSize = config.Int("train.batch"),
             GradAccum = config.Int("train.grad_accum"), Clip = config.Double("train.clip"), Device = config.Required("train.device"),
             Threads = config.Int("train.threads"), Seed = config.Int("train.seed"), Shuffle = config.Bool("train.shuffle"),
             EvalEvery = config.Int("train.eval_every"), EarlyStoppingPatience = config.Int("train.early_stopping"),
-            HeadMode = config.Required("train.head").ToLowerInvariant(), Pooling = config.Required("train.pooling").ToLowerInvariant(), CheckpointEvery = config.Int("train.checkpoint_every"),
+            HeadMode = Key("train.head", () => WireNames.Parse<HeadMode>(config.Required("train.head"), "head")),
+            Pooling = Key("train.pooling", () => WireNames.Parse<Pooling>(config.Required("train.pooling"), "pooling")), CheckpointEvery = config.Int("train.checkpoint_every"),
             InitAdapter = config.Path("train.init_adapter"),
         };
         try { options.Validate(); }

@@ -251,10 +251,10 @@ public static class Trainer
         {
             Task = o.Task == TaskKind.Cls ? TrainingTask.Cls : TrainingTask.Lm,
             Classes = classes,
-            HeadMode = o.HeadMode == "lora" ? HeadMode.Lora : HeadMode.Full,
-            Pooling = ClassHead.ParsePooling(o.Pooling),
+            HeadMode = o.HeadMode,
+            Pooling = o.Pooling,
             FreezeLora = o.FreezeLora,
-            Optimizer = o.Optimizer == "sgd" ? OptimizerKind.Sgd : OptimizerKind.AdamW,
+            Optimizer = o.Optimizer,
             HeadSeed = o.Seed,
             InputRoles = RoleOverride.ParseAll(o.InputRoles),
         });

@@ -132,6 +132,22 @@ public class ArtifactTests
 /// <summary>Save → files ORT loads, and an artifacts.json that round-trips and gives every input and output a role.</summary>
 public class ArtifactFileTests
 {
+    [TestCase("\"optimizer\": \"adamw\"", "\"optimizer\": \"adam\"", "not a valid")]
+    [TestCase("\"optimizer\": \"adamw\"", "\"optimizer\": 7", "not one of its names")]
+    [TestCase("\"task\": \"lm\"", "\"task\": \"seq2seq\"", "not a valid")]
+    public void AnUnknownEnumValueIsRefusedNamingTheFile(string good, string bad, string message)
+    {
+        var file = Path.Combine(TestContext.CurrentContext.TestDirectory, "fixtures", "tiny.onnx");
+        var r = LoraRewrite.Rewrite(OnnxFile.Load(file), new LoraConfig { Rank = 2, Alpha = 2 }, file, "0");
+        using var dir = new TempDir();
+        TrainingArtifacts.Build(r.TrainingModel, r.Manifest).Save(dir.Path);
+        var path = Path.Combine(dir.Path, TrainingArtifacts.SpecFile);
+        var text = File.ReadAllText(path);
+        Assert.That(text, Does.Contain(good));
+        File.WriteAllText(path, text.Replace(good, bad, StringComparison.Ordinal));
+        Assert.That(() => TrainingArtifacts.LoadSpec(dir.Path), Throws.TypeOf<InvalidDataException>().With.Message.Contains(path).And.Message.Contains(message));
+    }
+
     [Test]
     public void SaveWritesLoadableModelsAndACompleteSpec()
     {
@@ -142,7 +158,10 @@ public class ArtifactFileTests
         art.Save(dir.Path);
         var spec = TrainingArtifacts.LoadSpec(dir.Path);
         Assert.That(spec, Is.EqualTo(art.Spec).Using<ArtifactsSpec>((a, b) => System.Text.Json.JsonSerializer.Serialize(a) == System.Text.Json.JsonSerializer.Serialize(b)));
-        Assert.That(spec.Task, Is.EqualTo("cls"));
+        Assert.That((spec.Task, spec.HeadMode, spec.Pooling, spec.Optimizer), Is.EqualTo((TrainingTask.Cls, HeadMode.Full, Pooling.Last, OptimizerKind.AdamW)));
+        // the file keeps the spelling earlier artifacts have, which every reader parses through the same converters
+        var raw = System.Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(Path.Combine(dir.Path, TrainingArtifacts.SpecFile)))!;
+        Assert.That(new[] { "task", "head_mode", "pooling", "optimizer" }.Select(k => (string?)raw[k]), Is.EqualTo(new[] { "cls", "full", "last", "adamw" }));
         Assert.That(spec.Params.Select(p => p.Name), Does.Contain(TrainingArtifacts.HeadWeight));
         foreach (var (kind, model) in new[] { ("train", spec.Train), ("eval", spec.Eval), ("optimizer", spec.OptimizerModel) })
         {
