@@ -2,6 +2,7 @@ using Onnx;
 using OnnxLora.GraphRewrite.Autodiff;
 using OnnxLora.GraphRewrite.Graphs;
 using OnnxLora.GraphRewrite.Lora;
+using OnnxLora.GraphRewrite.Numerics;
 using DataType = Onnx.TensorProto.Types.DataType;
 
 namespace OnnxLora.GraphRewrite.Artifacts;
@@ -65,16 +66,12 @@ internal sealed class Trainables
         Add(ClassHead.LoraB, "head_lora_b", ClassHead.PeftModule, Tensors.Float(ClassHead.LoraB, [r, options.Classes], new float[r * options.Classes]), options.Optimizer);
     }
 
+    // N(0, std²) from SeededNormal: the same head on every platform (Box–Muller over Math.Log would not be)
     static float[] InitialWeight(long count, int seed, double std)
     {
-        var rng = new Random(seed);
-        var v = new float[count];
-        for (long i = 0; i < count; i++)
-        {
-            double u1 = 1 - rng.NextDouble(), u2 = rng.NextDouble();
-            v[i] = (float)(std * Math.Sqrt(-2 * Math.Log(u1)) * Math.Cos(2 * Math.PI * u2));
-        }
-        return v;
+        var values = new float[count];
+        new SeededNormal((ulong)seed, ClassHead.Weight).Fill(values, std);
+        return values;
     }
 
     /// <summary>A model with no inputs whose outputs are the parameters' and then the frozen tensors' initial values, by name.</summary>

@@ -132,6 +132,25 @@ public class ArtifactTests
 /// <summary>Save → files ORT loads, and an artifacts.json that round-trips and gives every input and output a role.</summary>
 public class ArtifactFileTests
 {
+    [Test]
+    public void TheHeadStartsFromSeededNormalsThatAreTheSameOnEveryPlatform()
+    {
+        var file = Path.Combine(TestContext.CurrentContext.TestDirectory, "fixtures", "tiny.onnx");
+        var r = LoraRewrite.Rewrite(OnnxFile.Load(file), new LoraConfig { Rank = 2, Alpha = 2 }, file, "0");
+        float[] Head(int seed) => Tensors.ToFloats(TrainingArtifacts.Build(r.TrainingModel, r.Manifest, new ArtifactOptions { Task = TrainingTask.Cls, Classes = 64, HeadSeed = seed })
+            .InitialParams.Graph.Initializer.Single(t => t.Name == TrainingArtifacts.HeadWeight + ".init"));
+        var head = Head(7);
+        // pinned bits: SeededNormal uses only +, ×, ÷, √ (no libm), so these hold on every platform; a changed generator shows here
+        Assert.That(head.Take(4).Select(BitConverter.SingleToInt32Bits), Is.EqualTo(PinnedHeadBits), string.Join(", ", head.Take(4).Select(v => v.ToString("R"))));
+        // N(0, 0.02²): the sample std of d·64 values lies within 10 % of 0.02 (over 5 standard errors for ≥ 1000 values)
+        double std = Math.Sqrt(head.Select(v => (double)v * v).Average());
+        Assert.That(head, Has.Length.GreaterThanOrEqualTo(1000));
+        Assert.That(std, Is.EqualTo(0.02).Within(0.002));
+        Assert.That(Head(8).Take(4), Is.Not.EqualTo(head.Take(4)), "another seed, another head");
+    }
+
+    static readonly int[] PinnedHeadBits = [1008183305, -1136247890, 1023553335, 1017936170];   // 0.009256371, -0.01209919, 0.03178331, 0.02105387
+
     [TestCase("\"optimizer\": \"adamw\"", "\"optimizer\": \"adam\"", "not a valid")]
     [TestCase("\"optimizer\": \"adamw\"", "\"optimizer\": 7", "not one of its names")]
     [TestCase("\"task\": \"lm\"", "\"task\": \"seq2seq\"", "not a valid")]
