@@ -54,8 +54,8 @@ public sealed record ArtifactOptions
 /// </remarks>
 public sealed class TrainingArtifacts
 {
-    public const string SpecFile = "artifacts.json", TrainFile = "train.onnx", EvalFile = "eval.onnx",
-                        OptimizerFile = "optimizer.onnx", InitialParamsFile = "initial_params.onnx";
+    public const string SpecFile = RunLayout.ArtifactsSpec, TrainFile = RunLayout.TrainModel, EvalFile = RunLayout.EvalModel,
+                        OptimizerFile = RunLayout.OptimizerModel, InitialParamsFile = RunLayout.InitialParams;
     public const string Labels = "labels", Lengths = "lengths", Loss = "loss", ClassLogits = ClassHead.Output, ResetGrad = BackwardPass.ResetGrad;
     public const string HeadWeight = ClassHead.Weight, HeadLoraA = ClassHead.LoraA, HeadLoraB = ClassHead.LoraB;
     public static string GradIn(string p) => BackwardPass.GradIn(p);

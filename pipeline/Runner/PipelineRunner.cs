@@ -34,7 +34,7 @@ public sealed record PipelineReport(
 /// </summary>
 public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = null, IProgress<TrainProgress>? trainProgress = null)
 {
-    const string StagesFile = "stages.json", Verb = "run";
+    const string Verb = "run";
     readonly List<(string, bool, string)> _stages = new();
     JsonObject _done = new();
     long[] _sampleIds = [];   // a real input from the eval data, for the deploy check
@@ -74,7 +74,7 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
             if (!OutputFolder.Check(_runDir, Verb, "run_dir", overwrite: false, reuse: true)) OutputFolder.Mark(_runDir, Verb);
             OutputFolder.RemoveStaleTemps(_runDir);
         }
-        var stagesPath = Path.Combine(_runDir, StagesFile);
+        var stagesPath = Path.Combine(_runDir, RunLayout.Stages);
         _done = File.Exists(stagesPath) ? ReadStages(stagesPath) : new JsonObject();
 
         var modelHash = config.Hash("model");
@@ -125,7 +125,7 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
         log?.Invoke($"{name}: running");
         var result = work();
         _done[name] = new JsonObject { ["hash"] = hash, ["output"] = result };
-        if (DataParallel.Current.IsRoot) AtomicFile.WriteAllText(Path.Combine(_runDir, StagesFile), _done.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
+        if (DataParallel.Current.IsRoot) AtomicFile.WriteAllText(Path.Combine(_runDir, RunLayout.Stages), _done.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
         _stages.Add((name, false, result));
         return result;
     }
@@ -137,7 +137,7 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
             if (!File.Exists(path)) throw new FileNotFoundException($"{config.Source}: model.path '{path}' does not exist", path);
             return path;
         }
-        var output = Path.Combine(_runDir, "model", "base.onnx");
+        var output = Path.Combine(_runDir, RunLayout.ModelDir, RunLayout.BaseModel);
         if (config.Path("model.from") is { } folder)
         {
             OnnxFile.Save(HfModels.Build(folder).Model, output);
@@ -160,7 +160,7 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
     {
         if (config.String("data.generate") is not null)
         {
-            var (train, eval) = DemoData.Write(Path.Combine(_runDir, "data"));
+            var (train, eval) = DemoData.Write(Path.Combine(_runDir, RunLayout.DataDir));
             return (train, eval);
         }
         return (config.Path("data.train")!, config.Path("data.eval"));
@@ -200,7 +200,7 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
 
     string Rewrite(string modelPath)
     {
-        var dir = Path.Combine(_runDir, "rewrite");
+        var dir = Path.Combine(_runDir, RunLayout.RewriteDir);
         var result = LoraRewrite.RewriteFile(modelPath, LoraConfigFromSection(), dir, overwrite: true, InputRoles());   // an earlier config's rewrite
         log?.Invoke($"  {result.Targets.Count} targets; {result.ParameterLine}");
         return dir;
@@ -247,7 +247,7 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
 
     string Train(string rewriteDir, string trainData, string? evalData, CancellationToken cancel)
     {
-        var dir = Path.Combine(_runDir, "train");
+        var dir = Path.Combine(_runDir, RunLayout.TrainDir);
         var options = TrainOptionsFrom(rewriteDir, trainData, dir, evalData);
         TrainResult result;
         if (File.Exists(Path.Combine(dir, TrainOptions.FileName)) && File.Exists(Path.Combine(dir, Trainer.CheckpointFile))
@@ -305,8 +305,8 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
             examples.AddRange(Generations(rewriteDir, data, adapter, count, showIds: options.Format == DataFormat.Tokens, tokenizer));
         }
         log?.Invoke($"evaluate (deployed model): loss {beforeLoss:F4} → {afterLoss:F4}" + (beforeAccuracy is double x ? $", accuracy {x:P1} → {afterAccuracy:P1}" : ""));
-        _stages.Add(("evaluate", false, Path.Combine(_runDir, "evaluation.json")));
-        AtomicFile.WriteAllText(Path.Combine(_runDir, "evaluation.json"), new JsonObject
+        _stages.Add(("evaluate", false, Path.Combine(_runDir, RunLayout.Evaluation)));
+        AtomicFile.WriteAllText(Path.Combine(_runDir, RunLayout.Evaluation), new JsonObject
         {
             ["base_loss"] = beforeLoss, ["adapted_loss"] = afterLoss, ["base_accuracy"] = beforeAccuracy, ["adapted_accuracy"] = afterAccuracy,
             ["examples"] = new JsonArray(examples.Select(e => (JsonNode?)new JsonObject { ["input"] = e.Input, ["expected"] = e.Expected, ["base"] = e.Base, ["adapted"] = e.Adapted }).ToArray()),
@@ -340,14 +340,14 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
         var outputs = new Dictionary<string, string>();
         foreach (var format in config.List("export.formats").Select(AdapterFiles.ParseFormat))
         {
-            var path = Path.Combine(_runDir, "export", format switch
+            var path = Path.Combine(_runDir, RunLayout.ExportDir, format switch
             {
-                AdapterFormat.OnnxAdapter => "adapter.onnx_adapter", AdapterFormat.Peft => "peft", AdapterFormat.GenAi => "genai", _ => "merged.onnx",
+                AdapterFormat.OnnxAdapter => RunLayout.OnnxAdapter, AdapterFormat.Peft => RunLayout.PeftDir, AdapterFormat.GenAi => RunLayout.GenAiDir, _ => RunLayout.Merged,
             });
             Stage($"export {format}", hash, () => { AdapterFiles.Write(adapter, format, path, rewriteDir); return path; }, p => File.Exists(p) || Directory.Exists(p));
             outputs[format.ToString()] = path;
         }
-        outputs["loss plot"] = Path.Combine(_runDir, "train", Trainer.PlotFile);
+        outputs["loss plot"] = Path.Combine(_runDir, RunLayout.TrainDir, RunLayout.LossPlot);
         return outputs;
     }
 

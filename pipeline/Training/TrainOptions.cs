@@ -12,7 +12,7 @@ namespace OnnxLora.Pipeline.Training;
 /// <summary>Everything one training run needs; saved as RUN_DIR/train_config.json so that --resume continues it.</summary>
 public sealed record TrainOptions
 {
-    public const string FileName = "train_config.json";
+    public const string FileName = RunLayout.TrainConfig;
     const int MaxBatch = 1 << 16, MaxSeq = 1 << 20, MaxClasses = 1 << 20;
 
     /// <summary>An 'onnxlora rewrite' output folder (model.onnx, deploy.onnx, lora_config.json).</summary>
