@@ -20,9 +20,15 @@ namespace OnnxLora.Pipeline.Runner;
 /// <summary>One example answered by the base model and by the adapted one.</summary>
 public sealed record SideBySide(string Input, string Expected, string Base, string Adapted);
 
+/// <summary>One stage of a run: its name, whether it was reused (its inputs' hash matched), and its output.</summary>
+public sealed record StageResult(string Stage, bool Skipped, string Detail);
+
+/// <summary>The loss (and accuracy, for a classifier) of the deployed model without and with the adapter, and examples answered by both.</summary>
+public sealed record BeforeAfter(double BaseLoss, double AdaptedLoss, double? BaseAccuracy, double? AdaptedAccuracy, IReadOnlyList<SideBySide> Examples);
+
 /// <summary>What `onnxlora run` did: per stage whether it ran or was reused, the metric before and after, examples and paths.</summary>
 public sealed record PipelineReport(
-    string RunDir, IReadOnlyList<(string Stage, bool Skipped, string Detail)> Stages, string Metric,
+    string RunDir, IReadOnlyList<StageResult> Stages, string Metric,
     double BaseLoss, double AdaptedLoss, double? BaseAccuracy, double? AdaptedAccuracy,
     IReadOnlyList<SideBySide> Examples, IReadOnlyDictionary<string, string> Outputs, double? DeployMaxAbsDiff, TimeSpan Elapsed);
 
@@ -35,7 +41,7 @@ public sealed record PipelineReport(
 public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = null, IProgress<TrainProgress>? trainProgress = null)
 {
     const string Verb = "run";
-    readonly List<(string, bool, string)> _stages = new();
+    readonly List<StageResult> _stages = new();
     JsonObject _done = new();
     long[] _sampleIds = [];   // a real input from the eval data, for the deploy check
     string _runDir = "";
@@ -86,17 +92,16 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
         var trainHash = Combine(rewriteHash, config.Hash("data", "train"), FileHash(trainData), evalData is null ? "" : FileHash(evalData));
         var runDir = Stage("train", trainHash, () => Train(rewriteDir, trainData, evalData, cancel), d => File.Exists(Path.Combine(d, Trainer.AdapterFile)));
         if (!dp.IsRoot)
-            return new PipelineReport(_runDir, _stages.Select(s => (s.Item1, s.Item2, s.Item3)).ToList(), "", double.NaN, double.NaN, null, null, [],
+            return new PipelineReport(_runDir, _stages.ToList(), "", double.NaN, double.NaN, null, null, [],
                 new Dictionary<string, string>(), double.NaN, clock.Elapsed);
         var manifest = LoraManifest.Load(Path.Combine(rewriteDir, LoraManifest.FileName));
         var adapter = AdapterFiles.ReadSafeTensors(Path.Combine(runDir, Trainer.AdapterFile), manifest);
 
-        var (baseLoss, adaptedLoss, baseAcc, adaptedAcc, examples) = Evaluate(runDir, rewriteDir, evalData ?? trainData, adapter);
+        var scores = Evaluate(runDir, rewriteDir, evalData ?? trainData, adapter);
         var outputs = Export(adapter, rewriteDir, trainHash);
         double? deployDiff = DeployCheck(DeployModelOf(runDir, rewriteDir, adapter), outputs);
-        var task = config.Required("data.task");
-        return new PipelineReport(_runDir, _stages.Select(s => (s.Item1, s.Item2, s.Item3)).ToList(),
-            task == "cls" ? "accuracy" : "perplexity", baseLoss, adaptedLoss, baseAcc, adaptedAcc, examples, outputs, deployDiff, clock.Elapsed);
+        return new PipelineReport(_runDir, _stages.ToList(), Task() == TaskKind.Cls ? "accuracy" : "perplexity",
+            scores.BaseLoss, scores.AdaptedLoss, scores.BaseAccuracy, scores.AdaptedAccuracy, scores.Examples, outputs, deployDiff, clock.Elapsed);
     }
 
     /// <summary>stages.json as this runner writes it: stage → {"hash": string, "output": string}; anything else is refused.</summary>
@@ -118,7 +123,7 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
     {
         if (_done[name] is JsonObject prior && (string?)prior["hash"] == hash && (string?)prior["output"] is { } output && outputExists(output))
         {
-            _stages.Add((name, true, output));
+            _stages.Add(new StageResult(name, true, output));
             log?.Invoke($"{name}: up to date ({output})");
             return output;
         }
@@ -126,7 +131,7 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
         var result = work();
         _done[name] = new JsonObject { ["hash"] = hash, ["output"] = result };
         if (DataParallel.Current.IsRoot) AtomicFile.WriteAllText(Path.Combine(_runDir, RunLayout.Stages), _done.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
-        _stages.Add((name, false, result));
+        _stages.Add(new StageResult(name, false, result));
         return result;
     }
 
@@ -176,16 +181,8 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
             TargetModules = config.List("lora.targets"),
             ExcludeModules = config.List("lora.exclude"),
             LayersToTransform = config.String("lora.layers") is { } l ? LoraConfig.ParseLayers(l) : null,
-            Scaling = config.Required("lora.scaling").ToLowerInvariant() switch
-            {
-                "peft" => LoraScaling.Peft, "rslora" => LoraScaling.RsLora, "alpha" => LoraScaling.Alpha,
-                var s => throw new InvalidDataException($"{config.Source}: lora.scaling must be peft, rslora or alpha (got '{s}')"),
-            },
-            Init = config.Required("lora.init").ToLowerInvariant() switch
-            {
-                "kaiming" => LoraInit.Kaiming, "gaussian" => LoraInit.Gaussian,
-                var s => throw new InvalidDataException($"{config.Source}: lora.init must be kaiming or gaussian (got '{s}')"),
-            },
+            Scaling = Key("lora.scaling", () => LoraConfig.ParseScaling(config.Required("lora.scaling"))),
+            Init = Key("lora.init", () => LoraConfig.ParseInit(config.Required("lora.init"))),
             Dropout = config.Double("lora.dropout"),
             Seed = config.Int("lora.seed"),
         };
@@ -208,11 +205,7 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
 
     TrainOptions TrainOptionsFrom(string rewriteDir, string trainData, string outDir, string? evalData)
     {
-        var task = config.Required("data.task").ToLowerInvariant() switch
-        {
-            "lm" => TaskKind.Lm, "cls" => TaskKind.Cls,
-            var t => throw new InvalidDataException($"{config.Source}: data.task must be lm or cls (got '{t}')"),
-        };
+        var task = Task();
         var options = new TrainOptions
         {
             ModelDir = rewriteDir, DataPath = trainData, EvalDataPath = evalData, OutDir = outDir, Task = task,
@@ -237,6 +230,8 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
         catch (ArgumentException e) { throw new InvalidDataException($"{config.Source}: {e.Message.Replace("--", "train.").Replace('-', '_')}", e); }
         return options;
     }
+
+    TaskKind Task() => Key("data.task", () => TaskKinds.Parse(config.Required("data.task")));
 
     /// <summary>Runs a shared parser and names the config key in its message.</summary>
     T Key<T>(string key, Func<T> parse)
@@ -270,7 +265,7 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
     /// the trained adapter through ONNX Runtime's LoRA API), on the eval data, plus examples side by side. Scored by
     /// <see cref="Evaluator"/>, as 'onnxlora eval' scores.
     /// </summary>
-    (double, double, double?, double?, IReadOnlyList<SideBySide>) Evaluate(string runDir, string rewriteDir, string evalData, LoraAdapter adapter)
+    BeforeAfter Evaluate(string runDir, string rewriteDir, string evalData, LoraAdapter adapter)
     {
         var options = TrainOptions.Load(runDir);
         var tokenizer = TokenizerOf(options);
@@ -305,13 +300,13 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
             examples.AddRange(Generations(rewriteDir, data, adapter, count, showIds: options.Format == DataFormat.Tokens, tokenizer));
         }
         log?.Invoke($"evaluate (deployed model): loss {beforeLoss:F4} → {afterLoss:F4}" + (beforeAccuracy is double x ? $", accuracy {x:P1} → {afterAccuracy:P1}" : ""));
-        _stages.Add(("evaluate", false, Path.Combine(_runDir, RunLayout.Evaluation)));
+        _stages.Add(new StageResult("evaluate", false, Path.Combine(_runDir, RunLayout.Evaluation)));
         AtomicFile.WriteAllText(Path.Combine(_runDir, RunLayout.Evaluation), new JsonObject
         {
             ["base_loss"] = beforeLoss, ["adapted_loss"] = afterLoss, ["base_accuracy"] = beforeAccuracy, ["adapted_accuracy"] = afterAccuracy,
             ["examples"] = new JsonArray(examples.Select(e => (JsonNode?)new JsonObject { ["input"] = e.Input, ["expected"] = e.Expected, ["base"] = e.Base, ["adapted"] = e.Adapted }).ToArray()),
         }.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
-        return (beforeLoss, afterLoss, beforeAccuracy, afterAccuracy, examples);
+        return new BeforeAfter(beforeLoss, afterLoss, beforeAccuracy, afterAccuracy, examples);
     }
 
     /// <summary>Greedy continuations of eval prompts by the base and the adapted model; token ids are shown as ids when the data was pre-tokenized.</summary>
