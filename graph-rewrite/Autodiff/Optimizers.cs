@@ -1,16 +1,18 @@
+using System.Text.Json.Serialization;
 using Onnx;
 using OnnxLora.GraphRewrite.Graphs;
 using DataType = Onnx.TensorProto.Types.DataType;
 
 namespace OnnxLora.GraphRewrite.Autodiff;
 
-/// <summary>The optimizers an optimizer graph can implement.</summary>
+/// <summary>The optimizers an optimizer graph can implement; the attribute is its spelling in files and flags.</summary>
+[JsonConverter(typeof(JsonStringEnumConverter<OptimizerKind>))]
 public enum OptimizerKind
 {
     /// <summary>torch.optim.AdamW: decoupled weight decay p ← p·(1 − lr·wd), bias-corrected moments, eps outside the sqrt.</summary>
-    AdamW,
+    [JsonStringEnumMemberName("adamw")] AdamW,
     /// <summary>torch.optim.SGD without momentum: g ← g + wd·p (coupled L2), p ← p − lr·g.</summary>
-    Sgd,
+    [JsonStringEnumMemberName("sgd")] Sgd,
 }
 
 /// <summary>A tensor the optimizer updates: its name, element type and shape.</summary>

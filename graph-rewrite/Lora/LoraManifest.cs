@@ -46,11 +46,11 @@ public sealed record LoraTarget
 public sealed record LoraManifest
 {
     public const string CurrentFormat = "onnxlora.lora/1";
-    public const string FileName = "lora_config.json";
+    public const string FileName = RunLayout.LoraConfig;
     /// <summary>The training view in a rewrite output folder: A/B are graph inputs with their initial values as defaults.</summary>
-    public const string TrainingModelFile = "model.onnx";
+    public const string TrainingModelFile = RunLayout.TrainingModel;
     /// <summary>The deployable model in a rewrite output folder: A/B are inputs with zero-rank defaults, no scale node.</summary>
-    public const string DeployableModelFile = "deploy.onnx";
+    public const string DeployableModelFile = RunLayout.DeployableModel;
 
     public string Format { get; init; } = CurrentFormat;
     public required string ToolVersion { get; init; }

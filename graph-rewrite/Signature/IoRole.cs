@@ -41,7 +41,7 @@ public enum IoRole
     /// <summary>An output nobody reads (hidden states, attentions). Never an input's role.</summary>
     Other,
 
-    // ── training artifacts (graph-rewrite/Autodiff/README.md) ──
+    // ── training artifacts (graph-rewrite/Artifacts/README.md) ──
     Labels,
     Lengths,
     DropoutTrainingMode,

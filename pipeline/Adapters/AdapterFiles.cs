@@ -1,5 +1,5 @@
 using Onnx;
-using OnnxLora.GraphRewrite.Autodiff;
+using OnnxLora.GraphRewrite.Artifacts;
 using OnnxLora.GraphRewrite.Lora;
 using OnnxLora.GraphRewrite.Graphs;
 using DataType = Onnx.TensorProto.Types.DataType;
@@ -93,9 +93,6 @@ public static class AdapterFiles
         extras[ClassHead.Weight] = new AdapterTensor(w.Shape, ClassHead.Fold(w.Data, headA.Data, headB.Data, d, rank, classes, scale));
     }
 
-    /// <summary>The adapter files a training run folder (RUN_DIR) holds, in the order they are preferred.</summary>
-    public static readonly IReadOnlyList<string> RunDirAdapterFiles = ["adapter.safetensors", "adapter.onnx_adapter"];
-
     /// <summary>
     /// The one place that turns what a user points at into an adapter and its rewrite folder. SOURCE is
     /// <list type="bullet">
@@ -113,8 +110,8 @@ public static class AdapterFiles
         if (IsRunDir(source))
         {
             var runManifest = LoraManifest.Load(Path.Combine(source, LoraManifest.FileName));
-            var file = RunDirAdapterFiles.Select(f => Path.Combine(source, f)).FirstOrDefault(File.Exists)
-                ?? throw new FileNotFoundException($"{source}: a run folder without {string.Join(" or ", RunDirAdapterFiles)}; has training finished?");
+            var file = RunLayout.RunAdapters.Select(f => Path.Combine(source, f)).FirstOrDefault(File.Exists)
+                ?? throw new FileNotFoundException($"{source}: a run folder without {string.Join(" or ", RunLayout.RunAdapters)}; has training finished?");
             return (Read(file, runManifest), rewriteDir ?? RunModelDir(source) ?? source);
         }
         rewriteDir ??= new[] { source, Path.GetDirectoryName(Path.GetFullPath(source)) }
@@ -138,7 +135,7 @@ public static class AdapterFiles
     /// <summary>The rewrite folder a training run was made from (train_config.json's model_dir), when it still exists.</summary>
     static string? RunModelDir(string runDir)
     {
-        var config = Path.Combine(runDir, "train_config.json");
+        var config = Path.Combine(runDir, RunLayout.TrainConfig);
         if (!File.Exists(config)) return null;
         string? dir;
         try { dir = System.Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(config))?["model_dir"]?.GetValue<string>(); }

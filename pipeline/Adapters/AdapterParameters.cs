@@ -92,8 +92,8 @@ public static class AdapterValidation
             if (p.RawData.Length != p.ElementCount * Tensors.ElementSize(p.DataType))
                 throw new InvalidDataException($"{source}: parameter {p.Describe()} has {p.RawData.Length} bytes of data, needs {p.ElementCount * Tensors.ElementSize(p.DataType)}");
         }
-        if (unknown.Contains(GraphRewrite.Autodiff.ClassHead.Weight))
-            throw new InvalidDataException($"{source}: the adapter is a classifier (it carries '{GraphRewrite.Autodiff.ClassHead.Weight}'), {model} has no classification head; " +
+        if (unknown.Contains(GraphRewrite.Artifacts.ClassHead.Weight))
+            throw new InvalidDataException($"{source}: the adapter is a classifier (it carries '{GraphRewrite.Artifacts.ClassHead.Weight}'), {model} has no classification head; " +
                 "serve it with the classifier deploy.onnx its training run wrote (--model RUN_DIR), or a merged export");
         if (unknown.Count > 0)
             throw new InvalidDataException($"{source}: {unknown.Count} parameter(s) are not LoRA inputs of {model}: {LoraAdapter.Preview(unknown)}" +

@@ -1,4 +1,4 @@
-using OnnxLora.GraphRewrite.Autodiff;
+using OnnxLora.GraphRewrite.Artifacts;
 using OnnxLora.GraphRewrite.Lora;
 using OnnxLora.GraphRewrite.Graphs;
 
@@ -103,7 +103,7 @@ public sealed class LoraAdapter
                 throw new InvalidDataException($"{source}: the metadata says {classifier.Classes} classes, the head '{ClassHead.Weight}' is {head.ShapeText}");
             if (classifier?.Labels is { } labels && labels.Count != classes)
                 throw new InvalidDataException($"{source}: {labels.Count} label names ({string.Join(", ", labels)}) for a {classes}-class head");
-            classifier ??= new ClassifierInfo { Classes = classes, Pooling = Pooling.Last.Name() };
+            classifier ??= new ClassifierInfo { Classes = classes, Pooling = Pooling.Last };
         }
         else classifier = null;
         return new LoraAdapter(manifest, lora, extraCopy, classifier);

@@ -2,6 +2,7 @@ using Microsoft.ML.OnnxRuntime;
 using Microsoft.ML.OnnxRuntime.Tensors;
 using OnnxLora.GraphRewrite.Graphs;
 using OnnxLora.GraphRewrite.Signature;
+using OnnxLora.Models;
 using DataType = Onnx.TensorProto.Types.DataType;
 
 namespace OnnxLora.Pipeline.Deployment;
@@ -54,10 +55,10 @@ internal sealed class ModelSignature
 
     static string? NullIfEmpty(string[] symbols, int i) => i < symbols.Length && symbols[i].Length > 0 ? symbols[i] : null;
 
-    /// <summary>n_positions from the OnnxLora builder's "onnxlora.gpt_config" metadata (kept by rewrites), if present.</summary>
+    /// <summary>n_positions from the OnnxLora builder's <see cref="GptBuilder.ConfigMetadataKey"/> metadata (kept by rewrites), if present.</summary>
     static int? PositionsFromMetadata(AdapterHost host)
     {
-        if (!host.ModelMetadata.TryGetValue("onnxlora.gpt_config", out var json)) return null;
+        if (!host.ModelMetadata.TryGetValue(GptBuilder.ConfigMetadataKey, out var json)) return null;
         try { return System.Text.Json.Nodes.JsonNode.Parse(json)?["n_positions"]?.GetValue<int>(); }
         catch (Exception e) when (e is System.Text.Json.JsonException or InvalidOperationException or FormatException) { return null; }
     }

@@ -73,7 +73,7 @@ public static class DemoData
           epochs: 3
           batch: 16
           eval_every: 30
-          seed: 42
+          seed: 13
         export:
           formats: [onnx-adapter, peft, merged]
         evaluate:

@@ -2,6 +2,8 @@ using System.Text.Json;
 using System.Text.Json.Nodes;
 using Microsoft.ML.OnnxRuntime;
 using TrainingSession = OnnxLora.Pipeline.Training.TrainingSession;
+using OnnxLora.GraphRewrite.Artifacts;
+using OnnxLora.GraphRewrite.Autodiff;
 using OnnxLora.GraphRewrite.Lora;
 using OnnxLora.GraphRewrite.Graphs;
 using OnnxLora.GraphRewrite.Signature;
@@ -18,9 +20,15 @@ namespace OnnxLora.Pipeline.Runner;
 /// <summary>One example answered by the base model and by the adapted one.</summary>
 public sealed record SideBySide(string Input, string Expected, string Base, string Adapted);
 
+/// <summary>One stage of a run: its name, whether it was reused (its inputs' hash matched), and its output.</summary>
+public sealed record StageResult(string Stage, bool Skipped, string Detail);
+
+/// <summary>The loss (and accuracy, for a classifier) of the deployed model without and with the adapter, and examples answered by both.</summary>
+public sealed record BeforeAfter(double BaseLoss, double AdaptedLoss, double? BaseAccuracy, double? AdaptedAccuracy, IReadOnlyList<SideBySide> Examples);
+
 /// <summary>What `onnxlora run` did: per stage whether it ran or was reused, the metric before and after, examples and paths.</summary>
 public sealed record PipelineReport(
-    string RunDir, IReadOnlyList<(string Stage, bool Skipped, string Detail)> Stages, string Metric,
+    string RunDir, IReadOnlyList<StageResult> Stages, string Metric,
     double BaseLoss, double AdaptedLoss, double? BaseAccuracy, double? AdaptedAccuracy,
     IReadOnlyList<SideBySide> Examples, IReadOnlyDictionary<string, string> Outputs, double? DeployMaxAbsDiff, TimeSpan Elapsed);
 
@@ -32,8 +40,8 @@ public sealed record PipelineReport(
 /// </summary>
 public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = null, IProgress<TrainProgress>? trainProgress = null)
 {
-    const string StagesFile = "stages.json", Verb = "run";
-    readonly List<(string, bool, string)> _stages = new();
+    const string Verb = "run";
+    readonly List<StageResult> _stages = new();
     JsonObject _done = new();
     long[] _sampleIds = [];   // a real input from the eval data, for the deploy check
     string _runDir = "";
@@ -72,7 +80,7 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
             if (!OutputFolder.Check(_runDir, Verb, "run_dir", overwrite: false, reuse: true)) OutputFolder.Mark(_runDir, Verb);
             OutputFolder.RemoveStaleTemps(_runDir);
         }
-        var stagesPath = Path.Combine(_runDir, StagesFile);
+        var stagesPath = Path.Combine(_runDir, RunLayout.Stages);
         _done = File.Exists(stagesPath) ? ReadStages(stagesPath) : new JsonObject();
 
         var modelHash = config.Hash("model");
@@ -84,17 +92,16 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
         var trainHash = Combine(rewriteHash, config.Hash("data", "train"), FileHash(trainData), evalData is null ? "" : FileHash(evalData));
         var runDir = Stage("train", trainHash, () => Train(rewriteDir, trainData, evalData, cancel), d => File.Exists(Path.Combine(d, Trainer.AdapterFile)));
         if (!dp.IsRoot)
-            return new PipelineReport(_runDir, _stages.Select(s => (s.Item1, s.Item2, s.Item3)).ToList(), "", double.NaN, double.NaN, null, null, [],
+            return new PipelineReport(_runDir, _stages.ToList(), "", double.NaN, double.NaN, null, null, [],
                 new Dictionary<string, string>(), double.NaN, clock.Elapsed);
         var manifest = LoraManifest.Load(Path.Combine(rewriteDir, LoraManifest.FileName));
         var adapter = AdapterFiles.ReadSafeTensors(Path.Combine(runDir, Trainer.AdapterFile), manifest);
 
-        var (baseLoss, adaptedLoss, baseAcc, adaptedAcc, examples) = Evaluate(runDir, rewriteDir, evalData ?? trainData, adapter);
+        var scores = Evaluate(runDir, rewriteDir, evalData ?? trainData, adapter);
         var outputs = Export(adapter, rewriteDir, trainHash);
         double? deployDiff = DeployCheck(DeployModelOf(runDir, rewriteDir, adapter), outputs);
-        var task = config.Required("data.task");
-        return new PipelineReport(_runDir, _stages.Select(s => (s.Item1, s.Item2, s.Item3)).ToList(),
-            task == "cls" ? "accuracy" : "perplexity", baseLoss, adaptedLoss, baseAcc, adaptedAcc, examples, outputs, deployDiff, clock.Elapsed);
+        return new PipelineReport(_runDir, _stages.ToList(), Task() == TaskKind.Cls ? "accuracy" : "perplexity",
+            scores.BaseLoss, scores.AdaptedLoss, scores.BaseAccuracy, scores.AdaptedAccuracy, scores.Examples, outputs, deployDiff, clock.Elapsed);
     }
 
     /// <summary>stages.json as this runner writes it: stage → {"hash": string, "output": string}; anything else is refused.</summary>
@@ -116,15 +123,15 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
     {
         if (_done[name] is JsonObject prior && (string?)prior["hash"] == hash && (string?)prior["output"] is { } output && outputExists(output))
         {
-            _stages.Add((name, true, output));
+            _stages.Add(new StageResult(name, true, output));
             log?.Invoke($"{name}: up to date ({output})");
             return output;
         }
         log?.Invoke($"{name}: running");
         var result = work();
         _done[name] = new JsonObject { ["hash"] = hash, ["output"] = result };
-        if (DataParallel.Current.IsRoot) AtomicFile.WriteAllText(Path.Combine(_runDir, StagesFile), _done.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
-        _stages.Add((name, false, result));
+        if (DataParallel.Current.IsRoot) AtomicFile.WriteAllText(Path.Combine(_runDir, RunLayout.Stages), _done.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
+        _stages.Add(new StageResult(name, false, result));
         return result;
     }
 
@@ -135,7 +142,7 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
             if (!File.Exists(path)) throw new FileNotFoundException($"{config.Source}: model.path '{path}' does not exist", path);
             return path;
         }
-        var output = Path.Combine(_runDir, "model", "base.onnx");
+        var output = Path.Combine(_runDir, RunLayout.ModelDir, RunLayout.BaseModel);
         if (config.Path("model.from") is { } folder)
         {
             OnnxFile.Save(HfModels.Build(folder).Model, output);
@@ -158,7 +165,7 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
     {
         if (config.String("data.generate") is not null)
         {
-            var (train, eval) = DemoData.Write(Path.Combine(_runDir, "data"));
+            var (train, eval) = DemoData.Write(Path.Combine(_runDir, RunLayout.DataDir));
             return (train, eval);
         }
         return (config.Path("data.train")!, config.Path("data.eval"));
@@ -174,16 +181,8 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
             TargetModules = config.List("lora.targets"),
             ExcludeModules = config.List("lora.exclude"),
             LayersToTransform = config.String("lora.layers") is { } l ? LoraConfig.ParseLayers(l) : null,
-            Scaling = config.Required("lora.scaling").ToLowerInvariant() switch
-            {
-                "peft" => LoraScaling.Peft, "rslora" => LoraScaling.RsLora, "alpha" => LoraScaling.Alpha,
-                var s => throw new InvalidDataException($"{config.Source}: lora.scaling must be peft, rslora or alpha (got '{s}')"),
-            },
-            Init = config.Required("lora.init").ToLowerInvariant() switch
-            {
-                "kaiming" => LoraInit.Kaiming, "gaussian" => LoraInit.Gaussian,
-                var s => throw new InvalidDataException($"{config.Source}: lora.init must be kaiming or gaussian (got '{s}')"),
-            },
+            Scaling = Key("lora.scaling", () => LoraConfig.ParseScaling(config.Required("lora.scaling"))),
+            Init = Key("lora.init", () => LoraConfig.ParseInit(config.Required("lora.init"))),
             Dropout = config.Double("lora.dropout"),
             Seed = config.Int("lora.seed"),
         };
@@ -198,7 +197,7 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
 
     string Rewrite(string modelPath)
     {
-        var dir = Path.Combine(_runDir, "rewrite");
+        var dir = Path.Combine(_runDir, RunLayout.RewriteDir);
         var result = LoraRewrite.RewriteFile(modelPath, LoraConfigFromSection(), dir, overwrite: true, InputRoles());   // an earlier config's rewrite
         log?.Invoke($"  {result.Targets.Count} targets; {result.ParameterLine}");
         return dir;
@@ -206,11 +205,7 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
 
     TrainOptions TrainOptionsFrom(string rewriteDir, string trainData, string outDir, string? evalData)
     {
-        var task = config.Required("data.task").ToLowerInvariant() switch
-        {
-            "lm" => TaskKind.Lm, "cls" => TaskKind.Cls,
-            var t => throw new InvalidDataException($"{config.Source}: data.task must be lm or cls (got '{t}')"),
-        };
+        var task = Task();
         var options = new TrainOptions
         {
             ModelDir = rewriteDir, DataPath = trainData, EvalDataPath = evalData, OutDir = outDir, Task = task,
@@ -220,20 +215,23 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
             Classes = config.Int("data.classes"),
             ClassNames = config.String("data.generate") is not null ? DemoData.Labels : DatasetLoader.ParseClassNames(config.String("data.labels"), "data.labels"),
             SeqLength = config.Int("data.seq"), SkipBadRows = config.Bool("data.skip_bad_rows"), Tokenizer = config.Path("data.tokenizer"),
-            Optimizer = config.Required("train.optimizer").ToLowerInvariant(), Lr = config.Double("train.lr"), WeightDecay = config.Double("train.weight_decay"),
+            Optimizer = Key("train.optimizer", () => WireNames.Parse<OptimizerKind>(config.Required("train.optimizer"), "optimizer")), Lr = config.Double("train.lr"), WeightDecay = config.Double("train.weight_decay"),
             WarmupSteps = config.Int("train.warmup"),
             Schedule = Key("train.schedule", () => ScheduleKinds.Parse(config.Required("train.schedule"))),
             Epochs = config.Int("train.epochs"), MaxSteps = config.Int("train.max_steps"), BatchSize = config.Int("train.batch"),
             GradAccum = config.Int("train.grad_accum"), Clip = config.Double("train.clip"), Device = config.Required("train.device"),
             Threads = config.Int("train.threads"), Seed = config.Int("train.seed"), Shuffle = config.Bool("train.shuffle"),
             EvalEvery = config.Int("train.eval_every"), EarlyStoppingPatience = config.Int("train.early_stopping"),
-            HeadMode = config.Required("train.head").ToLowerInvariant(), Pooling = config.Required("train.pooling").ToLowerInvariant(), CheckpointEvery = config.Int("train.checkpoint_every"),
+            HeadMode = Key("train.head", () => WireNames.Parse<HeadMode>(config.Required("train.head"), "head")),
+            Pooling = Key("train.pooling", () => WireNames.Parse<Pooling>(config.Required("train.pooling"), "pooling")), CheckpointEvery = config.Int("train.checkpoint_every"),
             InitAdapter = config.Path("train.init_adapter"),
         };
         try { options.Validate(); }
         catch (ArgumentException e) { throw new InvalidDataException($"{config.Source}: {e.Message.Replace("--", "train.").Replace('-', '_')}", e); }
         return options;
     }
+
+    TaskKind Task() => Key("data.task", () => TaskKinds.Parse(config.Required("data.task")));
 
     /// <summary>Runs a shared parser and names the config key in its message.</summary>
     T Key<T>(string key, Func<T> parse)
@@ -244,7 +242,7 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
 
     string Train(string rewriteDir, string trainData, string? evalData, CancellationToken cancel)
     {
-        var dir = Path.Combine(_runDir, "train");
+        var dir = Path.Combine(_runDir, RunLayout.TrainDir);
         var options = TrainOptionsFrom(rewriteDir, trainData, dir, evalData);
         TrainResult result;
         if (File.Exists(Path.Combine(dir, TrainOptions.FileName)) && File.Exists(Path.Combine(dir, Trainer.CheckpointFile))
@@ -267,7 +265,7 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
     /// the trained adapter through ONNX Runtime's LoRA API), on the eval data, plus examples side by side. Scored by
     /// <see cref="Evaluator"/>, as 'onnxlora eval' scores.
     /// </summary>
-    (double, double, double?, double?, IReadOnlyList<SideBySide>) Evaluate(string runDir, string rewriteDir, string evalData, LoraAdapter adapter)
+    BeforeAfter Evaluate(string runDir, string rewriteDir, string evalData, LoraAdapter adapter)
     {
         var options = TrainOptions.Load(runDir);
         var tokenizer = TokenizerOf(options);
@@ -302,13 +300,13 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
             examples.AddRange(Generations(rewriteDir, data, adapter, count, showIds: options.Format == DataFormat.Tokens, tokenizer));
         }
         log?.Invoke($"evaluate (deployed model): loss {beforeLoss:F4} → {afterLoss:F4}" + (beforeAccuracy is double x ? $", accuracy {x:P1} → {afterAccuracy:P1}" : ""));
-        _stages.Add(("evaluate", false, Path.Combine(_runDir, "evaluation.json")));
-        AtomicFile.WriteAllText(Path.Combine(_runDir, "evaluation.json"), new JsonObject
+        _stages.Add(new StageResult("evaluate", false, Path.Combine(_runDir, RunLayout.Evaluation)));
+        AtomicFile.WriteAllText(Path.Combine(_runDir, RunLayout.Evaluation), new JsonObject
         {
             ["base_loss"] = beforeLoss, ["adapted_loss"] = afterLoss, ["base_accuracy"] = beforeAccuracy, ["adapted_accuracy"] = afterAccuracy,
             ["examples"] = new JsonArray(examples.Select(e => (JsonNode?)new JsonObject { ["input"] = e.Input, ["expected"] = e.Expected, ["base"] = e.Base, ["adapted"] = e.Adapted }).ToArray()),
         }.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
-        return (beforeLoss, afterLoss, beforeAccuracy, afterAccuracy, examples);
+        return new BeforeAfter(beforeLoss, afterLoss, beforeAccuracy, afterAccuracy, examples);
     }
 
     /// <summary>Greedy continuations of eval prompts by the base and the adapted model; token ids are shown as ids when the data was pre-tokenized.</summary>
@@ -337,14 +335,14 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
         var outputs = new Dictionary<string, string>();
         foreach (var format in config.List("export.formats").Select(AdapterFiles.ParseFormat))
         {
-            var path = Path.Combine(_runDir, "export", format switch
+            var path = Path.Combine(_runDir, RunLayout.ExportDir, format switch
             {
-                AdapterFormat.OnnxAdapter => "adapter.onnx_adapter", AdapterFormat.Peft => "peft", AdapterFormat.GenAi => "genai", _ => "merged.onnx",
+                AdapterFormat.OnnxAdapter => RunLayout.OnnxAdapter, AdapterFormat.Peft => RunLayout.PeftDir, AdapterFormat.GenAi => RunLayout.GenAiDir, _ => RunLayout.Merged,
             });
             Stage($"export {format}", hash, () => { AdapterFiles.Write(adapter, format, path, rewriteDir); return path; }, p => File.Exists(p) || Directory.Exists(p));
             outputs[format.ToString()] = path;
         }
-        outputs["loss plot"] = Path.Combine(_runDir, "train", Trainer.PlotFile);
+        outputs["loss plot"] = Path.Combine(_runDir, RunLayout.TrainDir, RunLayout.LossPlot);
         return outputs;
     }
 

@@ -1,7 +1,7 @@
 using Microsoft.ML.OnnxRuntime;
 using Microsoft.ML.OnnxRuntime.Tensors;
 using Onnx;
-using OnnxLora.GraphRewrite.Autodiff;
+using OnnxLora.GraphRewrite.Artifacts;
 using OnnxLora.GraphRewrite.Graphs;
 using OnnxLora.Pipeline.Runtime;
 

@@ -2,6 +2,8 @@ using System.Security.Cryptography;
 using System.Text;
 using System.Text.Json;
 using System.Text.Json.Serialization;
+using OnnxLora.GraphRewrite.Artifacts;
+using OnnxLora.GraphRewrite.Autodiff;
 using OnnxLora.GraphRewrite.Graphs;
 using OnnxLora.Pipeline.Data;
 
@@ -10,7 +12,7 @@ namespace OnnxLora.Pipeline.Training;
 /// <summary>Everything one training run needs; saved as RUN_DIR/train_config.json so that --resume continues it.</summary>
 public sealed record TrainOptions
 {
-    public const string FileName = "train_config.json";
+    public const string FileName = RunLayout.TrainConfig;
     const int MaxBatch = 1 << 16, MaxSeq = 1 << 20, MaxClasses = 1 << 20;
 
     /// <summary>An 'onnxlora rewrite' output folder (model.onnx, deploy.onnx, lora_config.json).</summary>
@@ -21,10 +23,10 @@ public sealed record TrainOptions
     public int Classes { get; init; }
     /// <summary>Label names for tsv classification data (index order); null = the file's sorted labels.</summary>
     public IReadOnlyList<string>? ClassNames { get; init; }
-    /// <summary>"full" trains the classification head (PEFT's modules_to_save); "lora" adapts a frozen random head.</summary>
-    public string HeadMode { get; init; } = "full";
-    /// <summary>cls: which hidden state the head reads: "last" (the last non-padding token), "first" ([CLS]) or "mean".</summary>
-    public string Pooling { get; init; } = "last";
+    /// <summary>cls: full trains the classification head (PEFT's modules_to_save); lora adapts a frozen random head.</summary>
+    public HeadMode HeadMode { get; init; } = HeadMode.Full;
+    /// <summary>cls: which hidden state the head reads: the last non-padding token, the first ([CLS]) or the mean.</summary>
+    public Pooling Pooling { get; init; } = Pooling.Last;
     /// <summary>cls: keep the LoRA factors at their start (B = 0) and train the head alone, the frozen-base baseline.</summary>
     public bool FreezeLora { get; init; }
     public required string OutDir { get; init; }
@@ -33,7 +35,7 @@ public sealed record TrainOptions
     public int MaxSteps { get; init; }
     public int BatchSize { get; init; } = 8;
     public int SeqLength { get; init; } = 128;
-    public string Optimizer { get; init; } = "adamw";
+    public OptimizerKind Optimizer { get; init; } = OptimizerKind.AdamW;
     public double Lr { get; init; } = 2e-4;
     public double WeightDecay { get; init; } = 0.01;
     public int WarmupSteps { get; init; }
@@ -82,9 +84,8 @@ public sealed record TrainOptions
         Require(Threads >= 0 && Threads <= Environment.ProcessorCount, $"--threads must be in 0..{Environment.ProcessorCount} (this machine's cores; 0 = all), got {Threads}");
         Require(Classes is >= 0 and <= MaxClasses, $"--classes must be in 0..{MaxClasses} (got {Classes})");
         Require(EarlyStoppingPatience >= 0, $"--early-stopping must be ≥ 0 (got {EarlyStoppingPatience})");
-        Require(Optimizer is "adamw" or "sgd", $"--optimizer must be adamw or sgd (got '{Optimizer}')");
-        Require(HeadMode is "full" or "lora", $"--head must be full or lora (got '{HeadMode}')");
-        Require(Pooling is "last" or "first" or "mean", $"--pooling must be last, first or mean (got '{Pooling}')");
+        // the names parse through WireNames; a train_config.json could still hold a number
+        Require(Enum.IsDefined(Optimizer) && Enum.IsDefined(HeadMode) && Enum.IsDefined(Pooling), $"--optimizer, --head and --pooling must be names (got {Optimizer}, {HeadMode}, {Pooling})");
         Require(!FreezeLora || Task == TaskKind.Cls, "--freeze-lora trains the head alone: it needs --task cls");
         Require(Task != TaskKind.Cls || Classes >= 2 || ClassNames is { Count: >= 2 } || Format == DataFormat.Tsv, "--task cls needs --classes N (≥ 2)");
         Require(CheckpointEvery >= 0 && EvalEvery >= 0 && WarmupSteps >= 0, "--checkpoint-every, --eval-every and --warmup must be ≥ 0");

@@ -1,4 +1,5 @@
 using System.Diagnostics;
+using OnnxLora.GraphRewrite.Artifacts;
 using OnnxLora.GraphRewrite.Autodiff;
 using OnnxLora.GraphRewrite.Lora;
 using OnnxLora.GraphRewrite.Graphs;
@@ -21,13 +22,13 @@ public sealed record TrainResult(string RunDir, int Steps, double FirstLoss, dou
 /// <summary>
 /// The training loop: builds (or reuses) the artifacts in RUN_DIR, streams batches through a <see cref="TrainingSession"/>,
 /// schedules the learning rate, evaluates, checkpoints atomically, logs metrics.jsonl, draws loss.png and writes the
-/// final adapter. RUN_DIR layout: train_config.json, artifacts/, checkpoint.safetensors, metrics.jsonl, loss.png,
-/// lora_config.json (copied from the rewrite), adapter.safetensors (OnnxLora layout) and adapter.onnx_adapter.
+/// final adapter. RUN_DIR layout (<see cref="RunLayout"/>): train_config.json, artifacts/, checkpoint.safetensors, metrics.jsonl,
+/// loss.png, lora_config.json (copied from the rewrite), adapter.safetensors (OnnxLora layout) and adapter.onnx_adapter.
 /// </summary>
 public static class Trainer
 {
-    public const string ArtifactsDir = "artifacts", CheckpointFile = "checkpoint.safetensors", MetricsFile = "metrics.jsonl",
-                        PlotFile = "loss.png", AdapterFile = "adapter.safetensors", OnnxAdapterFileName = "adapter.onnx_adapter";
+    public const string ArtifactsDir = RunLayout.ArtifactsDir, CheckpointFile = RunLayout.Checkpoint, MetricsFile = RunLayout.Metrics,
+                        PlotFile = RunLayout.LossPlot, AdapterFile = RunLayout.Adapter, OnnxAdapterFileName = RunLayout.OnnxAdapter;
 
     /// <summary>The verb name in a run folder's marker (<see cref="OutputFolder"/>).</summary>
     public const string Verb = "train";
@@ -250,10 +251,10 @@ public static class Trainer
         {
             Task = o.Task == TaskKind.Cls ? TrainingTask.Cls : TrainingTask.Lm,
             Classes = classes,
-            HeadMode = o.HeadMode == "lora" ? HeadMode.Lora : HeadMode.Full,
-            Pooling = ClassHead.ParsePooling(o.Pooling),
+            HeadMode = o.HeadMode,
+            Pooling = o.Pooling,
             FreezeLora = o.FreezeLora,
-            Optimizer = o.Optimizer == "sgd" ? OptimizerKind.Sgd : OptimizerKind.AdamW,
+            Optimizer = o.Optimizer,
             HeadSeed = o.Seed,
             InputRoles = RoleOverride.ParseAll(o.InputRoles),
         });

@@ -1,5 +1,6 @@
 using Microsoft.ML.OnnxRuntime;
 using Microsoft.ML.OnnxRuntime.Tensors;
+using OnnxLora.GraphRewrite.Artifacts;
 using OnnxLora.GraphRewrite.Autodiff;
 using OnnxLora.GraphRewrite.Graphs;
 using OnnxLora.GraphRewrite.Signature;
@@ -152,7 +153,7 @@ public sealed class TrainingSession : IDisposable
         b.ClearBoundInputs(); b.ClearBoundOutputs();
         using var feeds = BindBatch(b, _spec.Eval, batch);
         foreach (var io in _spec.Eval.Inputs.Where(i => i.Role == IoRole.Param)) b.BindInput(io.Name, _buffers.Param(io.Param!));
-        foreach (var io in _spec.Eval.Outputs.Where(o => o.Role == IoRole.Loss || (o.Role == IoRole.Logits && (_spec.Task == "cls" || withLogits))))
+        foreach (var io in _spec.Eval.Outputs.Where(o => o.Role == IoRole.Loss || (o.Role == IoRole.Logits && (_spec.Task == TrainingTask.Cls || withLogits))))
             b.BindOutputToDevice(io.Name, _host);
         return Run(_eval, b, "eval step");
     }
@@ -242,7 +243,7 @@ public sealed class TrainingSession : IDisposable
         {
             OrtValue? v = io.Role switch
             {
-                IoRole.Labels when _spec.Task == "lm" => OrtValue.CreateTensorValueFromMemory(batch.Labels, [batch.BatchSize, batch.SeqLength]),
+                IoRole.Labels when _spec.Task == TrainingTask.Lm => OrtValue.CreateTensorValueFromMemory(batch.Labels, [batch.BatchSize, batch.SeqLength]),
                 IoRole.Labels => OrtValue.CreateTensorValueFromMemory(batch.ClassLabels, [batch.BatchSize]),
                 IoRole.Lengths => OrtValue.CreateTensorValueFromMemory(batch.Lengths, [batch.BatchSize]),
                 _ when SignatureFeeds.Feeds(io.Role) => SignatureFeeds.Create(io.ToEntry(), tokens),
@@ -268,7 +269,7 @@ public sealed class TrainingSession : IDisposable
         }
         if (loss is not double l) throw new InvalidDataException($"{what}: the model has no '{TrainingArtifacts.Loss}' output; rebuild the artifacts");
         if (!double.IsFinite(l)) throw new ArithmeticException($"{what}: the loss is {l} (learning rate too high, or bad data?)");
-        return new StepResult(l, logits, IsClassification: _spec.Task == "cls");
+        return new StepResult(l, logits, IsClassification: _spec.Task == TrainingTask.Cls);
     }
 
     IDisposableReadOnlyCollection<OrtValue> RunRaw(InferenceSession session, OrtIoBinding b, string what)

@@ -53,7 +53,7 @@ public class PeftAdapterTests
         var manifest = TinyDeployable.Manifest();
         var adapter = LoraAdapter.Create(manifest, LoraAdapter.CreateRandom(manifest, 3).LoraTensors,
             new Dictionary<string, AdapterTensor> { ["cls_head.weight"] = new([TinyDeployable.Out, 2], [1, 2, 3, 4, 5, 6, 7, 8]) }, "test",
-            new OnnxLora.GraphRewrite.Autodiff.ClassifierInfo { Classes = 2, Pooling = "mean", Labels = ["ham", "spam"] });
+            new OnnxLora.GraphRewrite.Artifacts.ClassifierInfo { Classes = 2, Pooling = OnnxLora.GraphRewrite.Artifacts.Pooling.Mean, Labels = ["ham", "spam"] });
         PeftAdapter.Write(dir.Path, adapter);
         // what a PEFT model's state_dict holds before save strips the adapter name: score.modules_to_save.default.weight
         var path = Path.Combine(dir.Path, PeftAdapter.WeightsFile);
@@ -66,7 +66,7 @@ public class PeftAdapterTests
         Assert.That(back.Head!.Shape, Is.EqualTo(new long[] { TinyDeployable.Out, 2 }));
         Assert.That(back.Head.Data, Is.EqualTo(new float[] { 1, 2, 3, 4, 5, 6, 7, 8 }));
         Assert.That(back.Classifier!.Labels, Is.EqualTo(new[] { "ham", "spam" }));
-        Assert.That(back.Classifier.Pooling, Is.EqualTo("mean"));
+        Assert.That(back.Classifier.Pooling, Is.EqualTo(OnnxLora.GraphRewrite.Artifacts.Pooling.Mean));
     }
 
     [Test]

@@ -1,6 +1,7 @@
 using Google.Protobuf;
 using Microsoft.ML.OnnxRuntime;
 using Onnx;
+using OnnxLora.GraphRewrite.Artifacts;
 using OnnxLora.GraphRewrite.Autodiff;
 using OnnxLora.GraphRewrite.Lora;
 using OnnxLora.GraphRewrite.Signature;
@@ -132,6 +133,41 @@ public class ArtifactTests
 public class ArtifactFileTests
 {
     [Test]
+    public void TheHeadStartsFromSeededNormalsThatAreTheSameOnEveryPlatform()
+    {
+        var file = Path.Combine(TestContext.CurrentContext.TestDirectory, "fixtures", "tiny.onnx");
+        var r = LoraRewrite.Rewrite(OnnxFile.Load(file), new LoraConfig { Rank = 2, Alpha = 2 }, file, "0");
+        float[] Head(int seed) => Tensors.ToFloats(TrainingArtifacts.Build(r.TrainingModel, r.Manifest, new ArtifactOptions { Task = TrainingTask.Cls, Classes = 64, HeadSeed = seed })
+            .InitialParams.Graph.Initializer.Single(t => t.Name == TrainingArtifacts.HeadWeight + ".init"));
+        var head = Head(7);
+        // pinned bits: SeededNormal uses only +, ×, ÷, √ (no libm), so these hold on every platform; a changed generator shows here
+        Assert.That(head.Take(4).Select(BitConverter.SingleToInt32Bits), Is.EqualTo(PinnedHeadBits), string.Join(", ", head.Take(4).Select(v => v.ToString("R"))));
+        // N(0, 0.02²): the sample std of d·64 values lies within 10 % of 0.02 (over 5 standard errors for ≥ 1000 values)
+        double std = Math.Sqrt(head.Select(v => (double)v * v).Average());
+        Assert.That(head, Has.Length.GreaterThanOrEqualTo(1000));
+        Assert.That(std, Is.EqualTo(0.02).Within(0.002));
+        Assert.That(Head(8).Take(4), Is.Not.EqualTo(head.Take(4)), "another seed, another head");
+    }
+
+    static readonly int[] PinnedHeadBits = [1008183305, -1136247890, 1023553335, 1017936170];   // 0.009256371, -0.01209919, 0.03178331, 0.02105387
+
+    [TestCase("\"optimizer\": \"adamw\"", "\"optimizer\": \"adam\"", "not a valid")]
+    [TestCase("\"optimizer\": \"adamw\"", "\"optimizer\": 7", "not one of its names")]
+    [TestCase("\"task\": \"lm\"", "\"task\": \"seq2seq\"", "not a valid")]
+    public void AnUnknownEnumValueIsRefusedNamingTheFile(string good, string bad, string message)
+    {
+        var file = Path.Combine(TestContext.CurrentContext.TestDirectory, "fixtures", "tiny.onnx");
+        var r = LoraRewrite.Rewrite(OnnxFile.Load(file), new LoraConfig { Rank = 2, Alpha = 2 }, file, "0");
+        using var dir = new TempDir();
+        TrainingArtifacts.Build(r.TrainingModel, r.Manifest).Save(dir.Path);
+        var path = Path.Combine(dir.Path, TrainingArtifacts.SpecFile);
+        var text = File.ReadAllText(path);
+        Assert.That(text, Does.Contain(good));
+        File.WriteAllText(path, text.Replace(good, bad, StringComparison.Ordinal));
+        Assert.That(() => TrainingArtifacts.LoadSpec(dir.Path), Throws.TypeOf<InvalidDataException>().With.Message.Contains(path).And.Message.Contains(message));
+    }
+
+    [Test]
     public void SaveWritesLoadableModelsAndACompleteSpec()
     {
         var file = Path.Combine(TestContext.CurrentContext.TestDirectory, "fixtures", "tiny.onnx");
@@ -141,7 +177,10 @@ public class ArtifactFileTests
         art.Save(dir.Path);
         var spec = TrainingArtifacts.LoadSpec(dir.Path);
         Assert.That(spec, Is.EqualTo(art.Spec).Using<ArtifactsSpec>((a, b) => System.Text.Json.JsonSerializer.Serialize(a) == System.Text.Json.JsonSerializer.Serialize(b)));
-        Assert.That(spec.Task, Is.EqualTo("cls"));
+        Assert.That((spec.Task, spec.HeadMode, spec.Pooling, spec.Optimizer), Is.EqualTo((TrainingTask.Cls, HeadMode.Full, Pooling.Last, OptimizerKind.AdamW)));
+        // the file keeps the spelling earlier artifacts have, which every reader parses through the same converters
+        var raw = System.Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(Path.Combine(dir.Path, TrainingArtifacts.SpecFile)))!;
+        Assert.That(new[] { "task", "head_mode", "pooling", "optimizer" }.Select(k => (string?)raw[k]), Is.EqualTo(new[] { "cls", "full", "last", "adamw" }));
         Assert.That(spec.Params.Select(p => p.Name), Does.Contain(TrainingArtifacts.HeadWeight));
         foreach (var (kind, model) in new[] { ("train", spec.Train), ("eval", spec.Eval), ("optimizer", spec.OptimizerModel) })
         {

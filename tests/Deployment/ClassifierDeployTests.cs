@@ -1,6 +1,6 @@
 using System.Globalization;
 using System.Text.Json.Nodes;
-using OnnxLora.GraphRewrite.Autodiff;
+using OnnxLora.GraphRewrite.Artifacts;
 using OnnxLora.Pipeline.Adapters;
 using OnnxLora.Pipeline.Data;
 using OnnxLora.Pipeline.Deployment;

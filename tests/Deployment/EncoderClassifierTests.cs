@@ -2,7 +2,7 @@ using System.Globalization;
 using System.Text.Json.Nodes;
 using Google.Protobuf;
 using Microsoft.ML.OnnxRuntime;
-using OnnxLora.GraphRewrite.Autodiff;
+using OnnxLora.GraphRewrite.Artifacts;
 using OnnxLora.GraphRewrite.Graphs;
 using OnnxLora.Pipeline.Data;
 using OnnxLora.Pipeline.Training;
@@ -31,7 +31,7 @@ public class EncoderClassifierTests
         int classes = golden["classes"]!.GetValue<int>();
         var expected = golden["class_logits"]![pooling]!.AsArray().Select(v => v!.GetValue<float>()).ToArray();
 
-        var model = ClassHead.BuildClassifier(OnnxFile.Load(Fixture("tiny_bert.onnx")), head, new ClassifierInfo { Classes = classes, Pooling = pooling }, headAsInput: false, "tiny_bert.onnx");
+        var model = ClassHead.BuildClassifier(OnnxFile.Load(Fixture("tiny_bert.onnx")), head, new ClassifierInfo { Classes = classes, Pooling = WireNames.Parse<Pooling>(pooling, "pooling") }, headAsInput: false, "tiny_bert.onnx");
         using var session = new InferenceSession(model.ToByteArray());
         long[] shape = [ids.Length, ids[0].Length];
         using var idsValue = OrtValue.CreateTensorValueFromMemory(ids.SelectMany(r => r).ToArray(), shape);

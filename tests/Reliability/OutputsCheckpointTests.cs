@@ -1,4 +1,5 @@
 using System.Runtime.InteropServices;
+using OnnxLora.GraphRewrite.Artifacts;
 using OnnxLora.GraphRewrite.Autodiff;
 using OnnxLora.GraphRewrite.Graphs;
 using OnnxLora.Models;

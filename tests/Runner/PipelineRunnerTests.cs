@@ -65,6 +65,20 @@ public class PipelineRunnerTests
         Assert.That(Directory.Exists(dir.File("runs")), Is.False, "nothing was started");
     }
 
+    [TestCase("lora.scaling=sqrt", "lora.scaling: scaling must be peft, rslora or alpha (got 'sqrt')")]
+    [TestCase("lora.init=zeros", "lora.init: init must be kaiming or gaussian")]
+    [TestCase("data.task=seq2seq", "data.task: task must be lm or cls")]
+    [TestCase("train.head=half", "train.head: head must be full or lora")]
+    [TestCase("train.pooling=max", "train.pooling: pooling must be last, first or mean")]
+    [TestCase("train.optimizer=lamb", "train.optimizer: optimizer must be adamw or sgd")]
+    public void EnumKeysParseThroughTheSharedParsers(string assignment, string message)
+    {
+        using var dir = new TempDir();
+        var config = ShortDefault(dir.File("run"));
+        config.Override(assignment);
+        Assert.That(() => new PipelineRunner(config).Validate(), Throws.TypeOf<InvalidDataException>().With.Message.Contains(message));
+    }
+
     [Test]
     public void BadValuesFailBeforeAnyWork()
     {

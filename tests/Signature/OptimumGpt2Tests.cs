@@ -1,6 +1,7 @@
 using System.Text.Json.Nodes;
 using Microsoft.ML.OnnxRuntime;
 using TrainingSession = OnnxLora.Pipeline.Training.TrainingSession;
+using OnnxLora.GraphRewrite.Artifacts;
 using OnnxLora.GraphRewrite.Autodiff;
 using OnnxLora.GraphRewrite.Lora;
 using OnnxLora.GraphRewrite.Graphs;

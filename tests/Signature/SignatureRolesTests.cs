@@ -1,6 +1,6 @@
 using System.Text.Json;
 using Onnx;
-using OnnxLora.GraphRewrite.Autodiff;
+using OnnxLora.GraphRewrite.Artifacts;
 using OnnxLora.GraphRewrite.Lora;
 using OnnxLora.GraphRewrite.Graphs;
 using OnnxLora.GraphRewrite.Signature;

@@ -23,6 +23,8 @@ public class TrainCliTests
     [TestCase("--batch", "0", "--batch")]
     [TestCase("--optimizer", "lamb", "--optimizer")]
     [TestCase("--device", "tpu", "--device")]
+    [TestCase("--head", "half", "--head: head must be full or lora (got 'half')")]
+    [TestCase("--pooling", "max", "--pooling: pooling must be last, first or mean")]
     public void BadFlagsAreOneLineErrors(string flag, string value, string named)
     {
         using var dir = new TempDir();

@@ -1,4 +1,5 @@
 using System.Text.Json;
+using OnnxLora.GraphRewrite.Artifacts;
 using OnnxLora.GraphRewrite.Autodiff;
 using OnnxLora.GraphRewrite.Lora;
 using OnnxLora.GraphRewrite.Graphs;

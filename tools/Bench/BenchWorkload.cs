@@ -3,6 +3,7 @@ using System.Text.Json;
 using System.Text.Json.Serialization;
 using SessionOptions = Microsoft.ML.OnnxRuntime.SessionOptions;
 using OrtEnv = Microsoft.ML.OnnxRuntime.OrtEnv;
+using OnnxLora.GraphRewrite.Artifacts;
 using OnnxLora.GraphRewrite.Autodiff;
 using OnnxLora.GraphRewrite.Lora;
 using OnnxLora.GraphRewrite.Graphs;

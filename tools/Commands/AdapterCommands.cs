@@ -193,7 +193,7 @@ public class ServeSettings : CommandSettings
             var manifestPath = Path.Combine(Path.GetDirectoryName(Path.GetFullPath(host.ModelPath))!, LoraManifest.FileName);
             if (AdapterFiles.ClassifierOf(path, File.Exists(manifestPath) ? LoraManifest.Load(manifestPath) : null)?.Labels is { } own) return own;
         }
-        return GraphRewrite.Autodiff.ClassHead.ReadInfo(host.ModelMetadata, host.ModelPath)?.Labels;
+        return GraphRewrite.Artifacts.ClassHead.ReadInfo(host.ModelMetadata, host.ModelPath)?.Labels;
     }
 
     /// <summary>--ids as token ids: whole numbers ≥ 0 (a negative id would wrap around to a real token in Gather).</summary>

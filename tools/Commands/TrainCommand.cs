@@ -1,5 +1,7 @@
 using System.ComponentModel;
 using System.Globalization;
+using OnnxLora.GraphRewrite.Artifacts;
+using OnnxLora.GraphRewrite.Autodiff;
 using OnnxLora.Pipeline.Data;
 using OnnxLora.Pipeline.Training;
 using OnnxLora.Pipeline.Training.Distributed;
@@ -96,7 +98,7 @@ public sealed class TrainCommand(IAnsiConsole console) : Command<TrainCommand.Se
         else
         {
             var options = ToOptions(s);
-            console.MarkupLineInterpolated($"training [bold]{options.ModelDir}[/] on [bold]{options.DataPath}[/] ({options.Task.ToString().ToLowerInvariant()}, {options.Optimizer}, lr {options.Lr}, batch {options.BatchSize}×{options.GradAccum}, device {options.Device})");
+            console.MarkupLineInterpolated($"training [bold]{options.ModelDir}[/] on [bold]{options.DataPath}[/] ({options.Task.ToString().ToLowerInvariant()}, {options.Optimizer.WireName()}, lr {options.Lr}, batch {options.BatchSize}×{options.GradAccum}, device {options.Device})");
             result = WithProgress(p => Trainer.Train(options, p, stop.Token, s.Overwrite));
         }
         PrintSummary(result);
@@ -112,9 +114,10 @@ public sealed class TrainCommand(IAnsiConsole console) : Command<TrainCommand.Se
         return new TrainOptions
         {
             ModelDir = Path.GetFullPath(s.Model), DataPath = Path.GetFullPath(s.Data), Format = ParseFormat(s.Format, s.Data, task), Task = task,
-            Classes = s.Classes, ClassNames = Pipeline.Data.DatasetLoader.ParseClassNames(s.Labels, "--labels"), HeadMode = s.Head.ToLowerInvariant(), Pooling = s.Pooling.ToLowerInvariant(), FreezeLora = s.FreezeLora,
+            Classes = s.Classes, ClassNames = Pipeline.Data.DatasetLoader.ParseClassNames(s.Labels, "--labels"), HeadMode = Cli.Flag("--head", () => WireNames.Parse<HeadMode>(s.Head, "head")),
+            Pooling = Cli.Flag("--pooling", () => WireNames.Parse<Pooling>(s.Pooling, "pooling")), FreezeLora = s.FreezeLora,
             OutDir = Path.GetFullPath(s.Out), Epochs = s.Epochs, MaxSteps = s.MaxSteps, BatchSize = s.Batch, SeqLength = s.Seq,
-            Optimizer = s.Optimizer.ToLowerInvariant(), Lr = s.Lr, WeightDecay = s.WeightDecay, WarmupSteps = s.Warmup,
+            Optimizer = Cli.Flag("--optimizer", () => WireNames.Parse<OptimizerKind>(s.Optimizer, "optimizer")), Lr = s.Lr, WeightDecay = s.WeightDecay, WarmupSteps = s.Warmup,
             Schedule = Cli.Flag("--schedule", () => ScheduleKinds.Parse(s.Schedule)),
             GradAccum = s.GradAccum, Clip = s.Clip, EvalDataPath = s.EvalData is null ? null : Path.GetFullPath(s.EvalData),
             EvalEvery = s.EvalEvery, EarlyStoppingPatience = s.EarlyStopping, Device = s.Device, Threads = s.Threads, Seed = s.Seed,

@@ -98,7 +98,7 @@ public sealed class DataParallel
         {
             session.LazyResetGrad();   // this micro-batch's gradient alone: it is weighted before it joins the sum
             loss = session.TrainStep(shard).Loss;
-            count = session.Spec.Task == "cls" ? shard.BatchSize : shard.CountedTargets;
+            count = session.Spec.Task == GraphRewrite.Artifacts.TrainingTask.Cls ? shard.BatchSize : shard.CountedTargets;
         }
         Span<double> totals = [count, count * loss, shard?.TokenCount ?? 0];
         var clock = Stopwatch.StartNew();

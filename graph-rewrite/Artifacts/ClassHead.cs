@@ -5,25 +5,13 @@ using OnnxLora.GraphRewrite.Graphs;
 using OnnxLora.GraphRewrite.Signature;
 using DataType = Onnx.TensorProto.Types.DataType;
 
-namespace OnnxLora.GraphRewrite.Autodiff;
-
-/// <summary>Which hidden state of a sequence the classification head reads.</summary>
-public enum Pooling
-{
-    /// <summary>The last non-padding token (decoders: the only one that has seen the whole row).</summary>
-    Last,
-    /// <summary>The first non-padding token (an encoder's [CLS]).</summary>
-    First,
-    /// <summary>The mean over the non-padding tokens.</summary>
-    Mean,
-}
+namespace OnnxLora.GraphRewrite.Artifacts;
 
 /// <summary>What a classifier model records in its metadata (<see cref="ClassHead.MetadataKey"/>).</summary>
 public sealed record ClassifierInfo
 {
     public required int Classes { get; init; }
-    /// <summary>"last", "first" or "mean".</summary>
-    public required string Pooling { get; init; }
+    public required Pooling Pooling { get; init; }
     /// <summary>Class names in output order, when the training data named them.</summary>
     public IReadOnlyList<string>? Labels { get; init; }
 
@@ -41,16 +29,6 @@ public static class ClassHead
     /// <summary>The head's module name in Hugging Face's *ForSequenceClassification decoders (PEFT's modules_to_save entry).</summary>
     public const string PeftModule = "score";
     public const string MetadataKey = "onnxlora.classifier";
-
-    public static Pooling ParsePooling(string text) => text.Trim().ToLowerInvariant() switch
-    {
-        "last" => Pooling.Last,
-        "first" or "cls" => Pooling.First,
-        "mean" => Pooling.Mean,
-        _ => throw new ArgumentException($"pooling '{text}' is not one of last, first, mean"),
-    };
-
-    public static string Name(this Pooling p) => p.ToString().ToLowerInvariant();
 
     /// <summary>True for an encoder's feature-extraction output (Optimum/sentence-transformers' last_hidden_state): the hidden state itself, no head.</summary>
     public static bool IsHiddenOutput(string name) => name is "last_hidden_state" or "token_embeddings";
@@ -105,13 +83,47 @@ public static class ClassHead
         {
             // ArgMax returns the first (or with select_last_index the last) position where the mask is 1
             var at = g.Op("ArgMax", [mask], "head/at", attributes: [Attr.Int("axis", 1), Attr.Int("keepdims", 1), Attr.Int("select_last_index", pooling == Pooling.Last ? 1 : 0)]);
-            var seqLen = g.Op("Gather", [g.Op("Shape", [inputIds], "head/ids_shape"), g.AddConstant("head/one", Tensors.Int64("", [], [1]))], "head/seq");
-            var positions = g.Op("Range", [g.AddConstant("head/zero", Tensors.Int64("", [], [0])), seqLen, g.AddConstant("head/step", Tensors.Int64("", [], [1]))], "head/positions");
-            var row = g.Op("Unsqueeze", [positions, g.AddConstant("head/axis0", Tensors.Int64Vector("", 0))], "head/pos2");   // [1, seq]
-            weights = g.Op("Cast", [g.Op("Equal", [row, at], "head/is_at")], "head/select", attributes: Attr.Int("to", (int)DataType.Float));
+            weights = g.Op("Cast", [g.Op("Equal", [Positions(g, inputIds), at], "head/is_at")], "head/select", attributes: Attr.Int("to", (int)DataType.Float));
         }
         var w3 = g.Op("Unsqueeze", [weights, g.AddConstant("head/axism1", Tensors.Int64Vector("", -1))], "head/weights3");   // [batch, seq, 1]
         return g.Op("ReduceSum", [g.Op("Mul", [h, w3], "head/weighted"), axis1], "head/pooled", attributes: Attr.Int("keepdims", 0));   // [batch, d]
+    }
+
+    /// <summary>The positions 0..seq−1 of <paramref name="inputIds"/> as a row [1, seq].</summary>
+    static string Positions(GraphEditor g, string inputIds)
+    {
+        var seqLen = g.Op("Gather", [g.Op("Shape", [inputIds], "head/ids_shape"), g.AddConstant("head/one", Tensors.Int64("", [], [1]))], "head/seq");
+        var positions = g.Op("Range", [g.AddConstant("head/zero", Tensors.Int64("", [], [0])), seqLen, g.AddConstant("head/step", Tensors.Int64("", [], [1]))], "head/positions");
+        return g.Op("Unsqueeze", [positions, g.AddConstant("head/axis0", Tensors.Int64Vector("", 0))], "head/pos2");
+    }
+
+    /// <summary>A LoRA-adapted training head: the frozen seeded weight <see cref="Weight"/> and the branch's scale (A, B are inputs).</summary>
+    public sealed record LoraBranch(TensorProto FrozenWeight, double Scale);
+
+    /// <summary>
+    /// The head of a classifier's train and eval models, in place: <see cref="Output"/> [batch, classes] from the
+    /// hidden state under <paramref name="logits"/>, pooled over the first <paramref name="lengths"/> positions of each
+    /// row (right padding), times <see cref="Weight"/> (an input), or with <paramref name="lora"/> times the frozen
+    /// weight plus scale·(pooled·A)·B.
+    /// </summary>
+    public static void AddTrainingHead(ModelProto m, GraphEditor g, string logits, string inputIds, string lengths, Dim batch, int classes, Pooling pooling, LoraBranch? lora)
+    {
+        var (hidden, _) = FindHidden(g, logits);
+        var row = Positions(g, inputIds);                                                                                 // [1, seq]
+        var lengths2 = g.Op("Unsqueeze", [lengths, g.AddConstant("head/axis1", Tensors.Int64Vector("", 1))], "head/lengths2");   // [batch, 1]
+        var mask = g.Op("Cast", [g.Op("Less", [row, lengths2], "head/is_real")], "head/mask", attributes: Attr.Int("to", (int)DataType.Float));
+        var pooled = Pool(m, g, hidden, inputIds, mask, pooling);
+        string classLogits;
+        if (lora is null) classLogits = g.Op("MatMul", [pooled, Weight], "head/logits");
+        else
+        {
+            g.AddInitializer(lora.FrozenWeight.Clone());
+            var branch = g.Op("MatMul", [g.Op("MatMul", [pooled, LoraA], "head/lora_h"), LoraB], "head/lora");
+            if (lora.Scale != 1) branch = g.Op("Mul", [branch, g.AddConstant("head/lora_scale", Tensors.Scalar("", DataType.Float, lora.Scale))], "head/lora_scaled");
+            classLogits = g.Op("Add", [g.Op("MatMul", [pooled, Weight], "head/base"), branch], "head/logits");
+        }
+        g.AddNode("Identity", [classLogits], [Output], Output);
+        m.Graph.ValueInfo.Add(ValueInfos.Tensor(Output, DataType.Float, batch, new Dim(classes)));
     }
 
     /// <summary>
@@ -143,7 +155,7 @@ public static class ClassHead
             g.AddInput(ValueInfos.Tensor(mask, DataType.Int64, idsDims));
         }
         var maskF = g.Op("Cast", [mask], "head/mask", attributes: Attr.Int("to", (int)DataType.Float));
-        var pooled = Pool(m, g, hidden, roles.InputIds, maskF, ParsePooling(info.Pooling));
+        var pooled = Pool(m, g, hidden, roles.InputIds, maskF, info.Pooling);
         g.AddInitializer(Tensors.Float(Weight, [d, info.Classes], head));
         if (headAsInput) g.AddInput(ValueInfos.Tensor(Weight, DataType.Float, new Dim(d), new Dim(info.Classes)));
         g.AddNode("Identity", [g.Op("MatMul", [pooled, Weight], "head/logits")], [Output], Output);
@@ -175,10 +187,10 @@ public static class ClassHead
         try
         {
             var info = JsonSerializer.Deserialize<ClassifierInfo>(json, ClassifierInfo.Json) ?? throw new JsonException("null");
-            ParsePooling(info.Pooling);
+            if (!Enum.IsDefined(info.Pooling)) throw new JsonException($"pooling {(int)info.Pooling} is not one of last, first, mean");
             return info.Classes >= 2 ? info : throw new JsonException($"classes is {info.Classes}");
         }
-        catch (Exception e) when (e is JsonException or ArgumentException) { throw new InvalidDataException($"{source}: metadata '{MetadataKey}' is not valid ({e.Message})", e); }
+        catch (JsonException e) { throw new InvalidDataException($"{source}: metadata '{MetadataKey}' is not valid ({e.Message})", e); }
     }
 
     /// <summary>A LoRA-adapted head folded into one weight: W + scale·A·B ([d, classes]), as every deployed form takes it.</summary>

@@ -1,0 +1,53 @@
+using System.Text.Json;
+using OnnxLora.GraphRewrite.Artifacts;
+using OnnxLora.GraphRewrite.Autodiff;
+using OnnxLora.Pipeline.Training;
+
+namespace OnnxLora.Tests.Artifacts;
+
+/// <summary>
+/// The contract enums have one spelling: what artifacts.json, train_config.json and adapter metadata hold (the same
+/// strings as before they were enums, so earlier files still read) is what flags and config keys parse.
+/// </summary>
+public class WireNamesTests
+{
+    static readonly object[] Spellings =
+    [
+        new object[] { TrainingTask.Lm, "lm" }, new object[] { TrainingTask.Cls, "cls" },
+        new object[] { HeadMode.Full, "full" }, new object[] { HeadMode.Lora, "lora" },
+        new object[] { Pooling.Last, "last" }, new object[] { Pooling.First, "first" }, new object[] { Pooling.Mean, "mean" },
+        new object[] { OptimizerKind.AdamW, "adamw" }, new object[] { OptimizerKind.Sgd, "sgd" },
+    ];
+
+    [TestCaseSource(nameof(Spellings))]
+    public void JsonTextAndParserAgree(Enum value, string wire)
+    {
+        Assert.That(JsonSerializer.Serialize(value, value.GetType()), Is.EqualTo($"\"{wire}\""), "JSON writes the wire name");
+        Assert.That(JsonSerializer.Deserialize($"\"{wire}\"", value.GetType()), Is.EqualTo(value), "JSON reads it back");
+        var parse = typeof(WireNames).GetMethod(nameof(WireNames.Parse))!.MakeGenericMethod(value.GetType());
+        Assert.That(parse.Invoke(null, [$" {wire.ToUpperInvariant()} ", "x"]), Is.EqualTo(value), "the parser takes any case");
+        var name = typeof(WireNames).GetMethod(nameof(WireNames.WireName))!.MakeGenericMethod(value.GetType());
+        Assert.That(name.Invoke(null, [value]), Is.EqualTo(wire));
+    }
+
+    [Test]
+    public void AnUnknownNameListsTheChoices()
+    {
+        Assert.That(() => WireNames.Parse<Pooling>("max", "pooling"), Throws.ArgumentException.With.Message.EqualTo("pooling must be last, first or mean (got 'max')"));
+        Assert.That(() => WireNames.Parse<HeadMode>("half", "head"), Throws.ArgumentException.With.Message.EqualTo("head must be full or lora (got 'half')"));
+    }
+
+    [Test]
+    public void TrainConfigKeepsItsSpellingSoEarlierRunsResume()
+    {
+        // what train_config.json held when these were strings; resume compares NumericsHash of this JSON
+        using var dir = new TempDir();
+        var options = new TrainOptions { ModelDir = "m", DataPath = "d", OutDir = dir.Path, HeadMode = HeadMode.Lora, Pooling = Pooling.Mean, Optimizer = OptimizerKind.Sgd };
+        var json = options.ToJson();
+        Assert.That(json, Does.Contain("\"head_mode\": \"lora\"").And.Contain("\"pooling\": \"mean\"").And.Contain("\"optimizer\": \"sgd\""));
+        var earlier = JsonSerializer.Serialize(new { model_dir = "m", data_path = "d", out_dir = dir.Path, head_mode = "lora", pooling = "first", optimizer = "adamw" });
+        File.WriteAllText(Path.Combine(dir.Path, TrainOptions.FileName), earlier);
+        var back = TrainOptions.Load(dir.Path);
+        Assert.That((back.HeadMode, back.Pooling, back.Optimizer), Is.EqualTo((HeadMode.Lora, Pooling.First, OptimizerKind.AdamW)));
+    }
+}
