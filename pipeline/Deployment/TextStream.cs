@@ -16,6 +16,7 @@ internal sealed class TextStream(Tokenizer tokenizer, IReadOnlyList<string> stop
     readonly int _longestStop = stopSequences.Count == 0 ? 0 : stopSequences.Max(s => s.Length);
     int _prefixStart, _readStart;   // token offsets: decode window start, first token not yet in _text
     int _sent;                      // characters of _text handed out by TakeDelta
+    int _stopAt = -1;               // where the first stop sequence starts, once found
 
     /// <summary>The text decoded so far (complete characters only).</summary>
     public string Text => _text.ToString();
@@ -35,7 +36,7 @@ internal sealed class TextStream(Tokenizer tokenizer, IReadOnlyList<string> stop
             _prefixStart = _readStart;
             _readStart = generated.Count;
         }
-        if (_longestStop == 0 || _text.Length == before) return -1;
+        if (_stopAt >= 0 || _longestStop == 0 || _text.Length == before) return _stopAt;
         // a stop sequence found now ends in the new text: search from where such a match can start
         var text = _text.ToString();
         int from = Math.Max(0, before - _longestStop + 1), cut = -1;
@@ -44,13 +45,13 @@ internal sealed class TextStream(Tokenizer tokenizer, IReadOnlyList<string> stop
             int at = text.IndexOf(stop, from, StringComparison.Ordinal);
             if (at >= 0 && (cut < 0 || at < cut)) cut = at;
         }
-        return cut;
+        return _stopAt = cut;
     }
 
-    /// <summary>Text not handed out before that can be streamed now: complete characters, short of a possible stop-sequence start.</summary>
+    /// <summary>Text not handed out before that can be streamed now: complete characters, short of a stop sequence or a possible start of one.</summary>
     public string TakeDelta()
     {
-        int safe = _text.Length - PossibleStopStart();
+        int safe = _stopAt >= 0 ? _stopAt : _text.Length - PossibleStopStart();
         if (safe <= _sent) return "";
         var delta = _text.ToString(_sent, safe - _sent);
         _sent = safe;
