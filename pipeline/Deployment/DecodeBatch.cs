@@ -90,17 +90,16 @@ internal sealed class DecodeBatch : IDisposable
         try
         {
             Choose(newcomers, outputs[0]);
-            if (newcomers.All(r => r.Done)) { outputs.Dispose(); return; }
-            if (_rows.Count == 0 && newcomers.All(r => !r.Done))
+            // Done is read once per row: a row may be abandoned from another thread meanwhile
+            var joining = newcomers.Select((r, i) => (Source: presents, Index: i, Row: r)).Where(x => !x.Row.Done).ToList();
+            if (joining.Count == 0) { outputs.Dispose(); return; }
+            if (_rows.Count == 0 && joining.Count == newcomers.Count)
             {
                 // nothing to merge with: the prefill's presents are the cache as they are
                 Replace(newcomers.ToList(), presents, outputs, width);
                 return;
             }
-            var kept = _rows.Select((r, i) => (Source: _past, Index: i, Row: r))
-                .Concat(newcomers.Select((r, i) => (Source: presents, Index: i, Row: r)))
-                .Where(x => !x.Row.Done).ToList();
-            Repack(kept);
+            Repack([.. _rows.Select((r, i) => (Source: _past, Index: i, Row: r)), .. joining]);
         }
         catch { outputs.Dispose(); throw; }
         outputs.Dispose();
@@ -180,14 +179,11 @@ internal sealed class DecodeBatch : IDisposable
 
     void DropDone()
     {
-        if (!_rows.Any(r => r.Done)) return;
-        if (Cached && _rows.Any(r => !r.Done))
-            Repack(_rows.Select((r, i) => (Source: _past, Index: i, Row: r)).Where(x => !x.Row.Done).ToList());
-        else
-        {
-            _rows.RemoveAll(r => r.Done);
-            if (_rows.Count == 0) Replace(_rows, [], null, 0);
-        }
+        var kept = _rows.Select((r, i) => (Source: _past, Index: i, Row: r)).Where(x => !x.Row.Done).ToList();
+        if (kept.Count == _rows.Count) return;
+        if (kept.Count == 0) Replace([], [], null, 0);
+        else if (Cached) Repack(kept);
+        else _rows = kept.Select(x => x.Row).ToList();
     }
 
     /// <summary>

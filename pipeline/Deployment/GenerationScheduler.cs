@@ -291,7 +291,7 @@ public sealed class GenerationScheduler : IAsyncDisposable
         _stop.Cancel();
         await _loop.ConfigureAwait(false);
         _stop.Dispose();
-        _wake.Dispose();
+        // _wake stays undisposed: a Generate racing this disposal may still release it (it holds no handle)
     }
 
     /// <summary>A request: its row, its event stream, and how much of the row has been streamed.</summary>
