@@ -16,7 +16,13 @@ public sealed record GenerationOptions
     public SamplingOptions Sampling { get; init; } = SamplingOptions.Greedy;
 
     /// <summary>Generation stops when the generated text contains one of these; the text is cut before it.</summary>
-    public IReadOnlyList<string> StopSequences { get; init; } = [];
+    public IReadOnlyList<string> StopSequences
+    {
+        get;
+        init => field = value is null || value.Any(string.IsNullOrEmpty)
+            ? throw new ArgumentException("StopSequences must be non-empty strings (an empty one would stop before the first token).", nameof(StopSequences))
+            : value;
+    } = [];
 
     /// <summary>Generation stops at one of these token ids (not included in the output), e.g. GPT-2's &lt;|endoftext|&gt; 50256.</summary>
     public IReadOnlyList<int> StopTokenIds { get; init; } = [];

@@ -28,8 +28,7 @@ internal sealed class TextStream(Tokenizer tokenizer, IReadOnlyList<string> stop
     public int Add(IReadOnlyList<int> generated)
     {
         int before = _text.Length;
-        var window = Slice(generated, _prefixStart, generated.Count);
-        string prefix = tokenizer.Decode(Slice(generated, _prefixStart, _readStart)), full = tokenizer.Decode(window);
+        string prefix = tokenizer.Decode(Slice(generated, _prefixStart, _readStart)), full = tokenizer.Decode(Slice(generated, _prefixStart, generated.Count));
         if (full.Length > prefix.Length && !full.EndsWith('\uFFFD'))
         {
             _text.Append(full, prefix.Length, full.Length - prefix.Length);
@@ -38,14 +37,14 @@ internal sealed class TextStream(Tokenizer tokenizer, IReadOnlyList<string> stop
         }
         if (_stopAt >= 0 || _longestStop == 0 || _text.Length == before) return _stopAt;
         // a stop sequence found now ends in the new text: search from where such a match can start
-        var text = _text.ToString();
         int from = Math.Max(0, before - _longestStop + 1), cut = -1;
+        var tail = _text.ToString(from, _text.Length - from);
         foreach (var stop in stopSequences)
         {
-            int at = text.IndexOf(stop, from, StringComparison.Ordinal);
+            int at = tail.IndexOf(stop, StringComparison.Ordinal);
             if (at >= 0 && (cut < 0 || at < cut)) cut = at;
         }
-        return _stopAt = cut;
+        return _stopAt = cut < 0 ? -1 : from + cut;
     }
 
     /// <summary>Text not handed out before that can be streamed now: complete characters, short of a stop sequence or a possible start of one.</summary>
