@@ -18,6 +18,7 @@ public class GenerationSchedulerTests
     static string Fixture(string path) => Path.Combine(TestContext.CurrentContext.TestDirectory, "fixtures", path);
 
     const string NoMaskModel = "optimum GPT-2 with past, mask and positions computed inside";
+    const string StackedCacheModel = "optimum GPT-2 with past.{i} caches [2, batch, heads, past, head_dim]";
 
     public static IEnumerable<TestCaseData> Models()
     {
@@ -25,6 +26,7 @@ public class GenerationSchedulerTests
         yield return new TestCaseData("optimum/gpt2_opset17_with_past.onnx", "c_attn,c_fc", true, true);
         yield return new TestCaseData("llama/llama_opset17_with_past.onnx", "q_proj,v_proj,down_proj", true, true);
         yield return new TestCaseData(NoMaskModel, "c_attn,c_fc", true, false);
+        yield return new TestCaseData(StackedCacheModel, "c_attn,c_proj", true, true);
         yield return new TestCaseData("optimum/gpt2_opset17.onnx", "c_attn,c_fc", false, true);      // no cache, left padding
         yield return new TestCaseData("tiny.onnx", "c_attn,c_proj", false, true);                    // no cache, no mask: right padding
     }
@@ -327,8 +329,12 @@ public class GenerationSchedulerTests
         }
     }
 
-    static string ModelPath(string model, TempDir dir) =>
-        model == NoMaskModel ? WithoutMaskAndPositions(Fixture("optimum/gpt2_opset17_with_past.onnx"), dir.File("nomask.onnx")) : Fixture(model);
+    static string ModelPath(string model, TempDir dir) => model switch
+    {
+        NoMaskModel => WithoutMaskAndPositions(Fixture("optimum/gpt2_opset17_with_past.onnx"), dir.File("nomask.onnx")),
+        StackedCacheModel => WithStackedCaches(Fixture("optimum/gpt2_opset17_with_past.onnx"), dir.File("stacked.onnx")),
+        _ => Fixture(model),
+    };
 
     /// <summary>Deploys <paramref name="model"/> with two random nonzero adapters, 'a' and 'b'.</summary>
     static AdapterHost DeployTwoAdapters(string model, string targets, TempDir dir)
@@ -360,6 +366,35 @@ public class GenerationSchedulerTests
                   attributes: Attr.Tensor("value", Tensors.Int64("one", [1], [1])));
         var positions = g.Op("Range", [g.Op("Squeeze", [past, axis0]), g.Op("Squeeze", [total, axis0]), g.AddConstant("step", Tensors.Scalar("step", DataType.Int64, 1))], "positions");
         g.AddNode("Expand", [g.Op("Unsqueeze", [positions, axis0]), g.Op("Concat", [batch, tokens], "positions_shape", "", Attr.Int("axis", 0))], ["position_ids"]);
+        g.SortTopologically();
+        OnnxFile.Save(model, path);
+        return path;
+    }
+
+    /// <summary>
+    /// The Optimum GPT-2 with past, each layer's key and value cache stacked in one input past.{i} and one output
+    /// present.{i}, [2, batch, heads, tokens, head_dim], the older cache form.
+    /// </summary>
+    static string WithStackedCaches(string source, string path)
+    {
+        var model = OnnxFile.Load(source);
+        var pasts = model.Graph.Input.Where(i => i.Name.StartsWith("past_key_values.", StringComparison.Ordinal)).ToList();
+        var presents = model.Graph.Output.Where(o => o.Name.StartsWith("present.", StringComparison.Ordinal)).ToList();
+        foreach (var v in pasts) model.Graph.Input.Remove(v);
+        foreach (var v in presents) model.Graph.Output.Remove(v);
+        var g = new GraphEditor(model);
+        var axis0 = g.AddConstant("axis0", Tensors.Int64Vector("axis0", 0));
+        var dims = ValueInfos.Dims(pasts[0])!;                       // [batch, heads, past, head_dim]
+        for (int layer = 0; layer < pasts.Count / 2; layer++)
+        {
+            g.AddInput(ValueInfos.Tensor($"past.{layer}", DataType.Float, [2, .. dims]));
+            for (int kv = 0; kv < 2; kv++)
+                g.AddNode("Gather", [$"past.{layer}", g.AddConstant("index", Tensors.Scalar("index", DataType.Int64, kv))],
+                          [$"past_key_values.{layer}.{(kv == 0 ? "key" : "value")}"], attributes: Attr.Int("axis", 0));
+            string key = g.Op("Unsqueeze", [$"present.{layer}.key", axis0]), value = g.Op("Unsqueeze", [$"present.{layer}.value", axis0]);
+            g.AddNode("Concat", [key, value], [$"present.{layer}"], attributes: Attr.Int("axis", 0));
+            g.AddOutput(ValueInfos.Tensor($"present.{layer}", DataType.Float, 2, "batch_size", dims[1], "total", dims[3]));
+        }
         g.SortTopologically();
         OnnxFile.Save(model, path);
         return path;
