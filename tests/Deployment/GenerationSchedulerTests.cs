@@ -112,6 +112,41 @@ public class GenerationSchedulerTests
         Assert.That(scheduler.Runs, Is.LessThan(16 + 6 + 5), "the joiner was decoded in the running batch");
     }
 
+    /// <summary>Two adapters' lanes take turns: after four turns each request has its two turns' tokens and no more.</summary>
+    [Test]
+    public async Task LanesOfDifferentAdaptersTakeTurns()
+    {
+        using var dir = new TempDir();
+        using var host = DeployTwoAdapters(Fixture("optimum/gpt2_opset17_with_past.onnx"), "c_attn", dir);
+        var generator = new TextGenerator(host);
+        GenerationRequest[] requests = [new([5, 17, 99], new GenerationOptions { MaxNewTokens = 12 }, "a"), new([7, 2], new GenerationOptions { MaxNewTokens = 12 }, "b")];
+        await using var scheduler = new GenerationScheduler(generator);
+        var pace = new Pacer(scheduler);
+        var streams = requests.Select(r => scheduler.Generate(r).GetAsyncEnumerator()).ToList();
+        var events = streams.Select(_ => new List<GeneratedToken>()).ToList();
+        pace.WaitHeld();
+        pace.Turns(4);                                                // per lane: prefill + step, then a step
+        var pending = new List<ValueTask<bool>>();
+        for (int r = 0; r < 2; r++)
+        {
+            for (int i = 0; i < 3; i++)
+            {
+                Assert.That(await streams[r].MoveNextAsync().AsTask().WaitAsync(TimeSpan.FromSeconds(30)), Is.True, $"request {r} had its turns");
+                events[r].Add(streams[r].Current);
+            }
+            pending.Add(streams[r].MoveNextAsync());
+            Assert.That(pending[r].IsCompleted, Is.False, $"request {r} got no more than its turns while the loop is held");
+        }
+        pace.Free();
+        for (int r = 0; r < 2; r++)
+        {
+            if (await pending[r]) events[r].Add(streams[r].Current);
+            while (await streams[r].MoveNextAsync()) events[r].Add(streams[r].Current);
+            await streams[r].DisposeAsync();
+            AssertSame(ToServed(events[r]), generator.Generate(requests[r].PromptIds, requests[r].Options, requests[r].Adapter), $"request {r}");
+        }
+    }
+
     [Test]
     public async Task CancellingARequestFreesItsSlotAndTheOtherRowsGoOnUnchanged()
     {
