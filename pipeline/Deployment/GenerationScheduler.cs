@@ -141,7 +141,6 @@ public sealed class GenerationScheduler : IAsyncDisposable
         {
             await foreach (var token in job.Events.Reader.ReadAllAsync(ct).ConfigureAwait(false)) yield return token;
             if (job.Error is not null) ExceptionDispatchInfo.Throw(job.Error);
-            ct.ThrowIfCancellationRequested();
         }
         finally
         {
@@ -196,6 +195,7 @@ public sealed class GenerationScheduler : IAsyncDisposable
             lane.Dispose();
         }
         _lanes.Clear();
+        Volatile.Write(ref _running, 0);
         List<Job> waiting;
         lock (_gate) { waiting = [.. _waiting]; _waiting.Clear(); }
         foreach (var job in waiting) job.Complete(end);
