@@ -1,4 +1,3 @@
-using Microsoft.ML.OnnxRuntime;
 using Microsoft.ML.Tokenizers;
 using OnnxLora.GraphRewrite.Signature;
 
@@ -17,7 +16,13 @@ public sealed record GenerationOptions
     public SamplingOptions Sampling { get; init; } = SamplingOptions.Greedy;
 
     /// <summary>Generation stops when the generated text contains one of these; the text is cut before it.</summary>
-    public IReadOnlyList<string> StopSequences { get; init; } = [];
+    public IReadOnlyList<string> StopSequences
+    {
+        get;
+        init => field = value is null || value.Any(string.IsNullOrEmpty)
+            ? throw new ArgumentException("StopSequences must be non-empty strings (an empty one would stop before the first token).", nameof(StopSequences))
+            : value;
+    } = [];
 
     /// <summary>Generation stops at one of these token ids (not included in the output), e.g. GPT-2's &lt;|endoftext|&gt; 50256.</summary>
     public IReadOnlyList<int> StopTokenIds { get; init; } = [];
@@ -69,7 +74,7 @@ public sealed class TextGenerator
 
     /// <summary>True when the model takes a KV cache the generator can feed (past inputs, present outputs, no fixed token count).</summary>
     public bool HasCache => _signature.Roles.HasPast && _signature.FixedTokens is null
-        && _signature.Roles.Inputs.Where(i => i.Role.IsPast()).All(i => PresentFor(i) is not null);
+        && _signature.Roles.Inputs.Where(i => i.Role.IsPast()).All(i => DecodeBatch.PresentFor(_signature, i) is not null);
 
     /// <summary>What a user of a model without a cache should know, in one line.</summary>
     public const string NoCacheNotice = "note: the model has no KV cache (past_key_values.*/present.*), so every new token re-runs the whole context (O(n²) in the length); export it with past (model build --with-past, optimum-cli ... --task text-generation-with-past) for one run per token";
@@ -108,186 +113,38 @@ public sealed class TextGenerator
     {
         ArgumentNullException.ThrowIfNull(prompts);
         ArgumentNullException.ThrowIfNull(options);
-        foreach (var p in prompts)
-        {
-            if (p.Count == 0) throw new ArgumentException("a prompt has no tokens", nameof(prompts));
-            _signature.CheckIds(p, nameof(prompts));
-        }
-        int? context = options.ContextLength ?? _signature.ContextLength;
-        var rows = prompts.Select(p => new Row(new List<int>(p), new Sampler(options.Sampling))).ToList();
+        var rows = prompts.Select(p => NewRow(p, options, nameof(prompts))).ToList();
         // one adapter for the whole request, even if it is replaced meanwhile (the cache holds its keys and values)
         using var lease = _host.Lease(adapter);
-        if (options.UseCache && CanCache(prompts, options, context)) CachedSteps(rows, options, lease);
-        else UncachedSteps(rows, options, lease, context);
-        return rows.Select(r => new GenerationResult(r.Generated, r.Text ?? Tokenizer?.Decode(r.Generated), r.Reason ?? "max_new_tokens")).ToList();
+        using var batch = NewBatch(lease, options.UseCache && CanCache(rows));
+        batch.Admit(rows);
+        while (batch.Rows.Any(r => !r.Done)) batch.Step();
+        return rows.Select(r => r.Result()).ToList();
     }
 
+    internal AdapterHost Host => _host;
+
+    /// <summary>A row for <paramref name="prompt"/> after checking its ids; its context is the options' or the model's.</summary>
+    internal GenerationRow NewRow(IReadOnlyList<int> prompt, GenerationOptions options, string what)
+    {
+        ArgumentNullException.ThrowIfNull(prompt, what);
+        ArgumentNullException.ThrowIfNull(options);
+        if (prompt.Count == 0) throw new ArgumentException("a prompt has no tokens", what);
+        _signature.CheckIds(prompt, what);
+        return new GenerationRow(prompt, options, options.ContextLength ?? _signature.ContextLength, Tokenizer);
+    }
+
+    /// <summary>A batch on <paramref name="lease"/> (not owned), with the cache or without.</summary>
+    internal DecodeBatch NewBatch(AdapterHost.AdapterLease lease, bool cached) => new(_signature, lease, cached);
+
     /// <summary>
-    /// The cache serves a request when the whole text fits the context (a cache cannot slide a window) and, for
+    /// The cache serves rows when every row's whole text fits its context (a cache cannot slide a window) and, for
     /// prompts of different lengths, the model takes the mask and positions that left padding needs.
     /// </summary>
-    bool CanCache(IReadOnlyList<IReadOnlyList<int>> prompts, GenerationOptions options, int? context)
+    internal bool CanCache(IReadOnlyList<GenerationRow> rows)
     {
-        if (!HasCache) return false;
-        int longest = prompts.Max(p => p.Count);
-        if (context is int c && longest + options.MaxNewTokens - 1 > c) return false;
-        bool ragged = prompts.Any(p => p.Count != longest);
+        if (!HasCache || !rows.All(r => r.FitsContext)) return false;
+        bool ragged = rows.Any(r => r.PromptLength != rows[0].PromptLength);
         return !ragged || (_signature.AttentionMask is not null && _signature.PositionIds is not null);
-    }
-
-    /// <summary>The present output that carries <paramref name="past"/>'s layer forward, or null.</summary>
-    string? PresentFor(SignatureEntry past)
-    {
-        var role = past.Role switch { IoRole.PastKey => IoRole.PresentKey, IoRole.PastValue => IoRole.PresentValue, _ => IoRole.PresentKeyValue };
-        return _signature.Roles.Outputs.FirstOrDefault(o => o.Role == role && o.Layer == past.Layer)?.Name;
-    }
-
-    /// <summary>
-    /// Generation with the cache: one run over the left-padded prompts (empty pasts), then one run per token with
-    /// input_ids [batch, 1], the mask grown by one column, each row's next position, and the previous run's present
-    /// OrtValues fed as the past as they are (no copy; they are freed once the next run has produced its own). Plain
-    /// Run, because only Run applies the request's adapter. Rows that stop keep a slot in the batch (their tokens are
-    /// dropped) so the cache never has to be re-packed.
-    /// </summary>
-    void CachedSteps(List<Row> rows, GenerationOptions options, AdapterHost.AdapterLease lease)
-    {
-        int batch = rows.Count, width = rows.Max(r => r.All.Count);
-        var tokens = PaddedTokens.Pad(rows.Select(r => (IReadOnlyList<int>)r.All).ToList(), width, padId: 0, left: true);
-        var pasts = _signature.Roles.Inputs.Where(i => i.Role.IsPast()).ToList();
-        var outputNames = new List<string> { _signature.Logits };
-        outputNames.AddRange(pasts.Select(p => PresentFor(p)!));
-        // the mask of every step: [batch, width + new tokens], row-major per step width
-        var maskRows = new List<long>[batch];
-        var nextPosition = new long[batch];
-        for (int b = 0; b < batch; b++)
-        {
-            maskRows[b] = new List<long>(width + options.MaxNewTokens);
-            for (int t = 0; t < width; t++) maskRows[b].Add(tokens.Mask[b * width + t]);
-            nextPosition[b] = rows[b].All.Count;
-        }
-        IDisposableReadOnlyCollection<OrtValue>? previous = null;
-        var feeds = _signature.Feeds(rows.Select(r => (IReadOnlyList<int>)r.All).ToList(), width, padId: 0, leftPad: true);
-        try
-        {
-            for (int step = 0; step < options.MaxNewTokens; step++)
-            {
-                var outputs = lease.Run(feeds, outputNames);
-                foreach (var (name, value) in feeds)
-                    if (previous is null || !previous.Contains(value)) value.Dispose();
-                previous?.Dispose();
-                previous = outputs;
-                feeds = [];
-                var logits = outputs[0];                                   // [batch, tokens, vocab]
-                var shape = logits.GetTensorTypeAndShape().Shape;
-                int columns = (int)shape[1], vocab = (int)shape[2];
-                var data = logits.GetTensorDataAsSpan<float>();
-                var next = new long[batch];
-                for (int b = 0; b < batch; b++)
-                {
-                    var row = rows[b];
-                    if (row.Reason is null) Choose(row, data.Slice((b * columns + columns - 1) * vocab, vocab), options);
-                    next[b] = row.Reason is null ? row.All[^1] : 0;       // a stopped row runs on a dummy token
-                }
-                if (rows.All(r => r.Reason is not null) || step == options.MaxNewTokens - 1) break;
-
-                int total = maskRows[0].Count + 1;
-                var mask = new long[batch * total];
-                var positions = new long[batch];
-                for (int b = 0; b < batch; b++)
-                {
-                    maskRows[b].Add(1);
-                    maskRows[b].CopyTo(mask, b * total);
-                    positions[b] = nextPosition[b]++;
-                }
-                foreach (var input in _signature.Roles.Inputs)
-                {
-                    feeds[input.Name] = input.Role switch
-                    {
-                        IoRole.InputIds => SignatureFeeds.Create(input, next, [batch, 1]),
-                        IoRole.AttentionMask => SignatureFeeds.Create(input, mask, [batch, total]),
-                        IoRole.PositionIds => SignatureFeeds.Create(input, positions, [batch, 1]),
-                        IoRole.TokenTypeIds => SignatureFeeds.Create(input, new long[batch], [batch, 1]),
-                        IoRole.CachePosition => SignatureFeeds.Create(input, [total - 1], [1]),
-                        _ => outputs[1 + pasts.IndexOf(input)],
-                    };
-                }
-            }
-        }
-        finally
-        {
-            foreach (var value in feeds.Values)
-                if (previous is null || !previous.Contains(value)) value.Dispose();
-            previous?.Dispose();
-        }
-    }
-
-    /// <summary>Samples <paramref name="row"/>'s next token from <paramref name="logits"/> and applies the stop rules.</summary>
-    void Choose(Row row, ReadOnlySpan<float> logits, GenerationOptions options)
-    {
-        var next = row.Sampler.Next(logits);
-        if (options.StopTokenIds.Contains(next)) { row.Reason = "stop_token"; return; }
-        row.All.Add(next);
-        row.Generated.Add(next);
-        if (Tokenizer is not null && options.StopSequences.Count > 0)
-        {
-            var text = Tokenizer.Decode(row.Generated);
-            int cut = options.StopSequences.Select(s => text.IndexOf(s, StringComparison.Ordinal)).Where(c => c >= 0).DefaultIfEmpty(-1).Min();
-            if (cut >= 0) { row.Text = text[..cut]; row.Reason = "stop_sequence"; }
-        }
-    }
-
-    /// <summary>Generation without a cache: every step re-runs each active row's whole window.</summary>
-    void UncachedSteps(List<Row> rows, GenerationOptions options, AdapterHost.AdapterLease lease, int? context)
-    {
-        for (int step = 0; step < options.MaxNewTokens; step++)
-        {
-            var active = rows.Where(r => r.Reason is null).ToList();
-            if (active.Count == 0) break;
-            var windows = active.Select(r => r.Window(context)).ToList();
-            var logits = LastLogits(windows, lease);
-            for (int i = 0; i < active.Count; i++) Choose(active[i], logits[i], options);
-        }
-    }
-
-    /// <summary>The logits at each window's last token: [rows][vocab], from one run.</summary>
-    float[][] LastLogits(List<List<int>> windows, AdapterHost.AdapterLease lease)
-    {
-        int width = _signature.FixedTokens ?? windows.Max(w => w.Count);
-        // left padding needs the mask (padding must not be attended) and position_ids (a graph that counts positions
-        // itself would number the padding); otherwise right padding, which a causal model never lets reach a real token
-        bool left = _signature.AttentionMask is not null && _signature.PositionIds is not null;
-        var feeds = _signature.Feeds(windows.Cast<IReadOnlyList<int>>().ToList(), width, padId: 0, leftPad: left);
-        try
-        {
-            using var outputs = lease.Run(feeds, [_signature.Logits]);
-            var logits = outputs[0];                                  // [rows, tokens, vocab]
-            int vocab = (int)logits.GetTensorTypeAndShape().Shape[2];
-            var data = logits.GetTensorDataAsSpan<float>();
-            var result = new float[windows.Count][];
-            for (int b = 0; b < windows.Count; b++)
-            {
-                int column = left ? width - 1 : windows[b].Count - 1;
-                result[b] = data.Slice((b * width + column) * vocab, vocab).ToArray();
-            }
-            return result;
-        }
-        finally { foreach (var v in feeds.Values) v.Dispose(); }
-    }
-
-    /// <summary>One prompt's state: its tokens so far, what it generated, its sampler, and why it stopped (null = running).</summary>
-    sealed class Row(List<int> all, Sampler sampler)
-    {
-        public List<int> All { get; } = all;
-        public List<int> Generated { get; } = new();
-        public Sampler Sampler { get; } = sampler;
-        public string? Reason { get; set; }
-        public string? Text { get; set; }
-
-        /// <summary>The last <paramref name="context"/> tokens (all when null).</summary>
-        public List<int> Window(int? context)
-        {
-            int start = context is int c && All.Count > c ? All.Count - c : 0;
-            return All.GetRange(start, All.Count - start);
-        }
     }
 }
