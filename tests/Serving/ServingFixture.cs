@@ -43,26 +43,38 @@ sealed class ServingFixture : IAsyncDisposable
         return f;
     }
 
-    async Task Start(Func<ServerOptions, ServerOptions>? configure, bool withClassifier, bool withChat)
+    /// <summary>
+    /// The files a server is started from, in <paramref name="dir"/>: rw/ (the rewrite of the Optimum GPT-2 with past),
+    /// adapters/a.onnx_adapter and b.onnx_adapter (random, nonzero), tokenizer/ (tokenizer.json, tokenizer_config.json
+    /// with the chat template when <paramref name="chat"/>). Returns the manifest.
+    /// </summary>
+    public static LoraManifest WriteFiles(TempDir dir, bool chat = true)
     {
-        var rw = Dir.File("rw");
-        Manifest = LoraRewrite.RewriteFile(Fixture("optimum/gpt2_opset17_with_past.onnx"), new LoraConfig { Rank = 4, Alpha = 8, TargetModules = ["c_attn", "c_proj"] }, rw).Manifest;
-        Directory.CreateDirectory(AdapterRoot);
-        OnnxAdapterFile.Write(Path.Combine(AdapterRoot, "a.onnx_adapter"), LoraAdapter.CreateRandom(Manifest, seed: 5, amplitude: 0.5));
-        OnnxAdapterFile.Write(Path.Combine(AdapterRoot, "b.onnx_adapter"), LoraAdapter.CreateRandom(Manifest, seed: 9, amplitude: 0.5));
-        var tokenizerDir = Dir.File("tokenizer");
+        var manifest = LoraRewrite.RewriteFile(Fixture("optimum/gpt2_opset17_with_past.onnx"), new LoraConfig { Rank = 4, Alpha = 8, TargetModules = ["c_attn", "c_proj"] }, dir.File("rw")).Manifest;
+        var adapters = dir.File("adapters");
+        Directory.CreateDirectory(adapters);
+        OnnxAdapterFile.Write(Path.Combine(adapters, "a.onnx_adapter"), LoraAdapter.CreateRandom(manifest, seed: 5, amplitude: 0.5));
+        OnnxAdapterFile.Write(Path.Combine(adapters, "b.onnx_adapter"), LoraAdapter.CreateRandom(manifest, seed: 9, amplitude: 0.5));
+        var tokenizerDir = dir.File("tokenizer");
         Directory.CreateDirectory(tokenizerDir);
         using (var t = new TempDir())
         {
             File.Copy(TokenizerTests.WriteTokenizerJson(t, TokenizerTests.ByteLevel()), Path.Combine(tokenizerDir, TextTokenizer.TokenizerJson));
         }
         var config = new JsonObject { ["eos_token"] = "<|endoftext|>" };
-        if (withChat) config["chat_template"] = ChatTemplateSource;
+        if (chat) config["chat_template"] = ChatTemplateSource;
         File.WriteAllText(Path.Combine(tokenizerDir, "tokenizer_config.json"), config.ToJsonString());
+        return manifest;
+    }
+
+    async Task Start(Func<ServerOptions, ServerOptions>? configure, bool withClassifier, bool withChat)
+    {
+        Manifest = WriteFiles(Dir, withChat);
+        var tokenizerDir = Dir.File("tokenizer");
         Tokenizer = TextTokenizer.Load(tokenizerDir);
         Template = ChatTemplate.Load(tokenizerDir)!;
 
-        var deploy = Path.Combine(rw, LoraManifest.DeployableModelFile);
+        var deploy = Path.Combine(Dir.File("rw"), LoraManifest.DeployableModelFile);
         _referenceHost = Open(deploy);
         Reference = new TextGenerator(_referenceHost, Tokenizer.Inner);
 
