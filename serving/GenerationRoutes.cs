@@ -56,14 +56,23 @@ public sealed partial class LoraServer
             await cts.CancelAsync().ConfigureAwait(false);
         }
         var finished = Task.WhenAll(pumps).ContinueWith(_ => events.Writer.TryComplete(), TaskScheduler.Default);
-        bool first = true;
-        await foreach (var (choice, token) in events.Reader.ReadAllAsync(CancellationToken.None).ConfigureAwait(false))
+        bool first = true, drained = false;
+        try
         {
-            if (Failed()) continue;   // drain: a failed request answers with its error, not half its choices
-            if (first && token.TokenId >= 0) { Metrics.FirstToken(model, clock.Elapsed.TotalSeconds); first = false; }
-            await reply.Add(choice, token).ConfigureAwait(false);
+            await foreach (var (choice, token) in events.Reader.ReadAllAsync(CancellationToken.None).ConfigureAwait(false))
+            {
+                if (Failed()) continue;   // drain: a failed request answers with its error, not half its choices
+                if (first && token.TokenId >= 0) { Metrics.FirstToken(model, clock.Elapsed.TotalSeconds); first = false; }
+                await reply.Add(choice, token).ConfigureAwait(false);
+            }
+            drained = true;
         }
-        await finished.ConfigureAwait(false);
+        finally
+        {
+            // a write that failed (the client went away) leaves choices running: stop them before cts goes
+            if (!drained) await cts.CancelAsync().ConfigureAwait(false);
+            await finished.ConfigureAwait(false);
+        }
         if (Failed()) throw errors.FirstOrDefault(e => e is not OperationCanceledException) ?? errors[0];
         Metrics.Tokens(model, prompts.Sum(p => p.Count), reply.GeneratedTokens);
         await reply.Finish(prompts.Sum(p => p.Count), includeUsage).ConfigureAwait(false);

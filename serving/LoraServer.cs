@@ -168,10 +168,11 @@ public sealed partial class LoraServer : IAsyncDisposable
     async Task Gate(HttpContext ctx, RequestDelegate next)
     {
         var clock = Stopwatch.StartNew();
+        int? status = null;   // what the metrics count when it is not the response's status (a stream that failed after its 200)
         try { await next(ctx).ConfigureAwait(false); }
         catch (Exception e) when (ctx.RequestAborted.IsCancellationRequested && e is OperationCanceledException or IOException or BadHttpRequestException)
         {
-            ctx.Response.StatusCode = 499;
+            status = 499;
         }
         catch (Exception e)
         {
@@ -189,6 +190,7 @@ public sealed partial class LoraServer : IAsyncDisposable
             };
             if (error is null) Console.Error.WriteLine($"error: {ctx.Request.Method} {ctx.Request.Path}: {e}");
             error ??= new ApiException(StatusCodes.Status500InternalServerError, $"internal error: {e.Message}");
+            status = error.Status;
             if (ctx.Response.HasStarted) await StreamError(ctx, error).ConfigureAwait(false);
             else await WriteError(ctx, error).ConfigureAwait(false);
         }
@@ -196,7 +198,7 @@ public sealed partial class LoraServer : IAsyncDisposable
         {
             // the fallback's catch-all pattern would put every unknown path in one label anyway: call it that
             var route = (ctx.GetEndpoint() as RouteEndpoint)?.RoutePattern.RawText is { } raw && !raw.StartsWith("{*", StringComparison.Ordinal) ? raw : "other";
-            Metrics.Request(route, ctx.Response.StatusCode, clock.Elapsed.TotalSeconds);
+            Metrics.Request(route, status ?? ctx.Response.StatusCode, clock.Elapsed.TotalSeconds);
         }
     }
 
@@ -237,14 +239,15 @@ public sealed partial class LoraServer : IAsyncDisposable
     /// <summary>vLLM's list: the base model, then every adapter (parent = the base), then the classifiers.</summary>
     Task Models(HttpContext ctx)
     {
-        var data = new JsonArray(Model(BaseModel, _host.ModelPath, null));
-        foreach (var name in _host.AdapterNames) data.Add(Model(name, name, BaseModel));
-        foreach (var c in _classifiers.Values.OrderBy(c => c.Name, StringComparer.Ordinal)) data.Add(Model(c.Name, c.Host.ModelPath, null));
+        var data = new JsonArray(Model(BaseModel, null));
+        foreach (var name in _host.AdapterNames) data.Add(Model(name, BaseModel));
+        foreach (var c in _classifiers.Values.OrderBy(c => c.Name, StringComparer.Ordinal)) data.Add(Model(c.Name, null));
         return WriteJson(ctx, new JsonObject { ["object"] = "list", ["data"] = data });
 
-        JsonObject Model(string id, string root, string? parent) => new()
+        // root is the id, not a file path: clients learn nothing about the server's disk
+        JsonObject Model(string id, string? parent) => new()
         {
-            ["id"] = id, ["object"] = "model", ["created"] = _started, ["owned_by"] = "onnxlora", ["root"] = root, ["parent"] = parent,
+            ["id"] = id, ["object"] = "model", ["created"] = _started, ["owned_by"] = "onnxlora", ["root"] = id, ["parent"] = parent,
         };
     }
 

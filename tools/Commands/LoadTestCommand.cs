@@ -117,7 +117,7 @@ public sealed class LoadTestCommand(IAnsiConsole console) : Command<LoadTestComm
             foreach (var job in jobs.DistinctBy(j => j.Model)) await Send(http, job, s.MaxTokens, stop.Token);   // warm-up, not counted
 
             var latencies = new List<double>();
-            var memory = new List<(double Seconds, long Bytes)>();
+            var memory = new List<(double Seconds, long Bytes, long Managed)>();
             int requests = 0, errors = 0, mismatches = 0, tokens = 0;
             var firstError = new StringBuilder();
             var clock = Stopwatch.StartNew();
@@ -129,7 +129,7 @@ public sealed class LoadTestCommand(IAnsiConsole console) : Command<LoadTestComm
                 while (!end.IsCancellationRequested)
                 {
                     process.Refresh();
-                    lock (memory) memory.Add((clock.Elapsed.TotalSeconds, process.WorkingSet64));
+                    lock (memory) memory.Add((clock.Elapsed.TotalSeconds, process.WorkingSet64, GC.GetTotalMemory(forceFullCollection: false)));
                     try { await Task.Delay(500, end.Token); } catch (OperationCanceledException) { }
                 }
             });
@@ -190,7 +190,7 @@ public sealed class LoadTestCommand(IAnsiConsole console) : Command<LoadTestComm
     }
 
     void Report(Settings s, LoraServer server, int requests, int errors, int mismatches, int tokens, double elapsed,
-                List<double> latencies, List<(double Seconds, long Bytes)> memory, string firstError)
+                List<double> latencies, List<(double Seconds, long Bytes, long Managed)> memory, string firstError)
     {
         latencies.Sort();
         double P(double q) => latencies.Count == 0 ? double.NaN : latencies[Math.Min(latencies.Count - 1, (int)Math.Ceiling(q * latencies.Count) - 1)] * 1000;
@@ -208,6 +208,7 @@ public sealed class LoadTestCommand(IAnsiConsole console) : Command<LoadTestComm
             var last = memory.Skip(memory.Count - Math.Max(1, memory.Count / 3)).Average(m => m.Bytes);
             table.AddRow("RSS first third → last third", string.Create(inv, $"{first / 1048576:F0} → {last / 1048576:F0} MiB ({(last - first) / first * 100:+0.0;-0.0} %), max {memory.Max(m => m.Bytes) / 1048576.0:F0} MiB"));
             int step = Math.Max(1, memory.Count / 10);
+            table.AddRow("managed heap first third → last third", string.Create(inv, $"{memory.Take(Math.Max(1, memory.Count / 3)).Average(m => m.Managed) / 1048576:F0} → {memory.Skip(memory.Count - Math.Max(1, memory.Count / 3)).Average(m => m.Managed) / 1048576:F0} MiB"));
             table.AddRow("RSS over time (s: MiB)", string.Join("  ", memory.Where((_, i) => i % step == 0).Select(m => string.Create(inv, $"{m.Seconds:F0}: {m.Bytes / 1048576.0:F0}"))));
         }
         console.Write(table);
