@@ -40,14 +40,16 @@ public sealed partial class LoraServer
             options.Sampling.Seed is int seed && j > 0 ? options with { Sampling = options.Sampling with { Seed = unchecked(seed + j) } } : options, adapter))).ToList();
 
         var reply = new Reply(ctx, chat, model, stream, requests.Count);
-        using var cts = CancellationTokenSource.CreateLinkedTokenSource(ctx.RequestAborted);
+        // the client's connection and the time limit; disposed when the last choice has ended, which may be after the answer
+        var cts = CancellationTokenSource.CreateLinkedTokenSource(ctx.RequestAborted);
         cts.CancelAfter(_options.RequestTimeout);
+        var cancel = cts.Token;   // outlives cts: read after the last choice has ended and disposed it
         var events = Channel.CreateUnbounded<(int Choice, GeneratedToken Token)>(new UnboundedChannelOptions { SingleReader = true });
         var errors = new List<Exception>();
         var pumps = new List<Task>(requests.Count);
         try
         {
-            for (int i = 0; i < requests.Count; i++) pumps.Add(Pump(_scheduler.Generate(requests[i], cts.Token), i));
+            for (int i = 0; i < requests.Count; i++) pumps.Add(Pump(_scheduler.Generate(requests[i], cancel), i));
         }
         catch (Exception e)
         {
@@ -55,11 +57,13 @@ public sealed partial class LoraServer
             lock (errors) errors.Add(e);
             await cts.CancelAsync().ConfigureAwait(false);
         }
-        var finished = Task.WhenAll(pumps).ContinueWith(_ => events.Writer.TryComplete(), TaskScheduler.Default);
+        var finished = Task.WhenAll(pumps).ContinueWith(_ => { events.Writer.TryComplete(); cts.Dispose(); }, TaskScheduler.Default);
         bool first = true, drained = false;
         try
         {
-            await foreach (var (choice, token) in events.Reader.ReadAllAsync(CancellationToken.None).ConfigureAwait(false))
+            // reading stops at the time limit or the client's exit even while a step is still running: the answer (504,
+            // or nothing for a client that left) does not wait for an engine that finishes its step later
+            await foreach (var (choice, token) in events.Reader.ReadAllAsync(cancel).ConfigureAwait(false))
             {
                 if (Failed()) continue;   // drain: a failed request answers with its error, not half its choices
                 if (first && token.TokenId >= 0) { Metrics.FirstToken(model, clock.Elapsed.TotalSeconds); first = false; }
@@ -67,12 +71,17 @@ public sealed partial class LoraServer
             }
             drained = true;
         }
+        catch (OperationCanceledException) when (!ctx.RequestAborted.IsCancellationRequested && Failed()) { }   // a choice failed or was refused: its error below
         finally
         {
-            // a write that failed (the client went away) leaves choices running: stop them before cts goes
-            if (!drained) await cts.CancelAsync().ConfigureAwait(false);
-            await finished.ConfigureAwait(false);
+            // a write that failed (the client went away) or a time-out leaves choices running: stop them
+            if (!drained)
+            {
+                try { await cts.CancelAsync().ConfigureAwait(false); }
+                catch (ObjectDisposedException) { }   // they had all ended
+            }
         }
+        if (drained) await finished.ConfigureAwait(false);
         if (Failed()) throw errors.FirstOrDefault(e => e is not OperationCanceledException) ?? errors[0];
         Metrics.Tokens(model, prompts.Sum(p => p.Count), reply.GeneratedTokens);
         await reply.Finish(prompts.Sum(p => p.Count), includeUsage).ConfigureAwait(false);
@@ -83,13 +92,13 @@ public sealed partial class LoraServer
         {
             try
             {
-                await foreach (var token in tokens.WithCancellation(cts.Token).ConfigureAwait(false))
+                await foreach (var token in tokens.WithCancellation(cancel).ConfigureAwait(false))
                     await events.Writer.WriteAsync((index, token), CancellationToken.None).ConfigureAwait(false);
             }
             catch (Exception e)
             {
                 lock (errors) errors.Add(e);
-                await cts.CancelAsync().ConfigureAwait(false);   // the request has failed: stop its other choices
+                await cts.CancelAsync().ConfigureAwait(false);   // the request has failed: stop its other choices (cts lives until every pump ends)
             }
         }
     }
