@@ -53,8 +53,9 @@ public sealed partial class LoraServer
         }
         catch (Exception e)
         {
-            // the queue refused one: the others started must still run down (their enumeration frees their queue places)
-            lock (errors) errors.Add(e);
+            // the queue refused one, or the scheduler refused its prompt (ArgumentException: the request's, not the
+            // server's fault): the others started must still run down (their enumeration frees their queue places)
+            lock (errors) errors.Add(e is ArgumentException and not ArgumentNullException ? ApiException.BadField(chat ? "messages" : "prompt", e.Message) : e);
             await cts.CancelAsync().ConfigureAwait(false);
         }
         var finished = Task.WhenAll(pumps).ContinueWith(_ => { events.Writer.TryComplete(); cts.Dispose(); }, TaskScheduler.Default);
