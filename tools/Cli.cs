@@ -44,6 +44,8 @@ public static class Cli
             c.AddCommand<Commands.GenerateCommand>("generate").WithDescription("Generate text with the deployable model and adapters (KV cache when the model has one).");
             c.AddCommand<Commands.ClassifyCommand>("classify").WithDescription("Classify text with the deployable model and adapters: label and probabilities.");
             c.AddCommand<Commands.EvalCommand>("eval").WithDescription("Evaluate the deployable model with adapters: perplexity (lm) or accuracy, precision, recall, F1 and a confusion matrix (cls).");
+            c.AddCommand<ServeCommand>("serve").WithDescription(ServeCommand.Description).WithExample("serve", "--model", "rw", "--adapter", "sql=sql.onnx_adapter", "--port", "8000");
+            c.AddCommand<LoadTestCommand>("loadtest").WithDescription(LoadTestCommand.Description).WithExample("loadtest", "--model", "rw", "--adapter", "a=a.onnx_adapter", "--adapter", "b=b.onnx_adapter", "--clients", "8", "--seconds", "30");
             c.AddCommand<BenchCommand>("bench").WithDescription(BenchCommand.Description).WithExample("bench", "--preset", "gpt2", "--task", "cls", "--peers", "../shared/bench", "--runs", "3");
         });
         try { return app.Run(args); }

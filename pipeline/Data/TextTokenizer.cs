@@ -176,8 +176,7 @@ public sealed class TextTokenizer
         string? eos = null;
         if (File.Exists(configPath))
         {
-            var eosNode = ReadObject(configPath)["eos_token"];
-            eos = eosNode is JsonObject o ? o["content"]?.GetValue<string>() : eosNode is JsonValue v && v.TryGetValue<string>(out var s) ? s : null;
+            eos = TokenContent(ReadObject(configPath)["eos_token"]);
         }
         foreach (var name in new[] { eos, "<|endoftext|>", "<|end_of_text|>", "</s>", "<|im_end|>" })
             if (name is not null && (special.TryGetValue(name, out var id) || vocab.TryGetValue(name, out id))) return id;
@@ -201,7 +200,15 @@ public sealed class TextTokenizer
 
     static string? Type(JsonNode? node) => node is JsonObject o && o["type"] is JsonValue v && v.TryGetValue<string>(out var s) ? s : null;
 
-    static JsonObject ReadObject(string path)
+    /// <summary>A special token as tokenizer_config.json writes it: a string, or an AddedToken object {"content": …}; else null.</summary>
+    internal static string? TokenContent(JsonNode? node) => node switch
+    {
+        JsonObject o => TokenContent(o["content"]),
+        JsonValue v when v.TryGetValue<string>(out var s) => s,
+        _ => null,
+    };
+
+    internal static JsonObject ReadObject(string path)
     {
         if (!File.Exists(path)) throw new FileNotFoundException($"{path}: no such file", path);
         try { return JsonNode.Parse(File.ReadAllText(path))?.AsObject() ?? throw new InvalidDataException($"{path}: empty"); }
