@@ -1,4 +1,4 @@
-using OnnxLora.GraphRewrite.Autodiff;
+using OnnxLora.GraphRewrite.Artifacts;
 using OnnxLora.GraphRewrite.Lora;
 using OnnxLora.Pipeline.Adapters;
 using OnnxLora.Pipeline.Data;
