@@ -51,7 +51,7 @@ static class JinjaBuiltins
     }
 
     // Python's strftime codes that date templates use (Llama 3.x: "%d %b %Y")
-    static string Strftime(DateTime t, string format)
+    public static string Strftime(DateTime t, string format)
     {
         var sb = new StringBuilder();
         for (int i = 0; i < format.Length; i++)
@@ -516,7 +516,8 @@ static class JinjaBuiltins
                 return value is Undefined || boolean && !PyValue.Truthy(value) ? Param(0, "default_value", "") : value;
             case "tojson":
                 var indent = Param(0, "indent", null);
-                var json = PyValue.ToJson(PyValue.Truthy(Param(-1, "sort_keys", false)) ? SortKeys(value) : value, indent is null ? null : (int)PyValue.ToLong(indent), line);
+                var separators = Param(-1, "separators", null) is object?[] { Length: 2 } pair && pair.All(x => x is string) ? ((string)pair[0]!, (string)pair[1]!) : ((string, string)?)null;
+                var json = PyValue.ToJson(PyValue.Truthy(Param(-1, "sort_keys", false)) ? SortKeys(value) : value, indent is null ? null : (int)PyValue.ToLong(indent), separators, line);
                 return PyValue.Truthy(Param(-1, "ensure_ascii", false)) ? EnsureAscii(json) : json;
             case "first": return PyValue.Iterate(value, line) is { Count: > 0 } f ? f[0] : new Undefined("No first item, sequence was empty.");
             case "last": return PyValue.Iterate(value, line) is { Count: > 0 } l ? l[^1] : new Undefined("No last item, sequence was empty.");
