@@ -218,6 +218,28 @@ public class AdapterChatClientTests
     }
 
     [Test]
+    public async Task TheReadmeExampleRuns()
+    {
+        // README "In-process chat", with this fixture's files and fewer tokens (the model has 64 positions)
+        var folder = Path.Combine(_dir.Path, "hf");
+        using var host = AdapterHost.Create(Path.Combine(_dir.Path, "rw", "deploy.onnx"));
+        host.AddAdapter("support", _dir.File("a.onnx_adapter"));
+        var generator = new TextGenerator(host, TextTokenizer.FromDirectory(folder).Inner);
+        await using var scheduler = new GenerationScheduler(generator);
+        IChatClient chat = new AdapterChatClient(scheduler, ChatTemplate.Load(folder)
+            ?? throw new InvalidOperationException("no chat template"));
+        var reply = await chat.GetResponseAsync(
+            [new(ChatRole.System, "Be brief."), new(ChatRole.User, "hi")],
+            new ChatOptions { ModelId = "support", MaxOutputTokens = 8, Temperature = 0.7f, Seed = 1 });
+        Assert.That(reply.Usage!.OutputTokenCount, Is.EqualTo(8));
+        Assert.That(reply.FinishReason, Is.EqualTo(ChatFinishReason.Length));
+        var streamed = new System.Text.StringBuilder();
+        await foreach (var update in chat.GetStreamingResponseAsync("hi", new ChatOptions { MaxOutputTokens = 8 })) streamed.Append(update.Text);
+        var prompt = _template.Render([new ChatTurn("user", "hi")], true);
+        Assert.That(streamed.ToString(), Is.EqualTo(_generator.Generate(prompt, new GenerationOptions { MaxNewTokens = 8, StopTokenIds = [ImEndId] }).Text));
+    }
+
+    [Test]
     public void MetadataAndServicesComeThroughThePipeline()
     {
         using var client = Client();
