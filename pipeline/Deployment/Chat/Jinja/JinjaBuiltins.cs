@@ -247,7 +247,7 @@ static class JinjaBuiltins
 
     static JinjaException ZeroDivision(int line) => new(line, "division by zero");
 
-    /// <summary>"%s %d" % args: Python's printf-style formatting for %s, %r, %d, %i, %f and %%.</summary>
+    /// <summary>"%s %d" % args: Python's printf-style formatting (flags - + 0 space, width, .precision; s r d i f F e E g G x X o c %).</summary>
     static string PercentFormat(string format, object? args, int line)
     {
         var values = args is object?[] tuple ? tuple : [args];
@@ -256,22 +256,89 @@ static class JinjaBuiltins
         for (int i = 0; i < format.Length; i++)
         {
             if (format[i] != '%') { sb.Append(format[i]); continue; }
-            if (++i >= format.Length) throw new JinjaException(line, "incomplete format");
+            int start = i++;
+            while (i < format.Length && format[i] is '-' or '+' or ' ' or '0' or '#') i++;
+            var flags = format[(start + 1)..i];
+            int widthStart = i;
+            while (i < format.Length && char.IsAsciiDigit(format[i])) i++;
+            int width = i > widthStart ? int.Parse(format.AsSpan(widthStart, i - widthStart), CultureInfo.InvariantCulture) : 0;
+            int? precision = null;
+            if (i < format.Length && format[i] == '.')
+            {
+                int p = ++i;
+                while (i < format.Length && char.IsAsciiDigit(format[i])) i++;
+                precision = i > p ? int.Parse(format.AsSpan(p, i - p), CultureInfo.InvariantCulture) : 0;
+            }
+            if (i >= format.Length) throw new JinjaException(line, "incomplete format");
             char c = format[i];
             if (c == '%') { sb.Append('%'); continue; }
             if (next >= values.Length) throw new JinjaException(line, "not enough arguments for format string");
             var v = values[next++];
-            sb.Append(c switch
+            string body = c switch
             {
                 's' => PyValue.Str(v),
                 'r' => PyValue.Repr(v),
-                'd' or 'i' when PyValue.IsNumber(v) => ((long)Math.Truncate(PyValue.ToDouble(v))).ToString(CultureInfo.InvariantCulture),
-                'f' when PyValue.IsNumber(v) => PyValue.ToDouble(v).ToString("F6", CultureInfo.InvariantCulture),
+                'c' => v is string ch ? ch : char.ConvertFromUtf32((int)PyValue.ToLong(v)),
+                'd' or 'i' or 'x' or 'X' or 'o' when PyValue.IsNumber(v) => Integer((long)Math.Truncate(PyValue.ToDouble(v)), c),
+                'f' or 'F' or 'e' or 'E' or 'g' or 'G' when PyValue.IsNumber(v) => Float(PyValue.ToDouble(v), c, precision ?? 6),
                 _ => throw new JinjaException(line, $"unsupported format %{c} for {PyValue.TypeName(v)}"),
-            });
+            };
+            if (c is 's' or 'r' && precision is int cut && body.Length > cut) body = body[..cut];
+            if (c is not ('s' or 'r' or 'c') && !body.StartsWith('-'))
+                body = (flags.Contains('+') ? "+" : flags.Contains(' ') ? " " : "") + body;
+            if (body.Length < width)
+            {
+                if (flags.Contains('-')) body = body.PadRight(width);
+                else if (flags.Contains('0') && c is not ('s' or 'r' or 'c'))
+                {
+                    int sign = body.Length > 0 && body[0] is '-' or '+' or ' ' ? 1 : 0;
+                    body = body[..sign] + body[sign..].PadLeft(width - sign, '0');
+                }
+                else body = body.PadLeft(width);
+            }
+            sb.Append(body);
         }
-        if (next < values.Length) throw new JinjaException(line, "not all arguments converted during string formatting");
+        if (next < values.Length && args is object?[]) throw new JinjaException(line, "not all arguments converted during string formatting");
         return sb.ToString();
+    }
+
+    static string Integer(long n, char c) => c switch
+    {
+        'x' => (n < 0 ? "-" : "") + Math.Abs(n).ToString("x", CultureInfo.InvariantCulture),
+        'X' => (n < 0 ? "-" : "") + Math.Abs(n).ToString("X", CultureInfo.InvariantCulture),
+        'o' => (n < 0 ? "-" : "") + Convert.ToString(Math.Abs(n), 8),
+        _ => n.ToString(CultureInfo.InvariantCulture),
+    };
+
+    static string Float(double d, char c, int precision)
+    {
+        if (double.IsNaN(d)) return char.IsUpper(c) ? "NAN" : "nan";
+        if (double.IsInfinity(d)) return (d < 0 ? "-" : "") + (char.IsUpper(c) ? "INF" : "inf");
+        switch (char.ToLowerInvariant(c))
+        {
+            case 'f': return d.ToString("F" + precision, CultureInfo.InvariantCulture);
+            case 'e':
+                var e = d.ToString((c == 'E' ? "E" : "e") + precision, CultureInfo.InvariantCulture);   // 1.5e+003 → 1.5e+03
+                int at = e.IndexOfAny(['e', 'E']);
+                return e[..(at + 2)] + int.Parse(e[(at + 2)..], CultureInfo.InvariantCulture).ToString("00", CultureInfo.InvariantCulture);
+            default:
+                // %g: exponent form when the exponent is below -4 or at least the precision; trailing zeros dropped
+                int p = precision == 0 ? 1 : precision;
+                if (d == 0) return "0";
+                int exponent = (int)Math.Floor(Math.Log10(Math.Abs(d)));
+                var rounded = double.Parse(d.ToString("E" + (p - 1), CultureInfo.InvariantCulture), CultureInfo.InvariantCulture);
+                if (rounded != 0) exponent = (int)Math.Floor(Math.Log10(Math.Abs(rounded)));
+                if (exponent < -4 || exponent >= p)
+                {
+                    var g = Float(d, c == 'G' ? 'E' : 'e', p - 1);
+                    int ePos = g.IndexOfAny(['e', 'E']);
+                    var mantissa = g[..ePos];
+                    if (mantissa.Contains('.')) mantissa = mantissa.TrimEnd('0').TrimEnd('.');
+                    return mantissa + g[ePos..];
+                }
+                var f = d.ToString("F" + Math.Max(0, p - 1 - exponent), CultureInfo.InvariantCulture);
+                return f.Contains('.') ? f.TrimEnd('0').TrimEnd('.') : f;
+        }
     }
 
     public static bool CompareOp(string op, object? a, object? b, int line) => op switch
@@ -562,7 +629,7 @@ static class JinjaBuiltins
             case "abs":
                 return value switch
                 {
-                    long n => Math.Abs(n),
+                    long n => (object)Math.Abs(n),
                     double n => Math.Abs(n),
                     bool b => b ? 1L : 0L,
                     _ => throw new JinjaException(line, $"bad operand type for abs(): '{PyValue.TypeName(value)}'"),
@@ -588,6 +655,12 @@ static class JinjaBuiltins
                 var all = Sort(PyValue.Iterate(value, line).ToList(), x => x, PyValue.Truthy(Param(0, "case_sensitive", false)), line);
                 return all.Count == 0 ? new Undefined($"No {name} item, sequence was empty.") : name == "min" ? all[0] : all[^1];
             case "format": return PercentFormat(PyValue.Str(value), args.ToArray(), line);
+            case "center":
+                var text = PyValue.Str(value);
+                int width = (int)PyValue.ToLong(Param(0, "width", 80L));
+                if (width <= text.Length) return text;
+                int left = (width - text.Length) / 2 + ((width - text.Length) % 2 == 1 && width % 2 == 1 ? 1 : 0);   // Python's str.center
+                return new string(' ', left) + text + new string(' ', width - text.Length - left);
             case "attr": return GetAttribute(value, PyValue.Str(Param(0, "name", "")), line);
             case "wordcount": return (long)Split(PyValue.Str(value), null, -1).Count;
             case "batch":
@@ -706,7 +779,8 @@ static class JinjaBuiltins
             "gt" or "greaterthan" or ">" => PyValue.Compare(value, Arg0(), line) > 0,
             "ge" or ">=" => PyValue.Compare(value, Arg0(), line) >= 0,
             "in" => Contains(Arg0(), value, line),
-            "sameas" => value is null ? Arg0() is null : value is bool b ? Arg0() is bool c && b == c : ReferenceEquals(value, Arg0()),
+            // Python's "is": small numbers, interned strings and singletons are identical when equal
+            "sameas" => value is null or bool or long or double or string ? PyValue.Equal(value, Arg0()) && value?.GetType() == Arg0()?.GetType() : ReferenceEquals(value, Arg0()),
             "lower" => value is string s && s == s.ToLowerInvariant(),
             "upper" => value is string u && u == u.ToUpperInvariant(),
             _ => throw new JinjaException(line, $"no test named '{name}'"),

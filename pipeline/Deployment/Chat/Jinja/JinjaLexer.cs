@@ -177,7 +177,8 @@ static class JinjaLexer
         }
         var text = s[start..pos].Replace("_", "");
         if (isFloat) return new Token(TokenKind.Float, text, line, double.Parse(text, CultureInfo.InvariantCulture));
-        if (!long.TryParse(text, NumberStyles.None, CultureInfo.InvariantCulture, out var value)) throw new JinjaException(line, $"integer {text} is too large");
+        // Python's integers have no limit; one past 64 bits is kept as a float (it prints differently)
+        if (!long.TryParse(text, NumberStyles.None, CultureInfo.InvariantCulture, out var value)) return new Token(TokenKind.Float, text, line, double.Parse(text, CultureInfo.InvariantCulture));
         return new Token(TokenKind.Integer, text, line, value);
     }
 

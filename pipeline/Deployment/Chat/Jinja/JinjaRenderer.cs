@@ -197,7 +197,7 @@ sealed class JinjaRenderer
         try
         {
             var frame = new Scope(definedIn);
-            frame.Set("varargs", args.Skip(m.Parameters.Count).ToList());
+            frame.Set("varargs", args.Skip(m.Parameters.Count).ToArray());
             var extra = new OrderedDictionary<object, object?>();
             foreach (var (name, value) in kwargs)
                 if (name == "caller") frame.Set(name, value);

@@ -49,7 +49,7 @@ static class PyValue
             System.Text.Json.JsonValueKind.String => element.GetString(),
             System.Text.Json.JsonValueKind.True => true,
             System.Text.Json.JsonValueKind.False => false,
-            System.Text.Json.JsonValueKind.Number => element.TryGetInt64(out var l) && !element.GetRawText().Contains('.') && !element.GetRawText().Contains('e', StringComparison.OrdinalIgnoreCase) ? l : element.GetDouble(),
+            System.Text.Json.JsonValueKind.Number => element.TryGetInt64(out var l) && !element.GetRawText().Contains('.') && !element.GetRawText().Contains('e', StringComparison.OrdinalIgnoreCase) ? (object)l : element.GetDouble(),
             _ => null,
         };
     }
