@@ -183,7 +183,7 @@ static class JinjaBuiltins
         PyValue.FailIfUndefined(a, line);
         PyValue.FailIfUndefined(b, line);
         if (PyValue.IsNumber(a) && PyValue.IsNumber(b)) return Arithmetic(op, a!, b!, line);
-        if (op == "*" && PyValue.IsNumber(a) && b is string or List<object?>) (a, b) = (b, a);   // 3 * 'ab' is 'ab' * 3
+        if (op == "*" && PyValue.IsNumber(a) && b is string or IList<object?>) (a, b) = (b, a);   // 3 * 'ab' is 'ab' * 3
         switch (op, a, b)
         {
             case ("+", string x, string y):
@@ -194,10 +194,11 @@ static class JinjaBuiltins
                 long times = PyValue.ToLong(b);
                 if (times * s.Length > maxChars) throw new JinjaException(line, $"a string passes {maxChars} characters");
                 return times <= 0 ? "" : new StringBuilder(s.Length * (int)times).Insert(0, s, (int)times).ToString();
-            case ("*", List<object?> l, long or bool):
+            case ("*", IList<object?> l, long or bool):
                 long copies = PyValue.ToLong(b);
                 if (copies * l.Count > maxChars) throw new JinjaException(line, $"a list passes {maxChars} items");
-                return Enumerable.Repeat(l, (int)Math.Max(0, copies)).SelectMany(x => x).ToList();
+                var repeated = Enumerable.Repeat(l, (int)Math.Max(0, copies)).SelectMany(x => x);
+                return a is object?[] ? repeated.ToArray() : repeated.ToList();
             case ("%", string format, _): return PercentFormat(format, b, line);
         }
         throw new JinjaException(line, $"unsupported operand type(s) for {op}: '{PyValue.TypeName(a)}' and '{PyValue.TypeName(b)}'");
@@ -236,11 +237,30 @@ static class JinjaBuiltins
             "-" => p - q,
             "*" => p * q,
             "/" => q == 0 ? throw ZeroDivision(line) : p / q,
-            "//" => q == 0 ? throw ZeroDivision(line) : Math.Floor(p / q),
-            "%" => q == 0 ? throw ZeroDivision(line) : p - Math.Floor(p / q) * q,
+            "//" => q == 0 ? throw ZeroDivision(line) : FloatDivMod(p, q).Div,
+            "%" => q == 0 ? throw ZeroDivision(line) : FloatDivMod(p, q).Mod,
             "**" => Math.Pow(p, q),
             _ => throw new JinjaException(line, $"unknown operator {op}"),
         };
+    }
+
+    /// <summary>Python's float divmod: the remainder from fmod takes the divisor's sign, the quotient is floored to match.</summary>
+    static (double Div, double Mod) FloatDivMod(double x, double y)
+    {
+        double mod = x % y, div = (x - mod) / y;
+        if (mod != 0)
+        {
+            if (y < 0 != mod < 0) { mod += y; div -= 1; }
+        }
+        else mod = Math.CopySign(0, y);
+        double floor;
+        if (div != 0)
+        {
+            floor = Math.Floor(div);
+            if (div - floor > 0.5) floor += 1;
+        }
+        else floor = Math.CopySign(0, x / y);
+        return (floor, mod);
     }
 
     static long FloorDiv(long x, long y) => x / y - ((x % y != 0) && ((x < 0) != (y < 0)) ? 1 : 0);
@@ -298,7 +318,8 @@ static class JinjaBuiltins
             }
             sb.Append(body);
         }
-        if (next < values.Length && args is object?[]) throw new JinjaException(line, "not all arguments converted during string formatting");
+        // a dict (or anything subscriptable but a tuple or str, as Python checks it) may go unused; anything else must be used up
+        if (next < values.Length && args is not (OrderedDictionary<object, object?> or List<object?>)) throw new JinjaException(line, "not all arguments converted during string formatting");
         return sb.ToString();
     }
 
@@ -358,7 +379,8 @@ static class JinjaBuiltins
     {
         string s => item is string sub ? s.Contains(sub, StringComparison.Ordinal) : throw new JinjaException(line, $"'in <string>' requires string as left operand, not {PyValue.TypeName(item)}"),
         IList<object?> list => list.Any(x => PyValue.Equal(x, item)),
-        OrderedDictionary<object, object?> dict => item is not null && TryLookup(dict, item, out _),
+        OrderedDictionary<object, object?> dict => item is List<object?> or OrderedDictionary<object, object?> ? throw new JinjaException(line, $"unhashable type: '{PyValue.TypeName(item)}'")
+            : item is not null && TryLookup(dict, item, out _),
         Undefined => false,
         _ => throw new JinjaException(line, $"argument of type '{PyValue.TypeName(container)}' is not iterable"),
     };
@@ -595,8 +617,8 @@ static class JinjaBuiltins
             case "replace":
                 var count = Param(2, "count", null);
                 return Replace(PyValue.Str(value), PyValue.Str(Param(0, "old", "")), PyValue.Str(Param(1, "new", "")), count is null ? -1 : PyValue.ToLong(count));
-            case "int": return ToInt(value, Param(0, "default", 0L));
-            case "float": return ToFloat(value, Param(0, "default", 0.0));
+            case "int": PyValue.FailIfUndefined(value, line); return ToInt(value, Param(0, "default", 0L));
+            case "float": PyValue.FailIfUndefined(value, line); return ToFloat(value, Param(0, "default", 0.0));
             case "list": return PyValue.Iterate(value, line).ToList();
             case "items":
                 return value is OrderedDictionary<object, object?> d ? d.Select(p => (object?)new object?[] { p.Key, p.Value }).ToList()
@@ -638,6 +660,7 @@ static class JinjaBuiltins
                 if (!PyValue.IsNumber(value)) throw new JinjaException(line, "round: expected a number");
                 int digits = (int)PyValue.ToLong(Param(0, "precision", 0L));
                 var method = PyValue.Str(Param(1, "method", "common"));
+                if (method == "common" && value is long or bool && digits >= 0) return PyValue.ToLong(value);   // Python's round keeps an int an int
                 double r = PyValue.ToDouble(value), scale = Math.Pow(10, digits);
                 return method switch
                 {
@@ -714,7 +737,8 @@ static class JinjaBuiltins
     static List<object?> Sort(List<object?> items, Func<object?, object?> key, bool caseSensitive, int line)
     {
         var keyed = items.Select(x => (Item: x, Key: caseSensitive ? key(x) : Fold(key(x)))).ToList();
-        return keyed.OrderBy(k => k.Key, Comparer<object?>.Create((a, b) => PyValue.Compare(a, b, line))).Select(k => k.Item).ToList();
+        try { return keyed.OrderBy(k => k.Key, Comparer<object?>.Create((a, b) => PyValue.Compare(a, b, line))).Select(k => k.Item).ToList(); }
+        catch (InvalidOperationException e) when (e.InnerException is JinjaException inner) { throw inner; }
     }
 
     static object? ToInt(object? v, object? fallback) => v switch
@@ -750,6 +774,12 @@ static class JinjaBuiltins
 
     // ---- tests ----
 
+    static object? Numeric(object? value, string test, int line)
+    {
+        PyValue.FailIfUndefined(value, line);
+        return PyValue.IsNumber(value) ? value : throw new JinjaException(line, $"test '{test}' needs a number, got {PyValue.TypeName(value)}");
+    }
+
     public static bool Test(string name, object? value, List<object?> args, int line)
     {
         object? Arg0() => args.Count > 0 ? args[0] : throw new JinjaException(line, $"test '{name}' needs an argument");
@@ -766,12 +796,13 @@ static class JinjaBuiltins
             "true" => value is true,
             "false" => value is false,
             "mapping" => value is OrderedDictionary<object, object?>,
-            "sequence" => value is string or IList<object?> or OrderedDictionary<object, object?>,
+            "sequence" => value is string or IList<object?> or OrderedDictionary<object, object?> or Undefined,
             "iterable" => value is string or IList<object?> or OrderedDictionary<object, object?> or Undefined,
             "callable" => value is Callable,
-            "odd" => PyValue.IsNumber(value) && value is not double && PyValue.ToLong(value) % 2 != 0,
-            "even" => PyValue.IsNumber(value) && value is not double && PyValue.ToLong(value) % 2 == 0,
-            "divisibleby" => PyValue.ToLong(value) % PyValue.ToLong(Arg0()) == 0,
+            // value % 2 as Python computes it: numbers only (a float's remainder may be neither 0 nor 1)
+            "odd" => PyValue.Equal(Binary("%", Numeric(value, name, line), 2L, line, 0), 1L),
+            "even" => PyValue.Equal(Binary("%", Numeric(value, name, line), 2L, line, 0), 0L),
+            "divisibleby" => PyValue.Equal(Binary("%", Numeric(value, name, line), Numeric(Arg0(), name, line), line, 0), 0L),
             "eq" or "equalto" or "==" => PyValue.Equal(value, Arg0()),
             "ne" or "!=" => !PyValue.Equal(value, Arg0()),
             "lt" or "lessthan" or "<" => PyValue.Compare(value, Arg0(), line) < 0,
