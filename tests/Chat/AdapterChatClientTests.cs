@@ -207,6 +207,27 @@ public class AdapterChatClientTests
     }
 
     [Test]
+    public async Task GenerationConfigEosIdsEndTheAnswer()
+    {
+        var greedy = Expected(Conversation, new GenerationOptions { MaxNewTokens = 12 }, "a");
+        using var dir = new TempDir();
+        Assert.That(AdapterChatClientOptions.ForModel(dir.Path).StopTokenIds, Is.Empty);
+        // Llama 3 style: a list of end ids, one of which the adapted model produces at step 3
+        File.WriteAllText(dir.File("generation_config.json"), $$"""{"bos_token_id": 1, "eos_token_id": [299, {{greedy.TokenIds[3]}}]}""");
+        var options = AdapterChatClientOptions.ForModel(dir.Path);
+        Assert.That(options.StopTokenIds, Is.EqualTo(new[] { 299, greedy.TokenIds[3] }));
+        using var client = new AdapterChatClient(_scheduler, _template, options);
+        var response = await client.GetResponseAsync(Conversation, new ChatOptions { ModelId = "a", MaxOutputTokens = 12 });
+        int stop = greedy.TokenIds.ToList().IndexOf(greedy.TokenIds[3]);
+        Assert.That(response.Usage!.OutputTokenCount, Is.EqualTo(stop));
+        Assert.That(response.FinishReason, Is.EqualTo(ChatFinishReason.Stop));
+
+        File.WriteAllText(dir.File("generation_config.json"), """{"eos_token_id": "</s>"}""");
+        Assert.That(Assert.Throws<InvalidDataException>(() => AdapterChatClientOptions.ForModel(dir.Path))!.Message,
+            Does.Contain("generation_config.json").And.Contain("eos_token_id"));
+    }
+
+    [Test]
     public async Task ConcurrentRequestsWithDifferentAdaptersGetWhatEachGetsAlone()
     {
         using var client = Client(maxOutputTokens: 8);
@@ -226,8 +247,9 @@ public class AdapterChatClientTests
         host.AddAdapter("support", _dir.File("a.onnx_adapter"));
         var generator = new TextGenerator(host, TextTokenizer.FromDirectory(folder).Inner);
         await using var scheduler = new GenerationScheduler(generator);
-        IChatClient chat = new AdapterChatClient(scheduler, ChatTemplate.Load(folder)
-            ?? throw new InvalidOperationException("no chat template"));
+        IChatClient chat = new AdapterChatClient(scheduler,
+            ChatTemplate.Load(folder) ?? throw new InvalidOperationException("no chat template"),
+            AdapterChatClientOptions.ForModel(folder));
         var reply = await chat.GetResponseAsync(
             [new(ChatRole.System, "Be brief."), new(ChatRole.User, "hi")],
             new ChatOptions { ModelId = "support", MaxOutputTokens = 8, Temperature = 0.7f, Seed = 1 });

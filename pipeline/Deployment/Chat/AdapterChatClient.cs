@@ -1,4 +1,5 @@
 using System.Runtime.CompilerServices;
+using System.Text.Json.Nodes;
 using Microsoft.Extensions.AI;
 using Microsoft.ML.Tokenizers;
 
@@ -22,6 +23,23 @@ public sealed record AdapterChatClientOptions
     /// which can name an end-of-turn token the tokenizer's eos_token is not).
     /// </summary>
     public IReadOnlyList<int> StopTokenIds { get; init; } = [];
+
+    /// <summary>
+    /// Options for a Hugging Face model folder: its generation_config.json's eos_token_id (one id or a list, e.g. Llama
+    /// 3's end-of-text and end-of-turn) as <see cref="StopTokenIds"/>; the defaults when the file is absent.
+    /// </summary>
+    /// <exception cref="InvalidDataException">generation_config.json is not JSON, or eos_token_id is not token ids; the message names the file.</exception>
+    public static AdapterChatClientOptions ForModel(string modelDir)
+    {
+        ArgumentNullException.ThrowIfNull(modelDir);
+        var path = Path.Combine(modelDir, "generation_config.json");
+        if (!File.Exists(path)) return new AdapterChatClientOptions();
+        var eos = Data.TextTokenizer.ReadObject(path)["eos_token_id"];
+        var ids = (eos is JsonArray list ? list.ToList() : eos is null ? [] : [eos]).Select(node =>
+            node is JsonValue v && v.TryGetValue<int>(out var id) && id >= 0 ? id
+                : throw new InvalidDataException($"{path}: eos_token_id must be a token id or a list of them, got {eos!.ToJsonString()}")).ToList();
+        return new AdapterChatClientOptions { StopTokenIds = ids };
+    }
 }
 
 /// <summary>
