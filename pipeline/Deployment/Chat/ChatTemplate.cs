@@ -36,6 +36,7 @@ public sealed class ChatTemplate
     public const string TokenizerConfig = "tokenizer_config.json";
 
     const string SpecialTokensMap = "special_tokens_map.json";
+    const long MaxTemplateBytes = 4 << 20;
     static readonly string[] SpecialTokenNames = ["bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"];
 
     readonly IReadOnlyList<Node> _template;
@@ -73,7 +74,12 @@ public sealed class ChatTemplate
         var config = File.Exists(configPath) ? TextTokenizer.ReadObject(configPath) : null;
         var templatePath = Path.Combine(modelOrTokenizerDir, TemplateFile);
         string source, origin;
-        if (File.Exists(templatePath)) (source, origin) = (File.ReadAllText(templatePath), templatePath);
+        if (File.Exists(templatePath))
+        {
+            // templates are a few KB; a huge file is not one (and is not read whole)
+            if (new FileInfo(templatePath).Length > MaxTemplateBytes) throw new InvalidDataException($"{templatePath}: {new FileInfo(templatePath).Length} bytes is too large for a chat template (at most {MaxTemplateBytes})");
+            (source, origin) = (File.ReadAllText(templatePath), templatePath);
+        }
         else if (config?["chat_template"] is { } node) (source, origin) = (FromConfig(node, configPath), $"{configPath} chat_template");
         else return null;
         return Parse(source, origin, SpecialTokens(config, Path.Combine(modelOrTokenizerDir, SpecialTokensMap)));

@@ -599,7 +599,7 @@ static class JinjaBuiltins
                 return string.Concat(Regex.Split(PyValue.Str(value), @"([-\s({\[<]+)").Where(p => p.Length > 0).Select(p => char.ToUpperInvariant(p[0]) + p[1..].ToLowerInvariant()));
             case "string": return PyValue.Str(value);
             case "safe": return value;
-            case "e" or "escape": return System.Net.WebUtility.HtmlEncode(PyValue.Str(value)).Replace("&quot;", "&#34;").Replace("&#39;", "&#39;");
+            case "e" or "escape": return System.Net.WebUtility.HtmlEncode(PyValue.Str(value)).Replace("&quot;", "&#34;");   // markupsafe's entity for "
             case "default" or "d":
                 bool boolean = PyValue.Truthy(Param(1, "boolean", false));
                 return value is Undefined || boolean && !PyValue.Truthy(value) ? Param(0, "default_value", "") : value;

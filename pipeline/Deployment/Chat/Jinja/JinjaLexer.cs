@@ -122,7 +122,7 @@ static class JinjaLexer
                     if (sign != '\0' && (pos >= s.Length || s[pos] != sign)) continue;
                     if (at + 1 < s.Length && s[at] == closer && s[at + 1] == '}')
                     {
-                        // "-}}" closes only when '-' is not a minus: Jinja takes it as the delimiter whenever it matches
+                        // like Jinja, "-}}" is always the delimiter with its strip marker, never a minus before "}}"
                         end = at + 2;
                         endSign = sign;
                         tokens.Add(new Token(TokenKind.End, "", line));

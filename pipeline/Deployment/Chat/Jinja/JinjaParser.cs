@@ -259,7 +259,7 @@ sealed class JinjaParser
                 _pos++;
                 comma = true;
             }
-            if (Current.Kind == TokenKind.End || Current.Is(")") || Current.IsName("if") && items.Count > 0 && !allowCondition) break;
+            if (Current.Kind == TokenKind.End || Current.Is(")")) break;
             items.Add(ParseExpression(allowCondition));
         }
         if (items.Count == 0 && !allowEmpty) throw new JinjaException(line, $"expected an expression, got {Current}");
