@@ -117,6 +117,27 @@ public class ChatTemplateTests
     }
 
     [Test]
+    public void DeeplyNestedTemplatesAreRefusedNotACrash()
+    {
+        foreach (var source in new[]
+        {
+            "{{ " + new string('(', 100_000) + "1" + new string(')', 100_000) + " }}",
+            "{{ " + new string('-', 100_000) + "1 }}",
+            "{{ " + string.Concat(Enumerable.Repeat("not ", 100_000)) + "x }}",
+            "{{ " + string.Concat(Enumerable.Repeat("[", 100_000)) + string.Concat(Enumerable.Repeat("]", 100_000)) + " }}",
+            string.Concat(Enumerable.Repeat("{% if true %}", 10_000)) + string.Concat(Enumerable.Repeat("{% endif %}", 10_000)),
+        })
+        {
+            var e = Assert.Throws<InvalidDataException>(() => ChatTemplate.FromSource(source, "deep"))!;
+            Assert.That(e.Message, Does.StartWith("deep, line 1: ").And.Contain("nests more than"));
+        }
+        // a long chain parses flat but evaluates as deep as it is long
+        var chain = ChatTemplate.FromSource("{{ 1" + string.Concat(Enumerable.Repeat(" + 1", 200_000)) + " }}", "chain");
+        Assert.That(Assert.Throws<ChatTemplateException>(() => chain.Render([new ChatTurn("user", "x")], false))!.Message, Does.Contain("recurses too deeply"));
+        Assert.That(ChatTemplate.FromSource("{{ 1" + string.Concat(Enumerable.Repeat(" + 1", 300)) + " }}", "short").Render([], false), Is.EqualTo("301"));
+    }
+
+    [Test]
     public void BadTemplateInTokenizerConfigNamesTheField()
     {
         using var dir = new TempDir();

@@ -48,6 +48,17 @@ sealed class JinjaParser
 
     JinjaParser(List<Segment> segments) => _segments = segments;
 
+    // nesting is recursion here and when rendering: a template nested deeper than real ones ever are is refused
+    const int MaxNesting = 200;
+    int _nesting;
+
+    T Nested<T>(int line, Func<T> parse)
+    {
+        if (++_nesting > MaxNesting) throw new JinjaException(line, $"the template nests more than {MaxNesting} deep");
+        try { return parse(); }
+        finally { _nesting--; }
+    }
+
     public static IReadOnlyList<Node> Parse(string source)
     {
         var parser = new JinjaParser(JinjaLexer.Split(source));
@@ -80,7 +91,7 @@ sealed class JinjaParser
             if (stops.Contains(keyword.Text)) { stop = keyword; return nodes; }
             _segment++;
             _pos++;
-            nodes.Add(keyword.Text switch
+            nodes.Add(Nested(keyword.Line, () => keyword.Text switch
             {
                 "if" => ParseIf(keyword.Line),
                 "for" => ParseFor(keyword.Line),
@@ -91,7 +102,7 @@ sealed class JinjaParser
                 "generation" => ParseGeneration(keyword.Line),
                 "include" or "import" or "from" or "extends" or "block" => throw new JinjaException(keyword.Line, $"'{keyword.Text}' is not supported in a chat template (templates read no files)"),
                 _ => throw new JinjaException(keyword.Line, $"unknown or misplaced statement '{keyword.Text}'"),
-            });
+            }));
         }
         if (stops.Length > 0) throw new JinjaException(_segments.Count > 0 ? _segments[^1].Line : 1, $"missing {{% {stops[^1]} %}}");
         return nodes;
@@ -266,7 +277,9 @@ sealed class JinjaParser
         return items.Count == 1 && !comma ? items[0] : new ListExpr(line, items, IsTuple: true);
     }
 
-    Expr ParseExpression(bool allowCondition = true)
+    Expr ParseExpression(bool allowCondition = true) => Nested(Current.Line, () => ParseCondition(allowCondition));
+
+    Expr ParseCondition(bool allowCondition)
     {
         var expr = ParseOr();
         while (allowCondition && Current.IsName("if"))
@@ -300,7 +313,7 @@ sealed class JinjaParser
         if (!Current.IsName("not")) return ParseCompare();
         int line = Current.Line;
         _pos++;
-        return new UnaryExpr(line, "not", ParseNot());
+        return new UnaryExpr(line, "not", Nested(line, ParseNot));
     }
 
     Expr ParseCompare()
@@ -360,7 +373,7 @@ sealed class JinjaParser
     {
         var token = Current;
         Expr expr;
-        if (token.Is("-") || token.Is("+")) { _pos++; expr = new UnaryExpr(token.Line, token.Text, ParseUnary(false)); }
+        if (token.Is("-") || token.Is("+")) { _pos++; expr = new UnaryExpr(token.Line, token.Text, Nested(token.Line, () => ParseUnary(false))); }
         else expr = ParsePrimary();
         expr = ParsePostfix(expr);
         return withFilter ? ParseFilters(expr) : expr;

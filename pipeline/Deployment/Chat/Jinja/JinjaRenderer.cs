@@ -95,6 +95,7 @@ sealed class JinjaRenderer
 
     Flow Execute(Node node, Scope scope)
     {
+        EnsureStack(node.Line);
         switch (node)
         {
             case TextNode t: Write(t.Text, t.Line); return Flow.Normal;
@@ -220,8 +221,16 @@ sealed class JinjaRenderer
         finally { _depth--; }
     });
 
+    // macros recurse through Execute and Eval: stop with an error before the thread's stack runs out
+    static void EnsureStack(int line)
+    {
+        if (!System.Runtime.CompilerServices.RuntimeHelpers.TryEnsureSufficientExecutionStack())
+            throw new JinjaException(line, "the template recurses too deeply");
+    }
+
     public object? Eval(Expr expr, Scope scope)
     {
+        EnsureStack(expr.Line);
         switch (expr)
         {
             case LiteralExpr l: return l.Value;
