@@ -48,7 +48,10 @@ public sealed record AdapterChatClientOptions
 /// tokenizer, and generated until the template's eos_token, a stop sequence or the token limit.
 /// <see cref="ChatOptions.ModelId"/> chooses the adapter (null or <see cref="AdapterChatClientOptions.BaseModelId"/> =
 /// the base model); MaxOutputTokens, Temperature, TopP, TopK, Seed, StopSequences and Instructions (a system turn
-/// first) apply per request. Text only: images and tool calls are refused. Thread-safe; the scheduler is not owned.
+/// first) apply per request; penalties, ResponseFormat and ConversationId are ignored (each request stands alone).
+/// Text only: images and tool calls are refused (<see cref="NotSupportedException"/>). An unknown ModelId fails with
+/// <see cref="KeyNotFoundException"/>, a full queue with <see cref="QueueFullException"/>, messages the template
+/// refuses with <see cref="ChatTemplateException"/>. Thread-safe; the scheduler is not owned.
 /// </summary>
 public sealed class AdapterChatClient : IChatClient
 {
