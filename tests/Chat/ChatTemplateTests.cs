@@ -77,6 +77,13 @@ public class ChatTemplateTests
         Assert.That(template.Render([new ChatTurn("user", "hi")], false), Is.EqualTo("<s>file hi</s>"));
         Assert.That(template.EosToken, Is.EqualTo("</s>"));
         Assert.That(template.Origin, Is.EqualTo(dir.File("chat_template.jinja")));
+
+        // a file in the folder: the .jinja itself (another name too), or tokenizer_config.json
+        File.WriteAllText(dir.File("tool_use.jinja"), "tools {{ messages[0].content }}{{ eos_token }}");
+        Assert.That(ChatTemplate.Load(dir.File("tool_use.jinja"))!.Render([new ChatTurn("user", "hi")], false), Is.EqualTo("tools hi</s>"));
+        Assert.That(ChatTemplate.Load(dir.File("tokenizer_config.json"))!.Render([new ChatTurn("user", "hi")], false), Is.EqualTo("<s>file hi</s>"));
+        Assert.That(Assert.Throws<ArgumentException>(() => ChatTemplate.Load(dir.File("special_tokens_map.json")))!.Message, Does.Contain("special_tokens_map.json"));
+        Assert.Throws<DirectoryNotFoundException>(() => ChatTemplate.Load(dir.File("nope")));
     }
 
     [Test]

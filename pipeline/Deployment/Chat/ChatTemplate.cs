@@ -63,16 +63,26 @@ public sealed class ChatTemplate
 
     /// <summary>
     /// The chat template of a model or tokenizer folder: its chat_template.jinja if there is one, else
-    /// tokenizer_config.json's chat_template; null when the folder has neither.
+    /// tokenizer_config.json's chat_template; null when the folder has neither. A path to a .jinja file loads that
+    /// template (special tokens from its folder); a path to tokenizer_config.json loads its folder.
     /// </summary>
     /// <exception cref="InvalidDataException">The template does not parse (the message names the file and line), or a file is not valid JSON.</exception>
     public static ChatTemplate? Load(string modelOrTokenizerDir)
     {
         ArgumentNullException.ThrowIfNull(modelOrTokenizerDir);
+        // a file in such a folder works too: a .jinja template (its special tokens from the folder) or tokenizer_config.json
+        string? templateFile = null;
+        if (File.Exists(modelOrTokenizerDir))
+        {
+            if (modelOrTokenizerDir.EndsWith(".jinja", StringComparison.OrdinalIgnoreCase)) templateFile = modelOrTokenizerDir;
+            else if (Path.GetFileName(modelOrTokenizerDir) != TokenizerConfig)
+                throw new ArgumentException($"{modelOrTokenizerDir}: not a model folder, a .jinja chat template or {TokenizerConfig}", nameof(modelOrTokenizerDir));
+            modelOrTokenizerDir = Path.GetDirectoryName(Path.GetFullPath(modelOrTokenizerDir))!;
+        }
         if (!Directory.Exists(modelOrTokenizerDir)) throw new DirectoryNotFoundException($"{modelOrTokenizerDir}: no such folder");
         var configPath = Path.Combine(modelOrTokenizerDir, TokenizerConfig);
         var config = File.Exists(configPath) ? TextTokenizer.ReadObject(configPath) : null;
-        var templatePath = Path.Combine(modelOrTokenizerDir, TemplateFile);
+        var templatePath = templateFile ?? Path.Combine(modelOrTokenizerDir, TemplateFile);
         string source, origin;
         if (File.Exists(templatePath))
         {
