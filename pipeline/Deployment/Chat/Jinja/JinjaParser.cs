@@ -9,6 +9,8 @@ sealed record ForNode(int Line, IReadOnlyList<string> Targets, Expr Items, Expr?
 sealed record SetNode(int Line, IReadOnlyList<string> Targets, string? Attribute, Expr? Value, IReadOnlyList<Node>? Body) : Node(Line);
 sealed record MacroNode(int Line, string Name, IReadOnlyList<(string Name, Expr? Default)> Parameters, IReadOnlyList<Node> Body) : Node(Line);
 sealed record LoopControlNode(int Line, bool IsBreak) : Node(Line);
+sealed record FilterBlockNode(int Line, IReadOnlyList<(string Name, Arguments Arguments)> Filters, IReadOnlyList<Node> Body) : Node(Line);
+sealed record WithNode(int Line, IReadOnlyList<(string Name, Expr Value)> Assignments, IReadOnlyList<Node> Body) : Node(Line);
 sealed record CallBlockNode(int Line, CallExpr Call, IReadOnlyList<(string Name, Expr? Default)> Parameters, IReadOnlyList<Node> Body) : Node(Line);
 
 abstract record Expr(int Line);
@@ -98,6 +100,8 @@ sealed class JinjaParser
                 "set" => ParseSet(keyword.Line),
                 "macro" => ParseMacro(keyword.Line),
                 "call" => ParseCallBlock(keyword.Line),
+                "filter" => ParseFilterBlock(keyword.Line),
+                "with" => ParseWith(keyword.Line),
                 "break" or "continue" => EndThen(new LoopControlNode(keyword.Line, keyword.Text == "break")),
                 "generation" => ParseGeneration(keyword.Line),
                 "include" or "import" or "from" or "extends" or "block" => throw new JinjaException(keyword.Line, $"'{keyword.Text}' is not supported in a chat template (templates read no files)"),
@@ -225,6 +229,43 @@ sealed class JinjaParser
         TakeStop(stop);
         ExpectEnd();
         return new CallBlockNode(line, call, parameters, body);
+    }
+
+    // {% filter upper %}…{% endfilter %}: the body's text through one filter or a chain of them
+    Node ParseFilterBlock(int line)
+    {
+        var filters = new List<(string, Arguments)>();
+        do
+        {
+            if (filters.Count > 0) _pos++;           // the '|' between filters
+            var name = ExpectName();
+            var arguments = Arguments.None;
+            if (Current.Is("(")) { _pos++; arguments = ParseArguments(); }
+            filters.Add((name, arguments));
+        } while (Current.Is("|"));
+        ExpectEnd();
+        var body = ParseBody(out var stop, "endfilter");
+        TakeStop(stop);
+        ExpectEnd();
+        return new FilterBlockNode(line, filters, body);
+    }
+
+    // {% with a = 1, b = a + 1 %}…{% endwith %}: names that live only inside the block
+    Node ParseWith(int line)
+    {
+        var assignments = new List<(string, Expr)>();
+        while (Current.Kind != TokenKind.End)
+        {
+            if (assignments.Count > 0) Expect(",");
+            var name = ExpectName();
+            Expect("=");
+            assignments.Add((name, ParseExpression()));
+        }
+        _pos++;
+        var body = ParseBody(out var stop, "endwith");
+        TakeStop(stop);
+        ExpectEnd();
+        return new WithNode(line, assignments, body);
     }
 
     // transformers' AssistantTracker marks assistant text with {% generation %}; rendering keeps it as it is

@@ -108,6 +108,19 @@ sealed class JinjaRenderer
             case SetNode s: ExecuteSet(s, scope); return Flow.Normal;
             case MacroNode m: scope.Set(m.Name, Macro(m, scope)); return Flow.Normal;
             case LoopControlNode c: return c.IsBreak ? Flow.Break : Flow.Continue;
+            case FilterBlockNode f:
+                object? filtered = Capture(f.Body, scope);
+                foreach (var (name, arguments) in f.Filters)
+                {
+                    var (filterArgs, filterKwargs) = Evaluate(arguments, scope, f.Line);
+                    filtered = JinjaBuiltins.Filter(this, name, filtered, filterArgs, filterKwargs, f.Line);
+                }
+                Write(PyValue.Str(filtered), f.Line);
+                return Flow.Normal;
+            case WithNode w:
+                var inner = new Scope(scope);
+                foreach (var (name, value) in w.Assignments) inner.Set(name, Eval(value, scope));
+                return Execute(w.Body, inner);
             case CallBlockNode b:
                 var caller = Macro(new MacroNode(b.Line, "caller", b.Parameters, b.Body), scope);
                 var (args, kwargs) = Evaluate(b.Call.Arguments, scope, b.Line);
@@ -167,17 +180,19 @@ sealed class JinjaRenderer
         for (int i = 0; i < targets.Count; i++) scope.Set(targets[i], parts[i]);
     }
 
+    /// <summary>What <paramref name="body"/> renders, as a string instead of output.</summary>
+    string Capture(IReadOnlyList<Node> body, Scope scope)
+    {
+        int start = _out.Length;
+        Execute(body, scope);
+        var text = _out.ToString(start, _out.Length - start);
+        _out.Length = start;
+        return text;
+    }
+
     void ExecuteSet(SetNode s, Scope scope)
     {
-        object? value;
-        if (s.Body is not null)
-        {
-            int start = _out.Length;
-            Execute(s.Body, scope);
-            value = _out.ToString(start, _out.Length - start);
-            _out.Length = start;
-        }
-        else value = Eval(s.Value!, scope);
+        var value = s.Body is not null ? Capture(s.Body, scope) : Eval(s.Value!, scope);
         if (s.Attribute is not null)
         {
             if (!scope.TryGet(s.Targets[0], out var target) || target is not Namespace ns)
@@ -212,11 +227,7 @@ sealed class JinjaRenderer
                     : fallback is not null ? Eval(fallback, frame)
                     : new Undefined($"'{name}' is undefined (macro '{m.Name}' was called without it)"));
             }
-            int start = _out.Length;
-            Execute(m.Body, frame);
-            var text = _out.ToString(start, _out.Length - start);
-            _out.Length = start;
-            return text;
+            return Capture(m.Body, frame);
         }
         finally { _depth--; }
     });
