@@ -180,6 +180,20 @@ public class ChatTemplateTests
     }
 
     [Test]
+    public void ExtraVariablesReachTheTemplateAsJsonValues()
+    {
+        var template = ChatTemplate.FromSource(
+            "{% if tools %}{{ tools|tojson }}\n{% endif %}{{ messages[0].content }}{% if enable_thinking is defined and enable_thinking is false %}<think></think>{% endif %}{{ eos_token }}",
+            "kwargs", eosToken: "</s>");
+        ChatTurn[] turns = [new("user", "hi")];
+        Assert.That(template.Render(turns, true), Is.EqualTo("hi</s>"));
+        var tools = JsonNode.Parse("""[{"type": "function", "function": {"name": "f", "parameters": {"n": 1, "x": 2.5, "ok": true, "none": null}}}]""");
+        Assert.That(template.Render(turns, true, new Dictionary<string, JsonNode?> { ["enable_thinking"] = false, ["tools"] = tools, ["eos_token"] = "<end>" }),
+            Is.EqualTo("""[{"type": "function", "function": {"name": "f", "parameters": {"n": 1, "x": 2.5, "ok": true, "none": null}}}]""" + "\nhi<think></think><end>"));
+        Assert.Throws<ArgumentException>(() => template.Render(turns, true, new Dictionary<string, JsonNode?> { ["messages"] = new JsonArray() }));
+    }
+
+    [Test]
     public void RendersConcurrently()
     {
         var t = TemplateNamed("qwen3");

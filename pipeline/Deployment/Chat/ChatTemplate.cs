@@ -152,7 +152,16 @@ public sealed class ChatTemplate
     /// <paramref name="addGenerationPrompt"/> the template adds the start of an assistant turn.
     /// </summary>
     /// <exception cref="ChatTemplateException">The template rejected the messages (raise_exception) or failed on them; the message names the template, line and reason.</exception>
-    public string Render(IReadOnlyList<ChatTurn> messages, bool addGenerationPrompt)
+    public string Render(IReadOnlyList<ChatTurn> messages, bool addGenerationPrompt) => Render(messages, addGenerationPrompt, null);
+
+    /// <summary>
+    /// The prompt for <paramref name="messages"/> with more template variables, as JSON values: what a request's
+    /// chat_template_kwargs carry (Qwen3's enable_thinking), or tools (a list of function schemas) for templates that
+    /// describe them. They may replace the special tokens, tools and documents, not messages or add_generation_prompt.
+    /// </summary>
+    /// <exception cref="ArgumentException"><paramref name="variables"/> names messages or add_generation_prompt.</exception>
+    /// <exception cref="ChatTemplateException">The template rejected the messages or failed on them.</exception>
+    public string Render(IReadOnlyList<ChatTurn> messages, bool addGenerationPrompt, IReadOnlyDictionary<string, JsonNode?>? variables)
     {
         ArgumentNullException.ThrowIfNull(messages);
         var list = new List<object?>(messages.Count);
@@ -161,14 +170,15 @@ public sealed class ChatTemplate
             ArgumentNullException.ThrowIfNull(m, nameof(messages));
             list.Add(new OrderedDictionary<object, object?> { ["role"] = m.Role, ["content"] = m.Content });
         }
-        var variables = new Dictionary<string, object?>(_specialTokens)
+        var all = new Dictionary<string, object?>(_specialTokens) { ["tools"] = null, ["documents"] = null };
+        foreach (var (name, value) in variables ?? new Dictionary<string, JsonNode?>())
         {
-            ["messages"] = list,
-            ["add_generation_prompt"] = addGenerationPrompt,
-            ["tools"] = null,
-            ["documents"] = null,
-        };
-        try { return JinjaRenderer.Render(_template, variables, Limits); }
+            if (name is "messages" or "add_generation_prompt") throw new ArgumentException($"'{name}' is set by Render itself, not through variables", nameof(variables));
+            all[name] = PyValue.FromJson(value);
+        }
+        all["messages"] = list;
+        all["add_generation_prompt"] = addGenerationPrompt;
+        try { return JinjaRenderer.Render(_template, all, Limits); }
         catch (JinjaException e)
         {
             var reason = e.Raised ? $"the template refused the messages: {e.Message}" : e.Message;

@@ -43,7 +43,9 @@ static class PyValue
                 return dict;
             case System.Text.Json.Nodes.JsonArray a: return a.Select(FromJson).ToList();
         }
-        var element = node.GetValue<System.Text.Json.JsonElement>();
+        // a value parsed from text or made in code (JsonValue.Create(false)) alike: read it back through its JSON text
+        using var document = System.Text.Json.JsonDocument.Parse(node.ToJsonString());
+        var element = document.RootElement;
         return element.ValueKind switch
         {
             System.Text.Json.JsonValueKind.String => element.GetString(),
