@@ -77,6 +77,13 @@ public class ChatTemplateTests
         Assert.That(template.Render([new ChatTurn("user", "hi")], false), Is.EqualTo("<s>file hi</s>"));
         Assert.That(template.EosToken, Is.EqualTo("</s>"));
         Assert.That(template.Origin, Is.EqualTo(dir.File("chat_template.jinja")));
+
+        // a file in the folder: the .jinja itself (another name too), or tokenizer_config.json
+        File.WriteAllText(dir.File("tool_use.jinja"), "tools {{ messages[0].content }}{{ eos_token }}");
+        Assert.That(ChatTemplate.Load(dir.File("tool_use.jinja"))!.Render([new ChatTurn("user", "hi")], false), Is.EqualTo("tools hi</s>"));
+        Assert.That(ChatTemplate.Load(dir.File("tokenizer_config.json"))!.Render([new ChatTurn("user", "hi")], false), Is.EqualTo("<s>file hi</s>"));
+        Assert.That(Assert.Throws<ArgumentException>(() => ChatTemplate.Load(dir.File("special_tokens_map.json")))!.Message, Does.Contain("special_tokens_map.json"));
+        Assert.Throws<DirectoryNotFoundException>(() => ChatTemplate.Load(dir.File("nope")));
     }
 
     [Test]
@@ -117,6 +124,27 @@ public class ChatTemplateTests
     }
 
     [Test]
+    public void DeeplyNestedTemplatesAreRefusedNotACrash()
+    {
+        foreach (var source in new[]
+        {
+            "{{ " + new string('(', 100_000) + "1" + new string(')', 100_000) + " }}",
+            "{{ " + new string('-', 100_000) + "1 }}",
+            "{{ " + string.Concat(Enumerable.Repeat("not ", 100_000)) + "x }}",
+            "{{ " + string.Concat(Enumerable.Repeat("[", 100_000)) + string.Concat(Enumerable.Repeat("]", 100_000)) + " }}",
+            string.Concat(Enumerable.Repeat("{% if true %}", 10_000)) + string.Concat(Enumerable.Repeat("{% endif %}", 10_000)),
+        })
+        {
+            var e = Assert.Throws<InvalidDataException>(() => ChatTemplate.FromSource(source, "deep"))!;
+            Assert.That(e.Message, Does.StartWith("deep, line 1: ").And.Contain("nests more than"));
+        }
+        // a long chain parses flat but evaluates as deep as it is long
+        var chain = ChatTemplate.FromSource("{{ 1" + string.Concat(Enumerable.Repeat(" + 1", 200_000)) + " }}", "chain");
+        Assert.That(Assert.Throws<ChatTemplateException>(() => chain.Render([new ChatTurn("user", "x")], false))!.Message, Does.Contain("recurses too deeply"));
+        Assert.That(ChatTemplate.FromSource("{{ 1" + string.Concat(Enumerable.Repeat(" + 1", 300)) + " }}", "short").Render([], false), Is.EqualTo("301"));
+    }
+
+    [Test]
     public void BadTemplateInTokenizerConfigNamesTheField()
     {
         using var dir = new TempDir();
@@ -149,6 +177,20 @@ public class ChatTemplateTests
         Assert.That(e.RaisedByTemplate, Is.True);
         Assert.That(e.Line, Is.EqualTo(3));
         Assert.That(e.Message, Is.EqualTo("t, line 3: the template refused the messages: no tools here: ls"));
+    }
+
+    [Test]
+    public void ExtraVariablesReachTheTemplateAsJsonValues()
+    {
+        var template = ChatTemplate.FromSource(
+            "{% if tools %}{{ tools|tojson }}\n{% endif %}{{ messages[0].content }}{% if enable_thinking is defined and enable_thinking is false %}<think></think>{% endif %}{{ eos_token }}",
+            "kwargs", eosToken: "</s>");
+        ChatTurn[] turns = [new("user", "hi")];
+        Assert.That(template.Render(turns, true), Is.EqualTo("hi</s>"));
+        var tools = JsonNode.Parse("""[{"type": "function", "function": {"name": "f", "parameters": {"n": 1, "x": 2.5, "ok": true, "none": null}}}]""");
+        Assert.That(template.Render(turns, true, new Dictionary<string, JsonNode?> { ["enable_thinking"] = false, ["tools"] = tools, ["eos_token"] = "<end>" }),
+            Is.EqualTo("""[{"type": "function", "function": {"name": "f", "parameters": {"n": 1, "x": 2.5, "ok": true, "none": null}}}]""" + "\nhi<think></think><end>"));
+        Assert.Throws<ArgumentException>(() => template.Render(turns, true, new Dictionary<string, JsonNode?> { ["messages"] = new JsonArray() }));
     }
 
     [Test]

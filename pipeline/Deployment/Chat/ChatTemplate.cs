@@ -36,6 +36,7 @@ public sealed class ChatTemplate
     public const string TokenizerConfig = "tokenizer_config.json";
 
     const string SpecialTokensMap = "special_tokens_map.json";
+    const long MaxTemplateBytes = 4 << 20;
     static readonly string[] SpecialTokenNames = ["bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"];
 
     readonly IReadOnlyList<Node> _template;
@@ -62,18 +63,33 @@ public sealed class ChatTemplate
 
     /// <summary>
     /// The chat template of a model or tokenizer folder: its chat_template.jinja if there is one, else
-    /// tokenizer_config.json's chat_template; null when the folder has neither.
+    /// tokenizer_config.json's chat_template; null when the folder has neither. A path to a .jinja file loads that
+    /// template (special tokens from its folder); a path to tokenizer_config.json loads its folder.
     /// </summary>
     /// <exception cref="InvalidDataException">The template does not parse (the message names the file and line), or a file is not valid JSON.</exception>
     public static ChatTemplate? Load(string modelOrTokenizerDir)
     {
         ArgumentNullException.ThrowIfNull(modelOrTokenizerDir);
+        // a file in such a folder works too: a .jinja template (its special tokens from the folder) or tokenizer_config.json
+        string? templateFile = null;
+        if (File.Exists(modelOrTokenizerDir))
+        {
+            if (modelOrTokenizerDir.EndsWith(".jinja", StringComparison.OrdinalIgnoreCase)) templateFile = modelOrTokenizerDir;
+            else if (Path.GetFileName(modelOrTokenizerDir) != TokenizerConfig)
+                throw new ArgumentException($"{modelOrTokenizerDir}: not a model folder, a .jinja chat template or {TokenizerConfig}", nameof(modelOrTokenizerDir));
+            modelOrTokenizerDir = Path.GetDirectoryName(Path.GetFullPath(modelOrTokenizerDir))!;
+        }
         if (!Directory.Exists(modelOrTokenizerDir)) throw new DirectoryNotFoundException($"{modelOrTokenizerDir}: no such folder");
         var configPath = Path.Combine(modelOrTokenizerDir, TokenizerConfig);
         var config = File.Exists(configPath) ? TextTokenizer.ReadObject(configPath) : null;
-        var templatePath = Path.Combine(modelOrTokenizerDir, TemplateFile);
+        var templatePath = templateFile ?? Path.Combine(modelOrTokenizerDir, TemplateFile);
         string source, origin;
-        if (File.Exists(templatePath)) (source, origin) = (File.ReadAllText(templatePath), templatePath);
+        if (File.Exists(templatePath))
+        {
+            // templates are a few KB; a huge file is not one (and is not read whole)
+            if (new FileInfo(templatePath).Length > MaxTemplateBytes) throw new InvalidDataException($"{templatePath}: {new FileInfo(templatePath).Length} bytes is too large for a chat template (at most {MaxTemplateBytes})");
+            (source, origin) = (File.ReadAllText(templatePath), templatePath);
+        }
         else if (config?["chat_template"] is { } node) (source, origin) = (FromConfig(node, configPath), $"{configPath} chat_template");
         else return null;
         return Parse(source, origin, SpecialTokens(config, Path.Combine(modelOrTokenizerDir, SpecialTokensMap)));
@@ -136,7 +152,16 @@ public sealed class ChatTemplate
     /// <paramref name="addGenerationPrompt"/> the template adds the start of an assistant turn.
     /// </summary>
     /// <exception cref="ChatTemplateException">The template rejected the messages (raise_exception) or failed on them; the message names the template, line and reason.</exception>
-    public string Render(IReadOnlyList<ChatTurn> messages, bool addGenerationPrompt)
+    public string Render(IReadOnlyList<ChatTurn> messages, bool addGenerationPrompt) => Render(messages, addGenerationPrompt, null);
+
+    /// <summary>
+    /// The prompt for <paramref name="messages"/> with more template variables, as JSON values: what a request's
+    /// chat_template_kwargs carry (Qwen3's enable_thinking), or tools (a list of function schemas) for templates that
+    /// describe them. They may replace the special tokens, tools and documents, not messages or add_generation_prompt.
+    /// </summary>
+    /// <exception cref="ArgumentException"><paramref name="variables"/> names messages or add_generation_prompt.</exception>
+    /// <exception cref="ChatTemplateException">The template rejected the messages or failed on them.</exception>
+    public string Render(IReadOnlyList<ChatTurn> messages, bool addGenerationPrompt, IReadOnlyDictionary<string, JsonNode?>? variables)
     {
         ArgumentNullException.ThrowIfNull(messages);
         var list = new List<object?>(messages.Count);
@@ -145,14 +170,15 @@ public sealed class ChatTemplate
             ArgumentNullException.ThrowIfNull(m, nameof(messages));
             list.Add(new OrderedDictionary<object, object?> { ["role"] = m.Role, ["content"] = m.Content });
         }
-        var variables = new Dictionary<string, object?>(_specialTokens)
+        var all = new Dictionary<string, object?>(_specialTokens) { ["tools"] = null, ["documents"] = null };
+        foreach (var (name, value) in variables ?? new Dictionary<string, JsonNode?>())
         {
-            ["messages"] = list,
-            ["add_generation_prompt"] = addGenerationPrompt,
-            ["tools"] = null,
-            ["documents"] = null,
-        };
-        try { return JinjaRenderer.Render(_template, variables, Limits); }
+            if (name is "messages" or "add_generation_prompt") throw new ArgumentException($"'{name}' is set by Render itself, not through variables", nameof(variables));
+            all[name] = PyValue.FromJson(value);
+        }
+        all["messages"] = list;
+        all["add_generation_prompt"] = addGenerationPrompt;
+        try { return JinjaRenderer.Render(_template, all, Limits); }
         catch (JinjaException e)
         {
             var reason = e.Raised ? $"the template refused the messages: {e.Message}" : e.Message;

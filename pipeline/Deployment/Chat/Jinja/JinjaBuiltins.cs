@@ -51,7 +51,7 @@ static class JinjaBuiltins
     }
 
     // Python's strftime codes that date templates use (Llama 3.x: "%d %b %Y")
-    static string Strftime(DateTime t, string format)
+    public static string Strftime(DateTime t, string format)
     {
         var sb = new StringBuilder();
         for (int i = 0; i < format.Length; i++)
@@ -183,7 +183,7 @@ static class JinjaBuiltins
         PyValue.FailIfUndefined(a, line);
         PyValue.FailIfUndefined(b, line);
         if (PyValue.IsNumber(a) && PyValue.IsNumber(b)) return Arithmetic(op, a!, b!, line);
-        if (op == "*" && PyValue.IsNumber(a) && b is string or List<object?>) (a, b) = (b, a);   // 3 * 'ab' is 'ab' * 3
+        if (op == "*" && PyValue.IsNumber(a) && b is string or IList<object?>) (a, b) = (b, a);   // 3 * 'ab' is 'ab' * 3
         switch (op, a, b)
         {
             case ("+", string x, string y):
@@ -194,10 +194,11 @@ static class JinjaBuiltins
                 long times = PyValue.ToLong(b);
                 if (times * s.Length > maxChars) throw new JinjaException(line, $"a string passes {maxChars} characters");
                 return times <= 0 ? "" : new StringBuilder(s.Length * (int)times).Insert(0, s, (int)times).ToString();
-            case ("*", List<object?> l, long or bool):
+            case ("*", IList<object?> l, long or bool):
                 long copies = PyValue.ToLong(b);
                 if (copies * l.Count > maxChars) throw new JinjaException(line, $"a list passes {maxChars} items");
-                return Enumerable.Repeat(l, (int)Math.Max(0, copies)).SelectMany(x => x).ToList();
+                var repeated = Enumerable.Repeat(l, (int)Math.Max(0, copies)).SelectMany(x => x);
+                return a is object?[] ? repeated.ToArray() : repeated.ToList();
             case ("%", string format, _): return PercentFormat(format, b, line);
         }
         throw new JinjaException(line, $"unsupported operand type(s) for {op}: '{PyValue.TypeName(a)}' and '{PyValue.TypeName(b)}'");
@@ -236,18 +237,37 @@ static class JinjaBuiltins
             "-" => p - q,
             "*" => p * q,
             "/" => q == 0 ? throw ZeroDivision(line) : p / q,
-            "//" => q == 0 ? throw ZeroDivision(line) : Math.Floor(p / q),
-            "%" => q == 0 ? throw ZeroDivision(line) : p - Math.Floor(p / q) * q,
+            "//" => q == 0 ? throw ZeroDivision(line) : FloatDivMod(p, q).Div,
+            "%" => q == 0 ? throw ZeroDivision(line) : FloatDivMod(p, q).Mod,
             "**" => Math.Pow(p, q),
             _ => throw new JinjaException(line, $"unknown operator {op}"),
         };
+    }
+
+    /// <summary>Python's float divmod: the remainder from fmod takes the divisor's sign, the quotient is floored to match.</summary>
+    static (double Div, double Mod) FloatDivMod(double x, double y)
+    {
+        double mod = x % y, div = (x - mod) / y;
+        if (mod != 0)
+        {
+            if (y < 0 != mod < 0) { mod += y; div -= 1; }
+        }
+        else mod = Math.CopySign(0, y);
+        double floor;
+        if (div != 0)
+        {
+            floor = Math.Floor(div);
+            if (div - floor > 0.5) floor += 1;
+        }
+        else floor = Math.CopySign(0, x / y);
+        return (floor, mod);
     }
 
     static long FloorDiv(long x, long y) => x / y - ((x % y != 0) && ((x < 0) != (y < 0)) ? 1 : 0);
 
     static JinjaException ZeroDivision(int line) => new(line, "division by zero");
 
-    /// <summary>"%s %d" % args: Python's printf-style formatting for %s, %r, %d, %i, %f and %%.</summary>
+    /// <summary>"%s %d" % args: Python's printf-style formatting (flags - + 0 space, width, .precision; s r d i f F e E g G x X o c %).</summary>
     static string PercentFormat(string format, object? args, int line)
     {
         var values = args is object?[] tuple ? tuple : [args];
@@ -256,22 +276,90 @@ static class JinjaBuiltins
         for (int i = 0; i < format.Length; i++)
         {
             if (format[i] != '%') { sb.Append(format[i]); continue; }
-            if (++i >= format.Length) throw new JinjaException(line, "incomplete format");
+            int start = i++;
+            while (i < format.Length && format[i] is '-' or '+' or ' ' or '0' or '#') i++;
+            var flags = format[(start + 1)..i];
+            int widthStart = i;
+            while (i < format.Length && char.IsAsciiDigit(format[i])) i++;
+            int width = i > widthStart ? int.Parse(format.AsSpan(widthStart, i - widthStart), CultureInfo.InvariantCulture) : 0;
+            int? precision = null;
+            if (i < format.Length && format[i] == '.')
+            {
+                int p = ++i;
+                while (i < format.Length && char.IsAsciiDigit(format[i])) i++;
+                precision = i > p ? int.Parse(format.AsSpan(p, i - p), CultureInfo.InvariantCulture) : 0;
+            }
+            if (i >= format.Length) throw new JinjaException(line, "incomplete format");
             char c = format[i];
             if (c == '%') { sb.Append('%'); continue; }
             if (next >= values.Length) throw new JinjaException(line, "not enough arguments for format string");
             var v = values[next++];
-            sb.Append(c switch
+            string body = c switch
             {
                 's' => PyValue.Str(v),
                 'r' => PyValue.Repr(v),
-                'd' or 'i' when PyValue.IsNumber(v) => ((long)Math.Truncate(PyValue.ToDouble(v))).ToString(CultureInfo.InvariantCulture),
-                'f' when PyValue.IsNumber(v) => PyValue.ToDouble(v).ToString("F6", CultureInfo.InvariantCulture),
+                'c' => v is string ch ? ch : char.ConvertFromUtf32((int)PyValue.ToLong(v)),
+                'd' or 'i' or 'x' or 'X' or 'o' when PyValue.IsNumber(v) => Integer((long)Math.Truncate(PyValue.ToDouble(v)), c),
+                'f' or 'F' or 'e' or 'E' or 'g' or 'G' when PyValue.IsNumber(v) => Float(PyValue.ToDouble(v), c, precision ?? 6),
                 _ => throw new JinjaException(line, $"unsupported format %{c} for {PyValue.TypeName(v)}"),
-            });
+            };
+            if (c is 's' or 'r' && precision is int cut && body.Length > cut) body = body[..cut];
+            if (c is not ('s' or 'r' or 'c') && !body.StartsWith('-'))
+                body = (flags.Contains('+') ? "+" : flags.Contains(' ') ? " " : "") + body;
+            if (body.Length < width)
+            {
+                if (flags.Contains('-')) body = body.PadRight(width);
+                else if (flags.Contains('0') && c is not ('s' or 'r' or 'c'))
+                {
+                    int sign = body.Length > 0 && body[0] is '-' or '+' or ' ' ? 1 : 0;
+                    body = body[..sign] + body[sign..].PadLeft(width - sign, '0');
+                }
+                else body = body.PadLeft(width);
+            }
+            sb.Append(body);
         }
-        if (next < values.Length) throw new JinjaException(line, "not all arguments converted during string formatting");
+        // a dict (or anything subscriptable but a tuple or str, as Python checks it) may go unused; anything else must be used up
+        if (next < values.Length && args is not (OrderedDictionary<object, object?> or List<object?>)) throw new JinjaException(line, "not all arguments converted during string formatting");
         return sb.ToString();
+    }
+
+    static string Integer(long n, char c) => c switch
+    {
+        'x' => (n < 0 ? "-" : "") + Math.Abs(n).ToString("x", CultureInfo.InvariantCulture),
+        'X' => (n < 0 ? "-" : "") + Math.Abs(n).ToString("X", CultureInfo.InvariantCulture),
+        'o' => (n < 0 ? "-" : "") + Convert.ToString(Math.Abs(n), 8),
+        _ => n.ToString(CultureInfo.InvariantCulture),
+    };
+
+    static string Float(double d, char c, int precision)
+    {
+        if (double.IsNaN(d)) return char.IsUpper(c) ? "NAN" : "nan";
+        if (double.IsInfinity(d)) return (d < 0 ? "-" : "") + (char.IsUpper(c) ? "INF" : "inf");
+        switch (char.ToLowerInvariant(c))
+        {
+            case 'f': return d.ToString("F" + precision, CultureInfo.InvariantCulture);
+            case 'e':
+                var e = d.ToString((c == 'E' ? "E" : "e") + precision, CultureInfo.InvariantCulture);   // 1.5e+003 → 1.5e+03
+                int at = e.IndexOfAny(['e', 'E']);
+                return e[..(at + 2)] + int.Parse(e[(at + 2)..], CultureInfo.InvariantCulture).ToString("00", CultureInfo.InvariantCulture);
+            default:
+                // %g: exponent form when the exponent is below -4 or at least the precision; trailing zeros dropped
+                int p = precision == 0 ? 1 : precision;
+                if (d == 0) return "0";
+                int exponent = (int)Math.Floor(Math.Log10(Math.Abs(d)));
+                var rounded = double.Parse(d.ToString("E" + (p - 1), CultureInfo.InvariantCulture), CultureInfo.InvariantCulture);
+                if (rounded != 0) exponent = (int)Math.Floor(Math.Log10(Math.Abs(rounded)));
+                if (exponent < -4 || exponent >= p)
+                {
+                    var g = Float(d, c == 'G' ? 'E' : 'e', p - 1);
+                    int ePos = g.IndexOfAny(['e', 'E']);
+                    var mantissa = g[..ePos];
+                    if (mantissa.Contains('.')) mantissa = mantissa.TrimEnd('0').TrimEnd('.');
+                    return mantissa + g[ePos..];
+                }
+                var f = d.ToString("F" + Math.Max(0, p - 1 - exponent), CultureInfo.InvariantCulture);
+                return f.Contains('.') ? f.TrimEnd('0').TrimEnd('.') : f;
+        }
     }
 
     public static bool CompareOp(string op, object? a, object? b, int line) => op switch
@@ -291,7 +379,8 @@ static class JinjaBuiltins
     {
         string s => item is string sub ? s.Contains(sub, StringComparison.Ordinal) : throw new JinjaException(line, $"'in <string>' requires string as left operand, not {PyValue.TypeName(item)}"),
         IList<object?> list => list.Any(x => PyValue.Equal(x, item)),
-        OrderedDictionary<object, object?> dict => item is not null && TryLookup(dict, item, out _),
+        OrderedDictionary<object, object?> dict => item is List<object?> or OrderedDictionary<object, object?> ? throw new JinjaException(line, $"unhashable type: '{PyValue.TypeName(item)}'")
+            : item is not null && TryLookup(dict, item, out _),
         Undefined => false,
         _ => throw new JinjaException(line, $"argument of type '{PyValue.TypeName(container)}' is not iterable"),
     };
@@ -510,13 +599,14 @@ static class JinjaBuiltins
                 return string.Concat(Regex.Split(PyValue.Str(value), @"([-\s({\[<]+)").Where(p => p.Length > 0).Select(p => char.ToUpperInvariant(p[0]) + p[1..].ToLowerInvariant()));
             case "string": return PyValue.Str(value);
             case "safe": return value;
-            case "e" or "escape": return System.Net.WebUtility.HtmlEncode(PyValue.Str(value)).Replace("&quot;", "&#34;").Replace("&#39;", "&#39;");
+            case "e" or "escape": return System.Net.WebUtility.HtmlEncode(PyValue.Str(value)).Replace("&quot;", "&#34;");   // markupsafe's entity for "
             case "default" or "d":
                 bool boolean = PyValue.Truthy(Param(1, "boolean", false));
                 return value is Undefined || boolean && !PyValue.Truthy(value) ? Param(0, "default_value", "") : value;
             case "tojson":
                 var indent = Param(0, "indent", null);
-                var json = PyValue.ToJson(PyValue.Truthy(Param(-1, "sort_keys", false)) ? SortKeys(value) : value, indent is null ? null : (int)PyValue.ToLong(indent), line);
+                var separators = Param(-1, "separators", null) is object?[] { Length: 2 } pair && pair.All(x => x is string) ? ((string)pair[0]!, (string)pair[1]!) : ((string, string)?)null;
+                var json = PyValue.ToJson(PyValue.Truthy(Param(-1, "sort_keys", false)) ? SortKeys(value) : value, indent is null ? null : (int)PyValue.ToLong(indent), separators, line);
                 return PyValue.Truthy(Param(-1, "ensure_ascii", false)) ? EnsureAscii(json) : json;
             case "first": return PyValue.Iterate(value, line) is { Count: > 0 } f ? f[0] : new Undefined("No first item, sequence was empty.");
             case "last": return PyValue.Iterate(value, line) is { Count: > 0 } l ? l[^1] : new Undefined("No last item, sequence was empty.");
@@ -527,8 +617,8 @@ static class JinjaBuiltins
             case "replace":
                 var count = Param(2, "count", null);
                 return Replace(PyValue.Str(value), PyValue.Str(Param(0, "old", "")), PyValue.Str(Param(1, "new", "")), count is null ? -1 : PyValue.ToLong(count));
-            case "int": return ToInt(value, Param(0, "default", 0L));
-            case "float": return ToFloat(value, Param(0, "default", 0.0));
+            case "int": PyValue.FailIfUndefined(value, line); return ToInt(value, Param(0, "default", 0L));
+            case "float": PyValue.FailIfUndefined(value, line); return ToFloat(value, Param(0, "default", 0.0));
             case "list": return PyValue.Iterate(value, line).ToList();
             case "items":
                 return value is OrderedDictionary<object, object?> d ? d.Select(p => (object?)new object?[] { p.Key, p.Value }).ToList()
@@ -561,7 +651,7 @@ static class JinjaBuiltins
             case "abs":
                 return value switch
                 {
-                    long n => Math.Abs(n),
+                    long n => (object)Math.Abs(n),
                     double n => Math.Abs(n),
                     bool b => b ? 1L : 0L,
                     _ => throw new JinjaException(line, $"bad operand type for abs(): '{PyValue.TypeName(value)}'"),
@@ -570,6 +660,7 @@ static class JinjaBuiltins
                 if (!PyValue.IsNumber(value)) throw new JinjaException(line, "round: expected a number");
                 int digits = (int)PyValue.ToLong(Param(0, "precision", 0L));
                 var method = PyValue.Str(Param(1, "method", "common"));
+                if (method == "common" && value is long or bool && digits >= 0) return PyValue.ToLong(value);   // Python's round keeps an int an int
                 double r = PyValue.ToDouble(value), scale = Math.Pow(10, digits);
                 return method switch
                 {
@@ -587,6 +678,12 @@ static class JinjaBuiltins
                 var all = Sort(PyValue.Iterate(value, line).ToList(), x => x, PyValue.Truthy(Param(0, "case_sensitive", false)), line);
                 return all.Count == 0 ? new Undefined($"No {name} item, sequence was empty.") : name == "min" ? all[0] : all[^1];
             case "format": return PercentFormat(PyValue.Str(value), args.ToArray(), line);
+            case "center":
+                var text = PyValue.Str(value);
+                int width = (int)PyValue.ToLong(Param(0, "width", 80L));
+                if (width <= text.Length) return text;
+                int left = (width - text.Length) / 2 + ((width - text.Length) % 2 == 1 && width % 2 == 1 ? 1 : 0);   // Python's str.center
+                return new string(' ', left) + text + new string(' ', width - text.Length - left);
             case "attr": return GetAttribute(value, PyValue.Str(Param(0, "name", "")), line);
             case "wordcount": return (long)Split(PyValue.Str(value), null, -1).Count;
             case "batch":
@@ -640,7 +737,8 @@ static class JinjaBuiltins
     static List<object?> Sort(List<object?> items, Func<object?, object?> key, bool caseSensitive, int line)
     {
         var keyed = items.Select(x => (Item: x, Key: caseSensitive ? key(x) : Fold(key(x)))).ToList();
-        return keyed.OrderBy(k => k.Key, Comparer<object?>.Create((a, b) => PyValue.Compare(a, b, line))).Select(k => k.Item).ToList();
+        try { return keyed.OrderBy(k => k.Key, Comparer<object?>.Create((a, b) => PyValue.Compare(a, b, line))).Select(k => k.Item).ToList(); }
+        catch (InvalidOperationException e) when (e.InnerException is JinjaException inner) { throw inner; }
     }
 
     static object? ToInt(object? v, object? fallback) => v switch
@@ -676,6 +774,12 @@ static class JinjaBuiltins
 
     // ---- tests ----
 
+    static object? Numeric(object? value, string test, int line)
+    {
+        PyValue.FailIfUndefined(value, line);
+        return PyValue.IsNumber(value) ? value : throw new JinjaException(line, $"test '{test}' needs a number, got {PyValue.TypeName(value)}");
+    }
+
     public static bool Test(string name, object? value, List<object?> args, int line)
     {
         object? Arg0() => args.Count > 0 ? args[0] : throw new JinjaException(line, $"test '{name}' needs an argument");
@@ -692,12 +796,13 @@ static class JinjaBuiltins
             "true" => value is true,
             "false" => value is false,
             "mapping" => value is OrderedDictionary<object, object?>,
-            "sequence" => value is string or IList<object?> or OrderedDictionary<object, object?>,
+            "sequence" => value is string or IList<object?> or OrderedDictionary<object, object?> or Undefined,
             "iterable" => value is string or IList<object?> or OrderedDictionary<object, object?> or Undefined,
             "callable" => value is Callable,
-            "odd" => PyValue.IsNumber(value) && value is not double && PyValue.ToLong(value) % 2 != 0,
-            "even" => PyValue.IsNumber(value) && value is not double && PyValue.ToLong(value) % 2 == 0,
-            "divisibleby" => PyValue.ToLong(value) % PyValue.ToLong(Arg0()) == 0,
+            // value % 2 as Python computes it: numbers only (a float's remainder may be neither 0 nor 1)
+            "odd" => PyValue.Equal(Binary("%", Numeric(value, name, line), 2L, line, 0), 1L),
+            "even" => PyValue.Equal(Binary("%", Numeric(value, name, line), 2L, line, 0), 0L),
+            "divisibleby" => PyValue.Equal(Binary("%", Numeric(value, name, line), Numeric(Arg0(), name, line), line, 0), 0L),
             "eq" or "equalto" or "==" => PyValue.Equal(value, Arg0()),
             "ne" or "!=" => !PyValue.Equal(value, Arg0()),
             "lt" or "lessthan" or "<" => PyValue.Compare(value, Arg0(), line) < 0,
@@ -705,7 +810,8 @@ static class JinjaBuiltins
             "gt" or "greaterthan" or ">" => PyValue.Compare(value, Arg0(), line) > 0,
             "ge" or ">=" => PyValue.Compare(value, Arg0(), line) >= 0,
             "in" => Contains(Arg0(), value, line),
-            "sameas" => value is null ? Arg0() is null : value is bool b ? Arg0() is bool c && b == c : ReferenceEquals(value, Arg0()),
+            // Python's "is": small numbers, interned strings and singletons are identical when equal
+            "sameas" => value is null or bool or long or double or string ? PyValue.Equal(value, Arg0()) && value?.GetType() == Arg0()?.GetType() : ReferenceEquals(value, Arg0()),
             "lower" => value is string s && s == s.ToLowerInvariant(),
             "upper" => value is string u && u == u.ToUpperInvariant(),
             _ => throw new JinjaException(line, $"no test named '{name}'"),

@@ -73,6 +73,12 @@ static class JinjaLexer
             else
             {
                 var tokens = Tokenize(source, inner, kind == '{' ? '}' : '%', ref line, out end, out endSign);
+                if (kind == '%' && tokens is [{ Kind: TokenKind.Name, Text: "raw" }, { Kind: TokenKind.End }])
+                {
+                    pos = Raw(source, end, endSign, segments, ref line);
+                    lineStarting = pos > 0 && source[pos - 1] == '\n';
+                    continue;
+                }
                 segments.Add(new Segment(kind == '{' ? SegmentKind.Output : SegmentKind.Statement, tagLine, "", tokens));
             }
             line = tagLine + Count(source, open, end);
@@ -84,6 +90,35 @@ static class JinjaLexer
             pos = after;
         }
         return segments;
+    }
+
+    static readonly System.Text.RegularExpressions.Regex EndRaw = new(@"\{%([-+]?)\s*endraw\s*([-+]?)%\}", System.Text.RegularExpressions.RegexOptions.Compiled);
+
+    /// <summary>
+    /// {% raw %}…{% endraw %}: the text between is output as written. As in Jinja, the opening tag keeps the newline
+    /// after it (no trim_blocks) unless it ends with "-%}"; the closing tag strips and trims as any block tag.
+    /// </summary>
+    static int Raw(string source, int end, char endSign, List<Segment> segments, ref int line)
+    {
+        int start = end;
+        if (endSign == '-') while (start < source.Length && char.IsWhiteSpace(source[start])) start++;
+        var match = EndRaw.Match(source, start);
+        if (!match.Success) throw new JinjaException(line, "missing {% endraw %}");
+        var text = source[start..match.Index];
+        char left = match.Groups[1].Value is [var l] ? l : '\0', right = match.Groups[2].Value is [var r] ? r : '\0';
+        if (left == '-') text = text.TrimEnd();
+        else if (left != '+')
+        {
+            int lineStart = text.LastIndexOf('\n') + 1;
+            bool startsLine = start > 0 && source[start - 1] == '\n';
+            if ((lineStart > 0 || startsLine) && lineStart < text.Length && text.AsSpan(lineStart).Trim().IsEmpty) text = text[..lineStart];
+        }
+        Add(segments, SegmentKind.Text, line, text);
+        int after = match.Index + match.Length;
+        if (right == '-') while (after < source.Length && char.IsWhiteSpace(source[after])) after++;
+        else if (right != '+' && after < source.Length && source[after] == '\n') after++;
+        line += Count(source, end, after);
+        return after;
     }
 
     static void Add(List<Segment> segments, SegmentKind kind, int line, string text)
@@ -122,7 +157,7 @@ static class JinjaLexer
                     if (sign != '\0' && (pos >= s.Length || s[pos] != sign)) continue;
                     if (at + 1 < s.Length && s[at] == closer && s[at + 1] == '}')
                     {
-                        // "-}}" closes only when '-' is not a minus: Jinja takes it as the delimiter whenever it matches
+                        // like Jinja, "-}}" is always the delimiter with its strip marker, never a minus before "}}"
                         end = at + 2;
                         endSign = sign;
                         tokens.Add(new Token(TokenKind.End, "", line));
@@ -177,7 +212,8 @@ static class JinjaLexer
         }
         var text = s[start..pos].Replace("_", "");
         if (isFloat) return new Token(TokenKind.Float, text, line, double.Parse(text, CultureInfo.InvariantCulture));
-        if (!long.TryParse(text, NumberStyles.None, CultureInfo.InvariantCulture, out var value)) throw new JinjaException(line, $"integer {text} is too large");
+        // Python's integers have no limit; one past 64 bits is kept as a float (it prints differently)
+        if (!long.TryParse(text, NumberStyles.None, CultureInfo.InvariantCulture, out var value)) return new Token(TokenKind.Float, text, line, double.Parse(text, CultureInfo.InvariantCulture));
         return new Token(TokenKind.Integer, text, line, value);
     }
 

@@ -9,6 +9,9 @@ sealed record ForNode(int Line, IReadOnlyList<string> Targets, Expr Items, Expr?
 sealed record SetNode(int Line, IReadOnlyList<string> Targets, string? Attribute, Expr? Value, IReadOnlyList<Node>? Body) : Node(Line);
 sealed record MacroNode(int Line, string Name, IReadOnlyList<(string Name, Expr? Default)> Parameters, IReadOnlyList<Node> Body) : Node(Line);
 sealed record LoopControlNode(int Line, bool IsBreak) : Node(Line);
+sealed record FilterBlockNode(int Line, IReadOnlyList<(string Name, Arguments Arguments)> Filters, IReadOnlyList<Node> Body) : Node(Line);
+sealed record WithNode(int Line, IReadOnlyList<(string Name, Expr Value)> Assignments, IReadOnlyList<Node> Body) : Node(Line);
+sealed record CallBlockNode(int Line, CallExpr Call, IReadOnlyList<(string Name, Expr? Default)> Parameters, IReadOnlyList<Node> Body) : Node(Line);
 
 abstract record Expr(int Line);
 sealed record LiteralExpr(int Line, object? Value) : Expr(Line);
@@ -18,8 +21,14 @@ sealed record DictExpr(int Line, IReadOnlyList<(Expr Key, Expr Value)> Pairs) : 
 sealed record AttributeExpr(int Line, Expr Target, string Name) : Expr(Line);
 sealed record ItemExpr(int Line, Expr Target, Expr Key) : Expr(Line);
 sealed record SliceExpr(int Line, Expr Target, Expr? Start, Expr? Stop, Expr? Step) : Expr(Line);
-sealed record CallExpr(int Line, Expr Function, IReadOnlyList<Expr> Args, IReadOnlyList<(string Name, Expr Value)> Kwargs) : Expr(Line);
-sealed record FilterExpr(int Line, Expr Target, string Name, IReadOnlyList<Expr> Args, IReadOnlyList<(string Name, Expr Value)> Kwargs) : Expr(Line);
+sealed record CallExpr(int Line, Expr Function, Arguments Arguments) : Expr(Line);
+
+/// <summary>A call's arguments: positional, name=value, and Python's *list and **dict spreads.</summary>
+sealed record Arguments(IReadOnlyList<Expr> Positional, IReadOnlyList<(string Name, Expr Value)> Named, Expr? Spread = null, Expr? NamedSpread = null)
+{
+    public static Arguments None { get; } = new([], []);
+}
+sealed record FilterExpr(int Line, Expr Target, string Name, Arguments Arguments) : Expr(Line);
 sealed record TestExpr(int Line, Expr Target, string Name, IReadOnlyList<Expr> Args, bool Negated) : Expr(Line);
 sealed record UnaryExpr(int Line, string Op, Expr Operand) : Expr(Line);
 sealed record BinaryExpr(int Line, string Op, Expr Left, Expr Right) : Expr(Line);
@@ -40,6 +49,17 @@ sealed class JinjaParser
     int _pos;
 
     JinjaParser(List<Segment> segments) => _segments = segments;
+
+    // nesting is recursion here and when rendering: a template nested deeper than real ones ever are is refused
+    const int MaxNesting = 200;
+    int _nesting;
+
+    T Nested<T>(int line, Func<T> parse)
+    {
+        if (++_nesting > MaxNesting) throw new JinjaException(line, $"the template nests more than {MaxNesting} deep");
+        try { return parse(); }
+        finally { _nesting--; }
+    }
 
     public static IReadOnlyList<Node> Parse(string source)
     {
@@ -73,17 +93,20 @@ sealed class JinjaParser
             if (stops.Contains(keyword.Text)) { stop = keyword; return nodes; }
             _segment++;
             _pos++;
-            nodes.Add(keyword.Text switch
+            nodes.Add(Nested(keyword.Line, () => keyword.Text switch
             {
                 "if" => ParseIf(keyword.Line),
                 "for" => ParseFor(keyword.Line),
                 "set" => ParseSet(keyword.Line),
                 "macro" => ParseMacro(keyword.Line),
+                "call" => ParseCallBlock(keyword.Line),
+                "filter" => ParseFilterBlock(keyword.Line),
+                "with" => ParseWith(keyword.Line),
                 "break" or "continue" => EndThen(new LoopControlNode(keyword.Line, keyword.Text == "break")),
                 "generation" => ParseGeneration(keyword.Line),
                 "include" or "import" or "from" or "extends" or "block" => throw new JinjaException(keyword.Line, $"'{keyword.Text}' is not supported in a chat template (templates read no files)"),
                 _ => throw new JinjaException(keyword.Line, $"unknown or misplaced statement '{keyword.Text}'"),
-            });
+            }));
         }
         if (stops.Length > 0) throw new JinjaException(_segments.Count > 0 ? _segments[^1].Line : 1, $"missing {{% {stops[^1]} %}}");
         return nodes;
@@ -170,6 +193,17 @@ sealed class JinjaParser
     {
         var name = ExpectName();
         Expect("(");
+        var parameters = ParseParameters();
+        ExpectEnd();
+        var body = ParseBody(out var stop, "endmacro");
+        TakeStop(stop);
+        ExpectEnd();
+        return new MacroNode(line, name, parameters, body);
+    }
+
+    /// <summary>Macro or caller parameters after "(" up to and including ")": names with optional defaults.</summary>
+    List<(string, Expr?)> ParseParameters()
+    {
         var parameters = new List<(string, Expr?)>();
         while (!Current.Is(")"))
         {
@@ -181,11 +215,57 @@ sealed class JinjaParser
             parameters.Add((parameter, fallback));
         }
         _pos++;
+        return parameters;
+    }
+
+    // {% call(args) macro(…) %}body{% endcall %}: the macro's caller() renders the body
+    Node ParseCallBlock(int line)
+    {
+        List<(string, Expr?)> parameters = [];
+        if (Current.Is("(")) { _pos++; parameters = ParseParameters(); }
+        var call = ParseExpression() as CallExpr ?? throw new JinjaException(line, "{% call %} needs a macro call");
         ExpectEnd();
-        var body = ParseBody(out var stop, "endmacro");
+        var body = ParseBody(out var stop, "endcall");
         TakeStop(stop);
         ExpectEnd();
-        return new MacroNode(line, name, parameters, body);
+        return new CallBlockNode(line, call, parameters, body);
+    }
+
+    // {% filter upper %}…{% endfilter %}: the body's text through one filter or a chain of them
+    Node ParseFilterBlock(int line)
+    {
+        var filters = new List<(string, Arguments)>();
+        do
+        {
+            if (filters.Count > 0) _pos++;           // the '|' between filters
+            var name = ExpectName();
+            var arguments = Arguments.None;
+            if (Current.Is("(")) { _pos++; arguments = ParseArguments(); }
+            filters.Add((name, arguments));
+        } while (Current.Is("|"));
+        ExpectEnd();
+        var body = ParseBody(out var stop, "endfilter");
+        TakeStop(stop);
+        ExpectEnd();
+        return new FilterBlockNode(line, filters, body);
+    }
+
+    // {% with a = 1, b = a + 1 %}…{% endwith %}: names that live only inside the block
+    Node ParseWith(int line)
+    {
+        var assignments = new List<(string, Expr)>();
+        while (Current.Kind != TokenKind.End)
+        {
+            if (assignments.Count > 0) Expect(",");
+            var name = ExpectName();
+            Expect("=");
+            assignments.Add((name, ParseExpression()));
+        }
+        _pos++;
+        var body = ParseBody(out var stop, "endwith");
+        TakeStop(stop);
+        ExpectEnd();
+        return new WithNode(line, assignments, body);
     }
 
     // transformers' AssistantTracker marks assistant text with {% generation %}; rendering keeps it as it is
@@ -231,14 +311,16 @@ sealed class JinjaParser
                 _pos++;
                 comma = true;
             }
-            if (Current.Kind == TokenKind.End || Current.Is(")") || Current.IsName("if") && items.Count > 0 && !allowCondition) break;
+            if (Current.Kind == TokenKind.End || Current.Is(")")) break;
             items.Add(ParseExpression(allowCondition));
         }
         if (items.Count == 0 && !allowEmpty) throw new JinjaException(line, $"expected an expression, got {Current}");
         return items.Count == 1 && !comma ? items[0] : new ListExpr(line, items, IsTuple: true);
     }
 
-    Expr ParseExpression(bool allowCondition = true)
+    Expr ParseExpression(bool allowCondition = true) => Nested(Current.Line, () => ParseCondition(allowCondition));
+
+    Expr ParseCondition(bool allowCondition)
     {
         var expr = ParseOr();
         while (allowCondition && Current.IsName("if"))
@@ -272,7 +354,7 @@ sealed class JinjaParser
         if (!Current.IsName("not")) return ParseCompare();
         int line = Current.Line;
         _pos++;
-        return new UnaryExpr(line, "not", ParseNot());
+        return new UnaryExpr(line, "not", Nested(line, ParseNot));
     }
 
     Expr ParseCompare()
@@ -332,7 +414,7 @@ sealed class JinjaParser
     {
         var token = Current;
         Expr expr;
-        if (token.Is("-") || token.Is("+")) { _pos++; expr = new UnaryExpr(token.Line, token.Text, ParseUnary(false)); }
+        if (token.Is("-") || token.Is("+")) { _pos++; expr = new UnaryExpr(token.Line, token.Text, Nested(token.Line, () => ParseUnary(false))); }
         else expr = ParsePrimary();
         expr = ParsePostfix(expr);
         return withFilter ? ParseFilters(expr) : expr;
@@ -432,22 +514,21 @@ sealed class JinjaParser
         return new ItemExpr(line, target, parts[0] ?? throw new JinjaException(line, "empty subscript []"));
     }
 
-    Expr ParseCall(Expr function, int line)
-    {
-        var (args, kwargs) = ParseArguments();
-        return new CallExpr(line, function, args, kwargs);
-    }
+    Expr ParseCall(Expr function, int line) => new CallExpr(line, function, ParseArguments());
 
-    /// <summary>Call arguments after "(" up to and including ")": positional first, then name=value.</summary>
-    (List<Expr>, List<(string, Expr)>) ParseArguments()
+    /// <summary>Call arguments after "(" up to and including ")": positional first, then name=value, *list and **dict.</summary>
+    Arguments ParseArguments()
     {
         var args = new List<Expr>();
         var kwargs = new List<(string, Expr)>();
+        Expr? spread = null, namedSpread = null;
         while (!Current.Is(")"))
         {
-            if (args.Count + kwargs.Count > 0) Expect(",");
+            if (args.Count + kwargs.Count > 0 || spread is not null || namedSpread is not null) Expect(",");
             if (Current.Is(")")) break;
-            if (Current.Kind == TokenKind.Name && _tokens[_pos + 1].Is("="))
+            if (Current.Is("*")) { _pos++; spread = ParseExpression(); }
+            else if (Current.Is("**")) { _pos++; namedSpread = ParseExpression(); }
+            else if (Current.Kind == TokenKind.Name && _tokens[_pos + 1].Is("="))
             {
                 var name = _tokens[_pos].Text;
                 _pos += 2;
@@ -460,7 +541,7 @@ sealed class JinjaParser
             }
         }
         _pos++;
-        return (args, kwargs);
+        return new Arguments(args, kwargs, spread, namedSpread);
     }
 
     Expr ParseFilters(Expr expr)
@@ -472,10 +553,9 @@ sealed class JinjaParser
             {
                 _pos++;
                 var name = ExpectName();
-                List<Expr> args = [];
-                List<(string, Expr)> kwargs = [];
-                if (Current.Is("(")) { _pos++; (args, kwargs) = ParseArguments(); }
-                expr = new FilterExpr(token.Line, expr, name, args, kwargs);
+                var arguments = Arguments.None;
+                if (Current.Is("(")) { _pos++; arguments = ParseArguments(); }
+                expr = new FilterExpr(token.Line, expr, name, arguments);
             }
             else if (token.IsName("is"))
             {
@@ -489,9 +569,10 @@ sealed class JinjaParser
                 if (Current.Is("("))
                 {
                     _pos++;
-                    var (positional, named) = ParseArguments();
-                    if (named.Count > 0) throw new JinjaException(token.Line, $"test '{name}' takes no keyword arguments");
-                    args = positional;
+                    var arguments = ParseArguments();
+                    if (arguments.Named.Count > 0 || arguments.Spread is not null || arguments.NamedSpread is not null)
+                        throw new JinjaException(token.Line, $"test '{name}' takes only positional arguments");
+                    args = [.. arguments.Positional];
                 }
                 else if (StartsArgument(Current)) args = [ParsePostfix(ParsePrimary())];
                 expr = new TestExpr(token.Line, expr, name, args, negated);

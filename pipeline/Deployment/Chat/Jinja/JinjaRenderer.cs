@@ -95,6 +95,7 @@ sealed class JinjaRenderer
 
     Flow Execute(Node node, Scope scope)
     {
+        EnsureStack(node.Line);
         switch (node)
         {
             case TextNode t: Write(t.Text, t.Line); return Flow.Normal;
@@ -107,6 +108,25 @@ sealed class JinjaRenderer
             case SetNode s: ExecuteSet(s, scope); return Flow.Normal;
             case MacroNode m: scope.Set(m.Name, Macro(m, scope)); return Flow.Normal;
             case LoopControlNode c: return c.IsBreak ? Flow.Break : Flow.Continue;
+            case FilterBlockNode f:
+                object? filtered = Capture(f.Body, scope);
+                foreach (var (name, arguments) in f.Filters)
+                {
+                    var (filterArgs, filterKwargs) = Evaluate(arguments, scope, f.Line);
+                    filtered = JinjaBuiltins.Filter(this, name, filtered, filterArgs, filterKwargs, f.Line);
+                }
+                Write(PyValue.Str(filtered), f.Line);
+                return Flow.Normal;
+            case WithNode w:
+                var inner = new Scope(scope);
+                foreach (var (name, value) in w.Assignments) inner.Set(name, Eval(value, scope));
+                return Execute(w.Body, inner);
+            case CallBlockNode b:
+                var caller = Macro(new MacroNode(b.Line, "caller", b.Parameters, b.Body), scope);
+                var (args, kwargs) = Evaluate(b.Call.Arguments, scope, b.Line);
+                kwargs["caller"] = caller;
+                Write(PyValue.Str(Invoke(Eval(b.Call.Function, scope), args, kwargs, b.Line)), b.Line);
+                return Flow.Normal;
             default: throw new JinjaException(node.Line, $"cannot render {node.GetType().Name}");
         }
     }
@@ -160,17 +180,19 @@ sealed class JinjaRenderer
         for (int i = 0; i < targets.Count; i++) scope.Set(targets[i], parts[i]);
     }
 
+    /// <summary>What <paramref name="body"/> renders, as a string instead of output.</summary>
+    string Capture(IReadOnlyList<Node> body, Scope scope)
+    {
+        int start = _out.Length;
+        Execute(body, scope);
+        var text = _out.ToString(start, _out.Length - start);
+        _out.Length = start;
+        return text;
+    }
+
     void ExecuteSet(SetNode s, Scope scope)
     {
-        object? value;
-        if (s.Body is not null)
-        {
-            int start = _out.Length;
-            Execute(s.Body, scope);
-            value = _out.ToString(start, _out.Length - start);
-            _out.Length = start;
-        }
-        else value = Eval(s.Value!, scope);
+        var value = s.Body is not null ? Capture(s.Body, scope) : Eval(s.Value!, scope);
         if (s.Attribute is not null)
         {
             if (!scope.TryGet(s.Targets[0], out var target) || target is not Namespace ns)
@@ -181,15 +203,22 @@ sealed class JinjaRenderer
         Bind(s.Targets, value, scope, s.Line);
     }
 
+    /// <summary>
+    /// A macro as a callable. Arguments beyond its parameters land in varargs (a list) and kwargs (a dict), and a
+    /// {% call %} block passes caller, as in Jinja.
+    /// </summary>
     Callable Macro(MacroNode m, Scope definedIn) => new(m.Name, (args, kwargs) =>
     {
-        if (args.Count > m.Parameters.Count) throw new JinjaException(m.Line, $"macro '{m.Name}' takes {m.Parameters.Count} arguments, got {args.Count}");
-        foreach (var name in kwargs.Keys)
-            if (!m.Parameters.Any(p => p.Name == name)) throw new JinjaException(m.Line, $"macro '{m.Name}' has no parameter '{name}'");
         if (++_depth > _limits.MaxDepth) throw new JinjaException(m.Line, $"macros nest more than {_limits.MaxDepth} deep");
         try
         {
             var frame = new Scope(definedIn);
+            frame.Set("varargs", args.Skip(m.Parameters.Count).ToArray());
+            var extra = new OrderedDictionary<object, object?>();
+            foreach (var (name, value) in kwargs)
+                if (name == "caller") frame.Set(name, value);
+                else if (!m.Parameters.Any(p => p.Name == name)) extra[name] = value;
+            frame.Set("kwargs", extra);
             for (int i = 0; i < m.Parameters.Count; i++)
             {
                 var (name, fallback) = m.Parameters[i];
@@ -198,17 +227,21 @@ sealed class JinjaRenderer
                     : fallback is not null ? Eval(fallback, frame)
                     : new Undefined($"'{name}' is undefined (macro '{m.Name}' was called without it)"));
             }
-            int start = _out.Length;
-            Execute(m.Body, frame);
-            var text = _out.ToString(start, _out.Length - start);
-            _out.Length = start;
-            return text;
+            return Capture(m.Body, frame);
         }
         finally { _depth--; }
     });
 
+    // macros recurse through Execute and Eval: stop with an error before the thread's stack runs out
+    static void EnsureStack(int line)
+    {
+        if (!System.Runtime.CompilerServices.RuntimeHelpers.TryEnsureSufficientExecutionStack())
+            throw new JinjaException(line, "the template recurses too deeply");
+    }
+
     public object? Eval(Expr expr, Scope scope)
     {
+        EnsureStack(expr.Line);
         switch (expr)
         {
             case LiteralExpr l: return l.Value;
@@ -229,9 +262,13 @@ sealed class JinjaRenderer
             case ItemExpr i: return JinjaBuiltins.GetItem(Eval(i.Target, scope), Eval(i.Key, scope), i.Line);
             case SliceExpr s:
                 return JinjaBuiltins.Slice(Eval(s.Target, scope), Optional(s.Start, scope), Optional(s.Stop, scope), Optional(s.Step, scope), s.Line);
-            case CallExpr c: return Call(c, scope);
+            case CallExpr c:
+                var function = Eval(c.Function, scope);
+                var (callArgs, callKwargs) = Evaluate(c.Arguments, scope, c.Line);
+                return Invoke(function, callArgs, callKwargs, c.Line);
             case FilterExpr f:
-                return JinjaBuiltins.Filter(this, f.Name, Eval(f.Target, scope), f.Args.Select(a => Eval(a, scope)).ToList(), Kwargs(f.Kwargs, scope), f.Line);
+                var (filterArgs, filterKwargs) = Evaluate(f.Arguments, scope, f.Line);
+                return JinjaBuiltins.Filter(this, f.Name, Eval(f.Target, scope), filterArgs, filterKwargs, f.Line);
             case TestExpr t:
                 var result = JinjaBuiltins.Test(t.Name, Eval(t.Target, scope), t.Args.Select(a => Eval(a, scope)).ToList(), t.Line);
                 return t.Negated ? !result : result;
@@ -261,24 +298,32 @@ sealed class JinjaRenderer
 
     object? Optional(Expr? e, Scope scope) => e is null ? null : Eval(e, scope);
 
-    Dictionary<string, object?> Kwargs(IReadOnlyList<(string Name, Expr Value)> kwargs, Scope scope) =>
-        kwargs.ToDictionary(k => k.Name, k => Eval(k.Value, scope));
-
-    object? Call(CallExpr c, Scope scope)
+    (List<object?>, Dictionary<string, object?>) Evaluate(Arguments arguments, Scope scope, int line)
     {
-        var function = Eval(c.Function, scope);
+        var args = arguments.Positional.Select(a => Eval(a, scope)).ToList();
+        if (arguments.Spread is not null) args.AddRange(PyValue.Iterate(Eval(arguments.Spread, scope), line));
+        var kwargs = new Dictionary<string, object?>();
+        foreach (var (name, value) in arguments.Named) kwargs[name] = Eval(value, scope);
+        if (arguments.NamedSpread is not null)
+        {
+            if (Eval(arguments.NamedSpread, scope) is not OrderedDictionary<object, object?> spread) throw new JinjaException(line, "** needs a dict");
+            foreach (var (name, value) in spread) kwargs[PyValue.Str(name)] = value;
+        }
+        return (args, kwargs);
+    }
+
+    static object? Invoke(object? function, List<object?> args, Dictionary<string, object?> kwargs, int line)
+    {
         if (function is not Callable callable)
         {
-            PyValue.FailIfUndefined(function, c.Line);
-            throw new JinjaException(c.Line, $"'{PyValue.TypeName(function)}' object is not callable");
+            PyValue.FailIfUndefined(function, line);
+            throw new JinjaException(line, $"'{PyValue.TypeName(function)}' object is not callable");
         }
-        var args = c.Args.Select(a => Eval(a, scope)).ToList();
-        var kwargs = Kwargs(c.Kwargs, scope);
         try { return callable.Invoke(args, kwargs); }
-        catch (JinjaException e) when (e.Line == 0) { throw new JinjaException(c.Line, e.Message, e.Raised); }
-        catch (Exception e) when (e is InvalidOperationException or ArgumentException or FormatException or OverflowException)
+        catch (JinjaException e) when (e.Line == 0) { throw new JinjaException(line, e.Message, e.Raised); }
+        catch (Exception e) when (e is InvalidOperationException or ArgumentException or FormatException or OverflowException or InvalidCastException)
         {
-            throw new JinjaException(c.Line, $"{callable.Name}(): {e.Message}");
+            throw new JinjaException(line, $"{callable.Name}(): {e.Message}");
         }
     }
 

@@ -31,6 +31,31 @@ sealed class Callable(string name, Func<List<object?>, Dictionary<string, object
 /// </summary>
 static class PyValue
 {
+    /// <summary>A JSON value as a template sees it (json.loads): objects keep their key order, integers stay integers.</summary>
+    public static object? FromJson(System.Text.Json.Nodes.JsonNode? node)
+    {
+        switch (node)
+        {
+            case null: return null;
+            case System.Text.Json.Nodes.JsonObject o:
+                var dict = new OrderedDictionary<object, object?>();
+                foreach (var (k, v) in o) dict[k] = FromJson(v);
+                return dict;
+            case System.Text.Json.Nodes.JsonArray a: return a.Select(FromJson).ToList();
+        }
+        // a value parsed from text or made in code (JsonValue.Create(false)) alike: read it back through its JSON text
+        using var document = System.Text.Json.JsonDocument.Parse(node.ToJsonString());
+        var element = document.RootElement;
+        return element.ValueKind switch
+        {
+            System.Text.Json.JsonValueKind.String => element.GetString(),
+            System.Text.Json.JsonValueKind.True => true,
+            System.Text.Json.JsonValueKind.False => false,
+            System.Text.Json.JsonValueKind.Number => element.TryGetInt64(out var l) && !element.GetRawText().Contains('.') && !element.GetRawText().Contains('e', StringComparison.OrdinalIgnoreCase) ? (object)l : element.GetDouble(),
+            _ => null,
+        };
+    }
+
     public static bool IsNumber(object? v) => v is long or double or bool;
 
     public static bool Truthy(object? v) => v switch
@@ -253,16 +278,23 @@ static class PyValue
     /// json.dumps as transformers' tojson calls it: ensure_ascii=False, keys in insertion order, separators ", " and
     /// ": " (or "," and ": " with an indent), floats as Python's repr.
     /// </summary>
-    public static string ToJson(object? v, int? indent, int line)
+    public static string ToJson(object? v, int? indent, (string Item, string Key)? separators, int line)
     {
         var sb = new StringBuilder();
-        WriteJson(sb, v, indent, 0, line);
+        new JsonWriter(sb, indent, separators ?? (indent is null ? ", " : ",", ": "), line).Write(v, 0);
         return sb.ToString();
     }
 
-    static void WriteJson(StringBuilder sb, object? v, int? indent, int depth, int line)
+    /// <summary>json.dumps's layout: item and key separators, and with an indent one item a line.</summary>
+    readonly record struct JsonWriter(StringBuilder Sb, int? Indent, (string Item, string Key) Separators, int Line)
     {
-        if (depth > 100) throw new JinjaException(line, "tojson: the value nests too deeply");
+        public void Write(object? v, int depth) => WriteJson(this, v, depth);
+    }
+
+    static void WriteJson(JsonWriter w, object? v, int depth)
+    {
+        var sb = w.Sb;
+        if (depth > 100) throw new JinjaException(w.Line, "tojson: the value nests too deeply");
         switch (v)
         {
             case null: sb.Append("null"); break;
@@ -271,40 +303,40 @@ static class PyValue
             case double d: sb.Append(double.IsNaN(d) ? "NaN" : double.IsInfinity(d) ? (d > 0 ? "Infinity" : "-Infinity") : FloatRepr(d)); break;
             case string s: JsonString(sb, s); break;
             case IList<object?> list:
-                WriteItems(sb, '[', ']', list.Count, indent, depth, i => WriteJson(sb, list[i], indent, depth + 1, line));
+                WriteItems(w, '[', ']', list.Count, depth, i => WriteJson(w, list[i], depth + 1));
                 break;
             case OrderedDictionary<object, object?> dict:
                 var pairs = dict.ToList();
-                WriteItems(sb, '{', '}', pairs.Count, indent, depth, i =>
+                WriteItems(w, '{', '}', pairs.Count, depth, i =>
                 {
                     var key = pairs[i].Key;
                     JsonString(sb, key switch
                     {
                         string s => s,
                         bool b => b ? "true" : "false",
-                        null => "null",
                         _ => Repr(key),
                     });
-                    sb.Append(": ");
-                    WriteJson(sb, pairs[i].Value, indent, depth + 1, line);
+                    sb.Append(w.Separators.Key);
+                    WriteJson(w, pairs[i].Value, depth + 1);
                 });
                 break;
-            case Undefined u: throw new JinjaException(line, u.Hint);
-            default: throw new JinjaException(line, $"tojson: Object of type {TypeName(v)} is not JSON serializable");
+            case Undefined u: throw new JinjaException(w.Line, u.Hint);
+            default: throw new JinjaException(w.Line, $"tojson: Object of type {TypeName(v)} is not JSON serializable");
         }
     }
 
-    static void WriteItems(StringBuilder sb, char open, char close, int count, int? indent, int depth, Action<int> write)
+    static void WriteItems(JsonWriter w, char open, char close, int count, int depth, Action<int> write)
     {
+        var sb = w.Sb;
         sb.Append(open);
         if (count == 0) { sb.Append(close); return; }
         for (int i = 0; i < count; i++)
         {
-            if (i > 0) sb.Append(indent is null ? ", " : ",");
-            if (indent is int n) sb.Append('\n').Append(' ', n * (depth + 1));
+            if (i > 0) sb.Append(w.Separators.Item);
+            if (w.Indent is int n) sb.Append('\n').Append(' ', n * (depth + 1));
             write(i);
         }
-        if (indent is int m) sb.Append('\n').Append(' ', m * depth);
+        if (w.Indent is int m) sb.Append('\n').Append(' ', m * depth);
         sb.Append(close);
     }
 
