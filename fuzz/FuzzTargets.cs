@@ -1,3 +1,4 @@
+using OnnxLora.GraphRewrite.Artifacts;
 using System.Text;
 using OnnxLora.GraphRewrite.Lora;
 using OnnxLora.GraphRewrite.Graphs;
@@ -62,16 +63,16 @@ public static class FuzzTargets
             Write(dir, PeftAdapter.ConfigFile, bytes);
             PeftAdapter.Read(dir, Manifest);
         },
-        ["jsonl"] = (bytes, folder) => Dataset(Write(folder, "d.jsonl", bytes), DataFormat.Jsonl, TaskKind.Lm),
-        ["tokens"] = (bytes, folder) => Dataset(Write(folder, "t.jsonl", bytes), DataFormat.Tokens, TaskKind.Cls),
-        ["tsv"] = (bytes, folder) => Dataset(Write(folder, "d.tsv", bytes), DataFormat.Tsv, TaskKind.Cls),
+        ["jsonl"] = (bytes, folder) => Dataset(Write(folder, "d.jsonl", bytes), DataFormat.Jsonl, TrainingTask.Lm),
+        ["tokens"] = (bytes, folder) => Dataset(Write(folder, "t.jsonl", bytes), DataFormat.Tokens, TrainingTask.Cls),
+        ["tsv"] = (bytes, folder) => Dataset(Write(folder, "d.tsv", bytes), DataFormat.Tsv, TrainingTask.Cls),
         ["yaml"] = (bytes, folder) => PipelineConfig.Load(Write(folder, "config.yaml", bytes)),
     };
 
     /// <summary>Whether <paramref name="e"/> is the error <paramref name="reader"/> documents for bad input.</summary>
     public static bool IsDocumented(string reader, Exception e) => reader == "onnx" ? e is OnnxFormatException : e is InvalidDataException;
 
-    static void Dataset(string path, DataFormat format, TaskKind task) =>
+    static void Dataset(string path, DataFormat format, TrainingTask task) =>
         DatasetLoader.Load(path, new DatasetOptions { Format = format, Task = task, SeqLength = 64, VocabSize = 50257, ClassCount = 4 });
 
     static string Write(string folder, string name, byte[] bytes)

@@ -1,3 +1,4 @@
+using OnnxLora.GraphRewrite.Artifacts;
 using System.Globalization;
 using System.Text;
 using System.Text.Json;
@@ -22,7 +23,7 @@ public enum DataFormat
 public sealed class DatasetOptions
 {
     public required DataFormat Format { get; init; }
-    public TaskKind Task { get; init; } = TaskKind.Lm;
+    public TrainingTask Task { get; init; } = TrainingTask.Lm;
     /// <summary>Longest sequence kept; longer examples are truncated and counted.</summary>
     public int SeqLength { get; init; } = 128;
     /// <summary>Model vocabulary size: token ids at or above it are refused with the line that has them.</summary>
@@ -44,7 +45,7 @@ public static class DatasetLoader
         if (!File.Exists(path)) throw new FileNotFoundException($"{path}: no such data file", path);
         if (options.SeqLength < 2) throw new ArgumentException($"--seq must be at least 2 (got {options.SeqLength})");
         var tokenizer = options.Tokenizer ?? (options.Format == DataFormat.Tokens ? null : TextTokenizer.Gpt2);
-        if (options.Task == TaskKind.Cls && options.Format != DataFormat.Tsv && options.Format != DataFormat.Tokens)
+        if (options.Task == TrainingTask.Cls && options.Format != DataFormat.Tsv && options.Format != DataFormat.Tokens)
             throw new ArgumentException($"{path}: --task cls reads --format tsv (label<TAB>text) or tokens (with \"label\"), not {options.Format.ToString().ToLowerInvariant()}");
         var state = new LoadState(path, options);
         switch (options.Format)
@@ -77,13 +78,13 @@ public static class DatasetLoader
             bad = Array.FindIndex(labels, l => l != Example.Ignore && (l < 0 || l >= Options.VocabSize));
             if (bad >= 0) throw new InvalidDataException($"{Path}:{line}: label {labels[bad]} at position {bad} is neither {Example.Ignore} (ignored) nor a token id (0..{Options.VocabSize - 1})");
             int classes = ClassNames.Count > 0 ? ClassNames.Count : Options.ClassCount;
-            if (classLabel < -1 || (Options.Task == TaskKind.Cls && classes > 0 && classLabel >= classes))
+            if (classLabel < -1 || (Options.Task == TrainingTask.Cls && classes > 0 && classLabel >= classes))
                 throw new InvalidDataException($"{Path}:{line}: class label {classLabel} is outside the {classes} classes (0..{classes - 1})");
             if (ids.Length > Options.SeqLength)
             {
                 Truncated++;
                 // classification reads the last position, so keep the end of the text; LM keeps the start
-                if (Options.Task == TaskKind.Cls) { ids = ids[^Options.SeqLength..]; labels = labels[^Options.SeqLength..]; }
+                if (Options.Task == TrainingTask.Cls) { ids = ids[^Options.SeqLength..]; labels = labels[^Options.SeqLength..]; }
                 else { ids = ids[..Options.SeqLength]; labels = labels[..Options.SeqLength]; }
             }
             Examples.Add(new Example(ids, labels, classLabel));
@@ -157,7 +158,7 @@ public static class DatasetLoader
                     if (labels.Length != ids.Length) { s.Bad(line, $"labels has {labels.Length} entries, input_ids {ids.Length}"); continue; }
                 }
                 int cls = -1;
-                if (s.Options.Task == TaskKind.Cls)
+                if (s.Options.Task == TrainingTask.Cls)
                 {
                     if (!root.TryGetProperty("label", out var c) || c.ValueKind != JsonValueKind.Number || !c.TryGetInt32(out cls) || cls < 0)
                     {

@@ -1,23 +1,5 @@
+using OnnxLora.GraphRewrite.Artifacts;
 namespace OnnxLora.Pipeline.Data;
-
-/// <summary>What a training example is for.</summary>
-public enum TaskKind
-{
-    /// <summary>Causal language modelling: predict token t+1 from tokens ≤ t.</summary>
-    Lm,
-    /// <summary>Sequence classification from the last non-padding position.</summary>
-    Cls,
-}
-
-public static class TaskKinds
-{
-    /// <summary>Parses lm or cls (any case); the message names the accepted values.</summary>
-    public static TaskKind Parse(string name) => name.Trim().ToLowerInvariant() switch
-    {
-        "lm" => TaskKind.Lm, "cls" => TaskKind.Cls,
-        _ => throw new ArgumentException($"task must be lm or cls (got '{name}')"),
-    };
-}
 
 /// <summary>
 /// One tokenized example. <see cref="Labels"/> is aligned with <see cref="InputIds"/> (Hugging Face's convention:
@@ -30,7 +12,7 @@ public sealed record Example(int[] InputIds, int[] Labels, int ClassLabel = -1)
 }
 
 /// <summary>A tokenized dataset and what loading it had to drop or cut.</summary>
-public sealed record Dataset(IReadOnlyList<Example> Examples, TaskKind Task, int Truncated, int SkippedRows,
+public sealed record Dataset(IReadOnlyList<Example> Examples, TrainingTask Task, int Truncated, int SkippedRows,
                              IReadOnlyList<string> ClassNames)
 {
     public long TokenCount => Examples.Sum(e => (long)e.Length);

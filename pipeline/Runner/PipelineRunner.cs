@@ -100,7 +100,7 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
         var scores = Evaluate(runDir, rewriteDir, evalData ?? trainData, adapter);
         var outputs = Export(adapter, rewriteDir, trainHash);
         double? deployDiff = DeployCheck(DeployModelOf(runDir, rewriteDir, adapter), outputs);
-        return new PipelineReport(_runDir, _stages.ToList(), Task() == TaskKind.Cls ? "accuracy" : "perplexity",
+        return new PipelineReport(_runDir, _stages.ToList(), Task() == TrainingTask.Cls ? "accuracy" : "perplexity",
             scores.BaseLoss, scores.AdaptedLoss, scores.BaseAccuracy, scores.AdaptedAccuracy, scores.Examples, outputs, deployDiff, clock.Elapsed);
     }
 
@@ -211,7 +211,7 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
             ModelDir = rewriteDir, DataPath = trainData, EvalDataPath = evalData, OutDir = outDir, Task = task,
             Format = config.String("data.format") is { } f
                 ? Key("data.format", () => DatasetLoader.ParseFormat(f))
-                : task == TaskKind.Cls ? DataFormat.Tsv : Path.GetExtension(trainData) == ".jsonl" ? DataFormat.Jsonl : DataFormat.Text,
+                : task == TrainingTask.Cls ? DataFormat.Tsv : Path.GetExtension(trainData) == ".jsonl" ? DataFormat.Jsonl : DataFormat.Text,
             Classes = config.Int("data.classes"),
             ClassNames = config.String("data.generate") is not null ? DemoData.Labels : DatasetLoader.ParseClassNames(config.String("data.labels"), "data.labels"),
             SeqLength = config.Int("data.seq"), SkipBadRows = config.Bool("data.skip_bad_rows"), Tokenizer = config.Path("data.tokenizer"),
@@ -231,7 +231,7 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
         return options;
     }
 
-    TaskKind Task() => Key("data.task", () => TaskKinds.Parse(config.Required("data.task")));
+    TrainingTask Task() => Key("data.task", () => WireNames.Parse<TrainingTask>(config.Required("data.task"), "task"));
 
     /// <summary>Runs a shared parser and names the config key in its message.</summary>
     T Key<T>(string key, Func<T> parse)
@@ -277,7 +277,7 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
         int count = config.Int("evaluate.examples");
         double beforeLoss, afterLoss;
         double? beforeAccuracy = null, afterAccuracy = null;
-        if (options.Task == TaskKind.Cls)
+        if (options.Task == TrainingTask.Cls)
         {
             var classifier = new Classifier(host, options: new ClassifierOptions { Labels = data.ClassNames, PadTokenId = 0 });
             var before = Evaluator.Classification(classifier, null, data, options.BatchSize);

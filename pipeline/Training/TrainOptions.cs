@@ -19,7 +19,7 @@ public sealed record TrainOptions
     public required string ModelDir { get; init; }
     public required string DataPath { get; init; }
     public DataFormat Format { get; init; } = DataFormat.Text;
-    public TaskKind Task { get; init; } = TaskKind.Lm;
+    public TrainingTask Task { get; init; } = TrainingTask.Lm;
     public int Classes { get; init; }
     /// <summary>Label names for tsv classification data (index order); null = the file's sorted labels.</summary>
     public IReadOnlyList<string>? ClassNames { get; init; }
@@ -86,8 +86,8 @@ public sealed record TrainOptions
         Require(EarlyStoppingPatience >= 0, $"--early-stopping must be ≥ 0 (got {EarlyStoppingPatience})");
         // the names parse through WireNames; a train_config.json could still hold a number
         Require(Enum.IsDefined(Optimizer) && Enum.IsDefined(HeadMode) && Enum.IsDefined(Pooling), $"--optimizer, --head and --pooling must be names (got {Optimizer}, {HeadMode}, {Pooling})");
-        Require(!FreezeLora || Task == TaskKind.Cls, "--freeze-lora trains the head alone: it needs --task cls");
-        Require(Task != TaskKind.Cls || Classes >= 2 || ClassNames is { Count: >= 2 } || Format == DataFormat.Tsv, "--task cls needs --classes N (≥ 2)");
+        Require(!FreezeLora || Task == TrainingTask.Cls, "--freeze-lora trains the head alone: it needs --task cls");
+        Require(Task != TrainingTask.Cls || Classes >= 2 || ClassNames is { Count: >= 2 } || Format == DataFormat.Tsv, "--task cls needs --classes N (≥ 2)");
         Require(CheckpointEvery >= 0 && EvalEvery >= 0 && WarmupSteps >= 0, "--checkpoint-every, --eval-every and --warmup must be ≥ 0");
         GraphRewrite.Signature.RoleOverride.ParseAll(InputRoles);   // a malformed --input-role fails before any work
     }

@@ -90,7 +90,7 @@ public static class Trainer
         int vocab = VocabSize(view);
         var train = LoadData(o, o.DataPath, vocab);
         var eval = o.EvalDataPath is null ? null : LoadData(o, o.EvalDataPath, vocab, train.ClassNames);
-        int classes = o.Task == TaskKind.Cls ? Math.Max(o.Classes, train.ClassNames.Count) : 0;
+        int classes = o.Task == TrainingTask.Cls ? Math.Max(o.Classes, train.ClassNames.Count) : 0;
         var artifacts = dp.RootFirst(() => EnsureArtifacts(o, view, manifest, classes));
 
         using var session = TrainingSession.Create(artifacts, device, dp.ThreadsPerProcess(o.Threads));
@@ -224,7 +224,7 @@ public static class Trainer
             ClassNames = classNames ?? o.ClassNames, ClassCount = o.Classes,
             Tokenizer = o.Tokenizer is null || o.Format == DataFormat.Tokens ? null : TextTokenizer.Load(o.Tokenizer),
         });
-        if (o.Task == TaskKind.Cls && o.Classes > 0 && ds.ClassNames.Count > o.Classes)
+        if (o.Task == TrainingTask.Cls && o.Classes > 0 && ds.ClassNames.Count > o.Classes)
             throw new InvalidDataException($"{path}: has {ds.ClassNames.Count} labels ({string.Join(", ", ds.ClassNames)}) but --classes is {o.Classes}");
         return ds;
     }
@@ -249,7 +249,7 @@ public static class Trainer
         if (File.Exists(Path.Combine(dir, TrainingArtifacts.SpecFile))) return dir;   // built by this run before (resume)
         var artifacts = TrainingArtifacts.Build(view, manifest, new ArtifactOptions
         {
-            Task = o.Task == TaskKind.Cls ? TrainingTask.Cls : TrainingTask.Lm,
+            Task = o.Task,
             Classes = classes,
             HeadMode = o.HeadMode,
             Pooling = o.Pooling,
@@ -289,7 +289,7 @@ public static class Trainer
             var batch = batcher.Get(0, i);
             var r = session.EvalStep(batch);
             // LM loss is a mean over counted positions, classification a mean over rows: weight batches alike
-            loss.Add(r.Loss, o.Task == TaskKind.Lm ? CountedPositions(batch) : batch.BatchSize);
+            loss.Add(r.Loss, o.Task == TrainingTask.Lm ? CountedPositions(batch) : batch.BatchSize);
             if (r.ClassLogits is { } logits)
             {
                 int classes = logits.Length / batch.BatchSize;
@@ -317,7 +317,7 @@ public static class Trainer
         var state = session.GetState(withMoments: false).Select(kv => KeyValuePair.Create(kv.Key, SafeTensor.FromFloats(kv.Value.Shape, kv.Value.Data))).ToList();
         var path = Path.Combine(o.OutDir, AdapterFile);
         var metadata = new Dictionary<string, string> { ["format"] = "onnxlora.adapter/1", ["task"] = o.Task.ToString().ToLowerInvariant() };
-        if (o.Task == TaskKind.Cls)
+        if (o.Task == TrainingTask.Cls)
         {
             metadata[ClassHead.MetadataKey] = ClassHead.ToJson(new ClassifierInfo { Classes = classes, Pooling = o.Pooling, Labels = classNames.Count == classes ? classNames : null });
             var spec = TrainingArtifacts.LoadSpec(artifactsDir);
@@ -334,7 +334,7 @@ public static class Trainer
         SafeTensorsFile.Write(path, state.OrderBy(kv => kv.Key, StringComparer.Ordinal), metadata);
         var adapter = AdapterFiles.ReadSafeTensors(path, manifest);
         string deployDir = o.ModelDir;
-        if (o.Task == TaskKind.Cls)
+        if (o.Task == TrainingTask.Cls)
         {
             var deployPath = Path.Combine(o.ModelDir, LoraManifest.DeployableModelFile);
             OnnxFile.Save(AdapterFiles.DeployableFor(adapter, OnnxFile.Load(deployPath), deployPath), Path.Combine(o.OutDir, LoraManifest.DeployableModelFile));

@@ -1,3 +1,4 @@
+using OnnxLora.GraphRewrite.Artifacts;
 using System.Text.Json.Nodes;
 using OnnxLora.GraphRewrite.Lora;
 using OnnxLora.Pipeline.Adapters;
@@ -69,7 +70,7 @@ public class EvaluationTests
         var rows = Enumerable.Range(0, 20).Select(_ => Enumerable.Range(0, rng.Next(1, 6)).Select(_ => rng.Next(1, 64)).ToArray()).ToArray();
         var labels = rows.Select((r, i) => i % 3).ToArray();
         File.WriteAllLines(dir.File("cls.jsonl"), rows.Select((r, i) => $"{{\"input_ids\": [{string.Join(",", r)}], \"label\": {labels[i]}}}"));
-        var data = DatasetLoader.Load(dir.File("cls.jsonl"), new DatasetOptions { Format = DataFormat.Tokens, Task = TaskKind.Cls, VocabSize = 64, ClassNames = ["x", "y", "z"] });
+        var data = DatasetLoader.Load(dir.File("cls.jsonl"), new DatasetOptions { Format = DataFormat.Tokens, Task = TrainingTask.Cls, VocabSize = 64, ClassNames = ["x", "y", "z"] });
 
         var e = Evaluator.Classification(classifier, null, data, batchSize: 6);
         var predicted = rows.Select(r => classifier.Classify(r).Label).ToArray();

@@ -1,3 +1,4 @@
+using OnnxLora.GraphRewrite.Artifacts;
 using System.Diagnostics;
 using System.Text.Json.Nodes;
 using OnnxLora.GraphRewrite.Autodiff;
@@ -224,7 +225,7 @@ public class DataParallelTests
     public void ShardsSplitEachBatchIntoDisjointSlicesInOrder(int rows, int ranks)
     {
         var examples = Enumerable.Range(0, 11).Select(i => new Example(Enumerable.Repeat(i, 1 + i % 4).ToArray(), Enumerable.Repeat(i, 1 + i % 4).ToArray())).ToList();
-        var batcher = new Batcher(new Dataset(examples, TaskKind.Lm, 0, 0, []), rows, padTokenId: 0, shuffle: true, seed: 7);
+        var batcher = new Batcher(new Dataset(examples, TrainingTask.Lm, 0, 0, []), rows, padTokenId: 0, shuffle: true, seed: 7);
         var order = batcher.Order(1);
         for (int b = 0; b < batcher.BatchesPerEpoch; b++)
         {

@@ -1,3 +1,4 @@
+using OnnxLora.GraphRewrite.Artifacts;
 using System.Text;
 using OnnxLora.Pipeline.Data;
 using OnnxLora.Pipeline.Runner;
@@ -19,7 +20,7 @@ public class ReadersDataTests
         return path;
     }
 
-    static Dataset Load(string path, DataFormat format, bool skip = false, TaskKind task = TaskKind.Lm, int classCount = 0, IReadOnlyList<string>? classNames = null) =>
+    static Dataset Load(string path, DataFormat format, bool skip = false, TrainingTask task = TrainingTask.Lm, int classCount = 0, IReadOnlyList<string>? classNames = null) =>
         DatasetLoader.Load(path, new DatasetOptions { Format = format, SkipBadRows = skip, Task = task, ClassCount = classCount, ClassNames = classNames, VocabSize = format == DataFormat.Tokens ? 1000 : 50257, SeqLength = 16 });
 
     static readonly (string Case, DataFormat Format, string Line, string Expected)[] BadRows =
@@ -70,15 +71,15 @@ public class ReadersDataTests
     {
         using var dir = new TempDir();
         var path = WriteLines(dir, "cls.jsonl", """{"input_ids":[1,2],"label":1}""", """{"input_ids":[3],"label":5}""");
-        var e = Assert.Throws<InvalidDataException>(() => Load(path, DataFormat.Tokens, task: TaskKind.Cls, classCount: 2))!;
+        var e = Assert.Throws<InvalidDataException>(() => Load(path, DataFormat.Tokens, task: TrainingTask.Cls, classCount: 2))!;
         Assert.That(e.Message, Is.EqualTo($"{path}:2: class label 5 is outside the 2 classes (0..1)"));
         foreach (var bad in new[] { "-1", "1.5", "\"1\"" })
         {
             var p = WriteLines(dir, "neg.jsonl", "{\"input_ids\":[1],\"label\":" + bad + "}");
-            e = Assert.Throws<InvalidDataException>(() => Load(p, DataFormat.Tokens, task: TaskKind.Cls, classCount: 2))!;
+            e = Assert.Throws<InvalidDataException>(() => Load(p, DataFormat.Tokens, task: TrainingTask.Cls, classCount: 2))!;
             Assert.That(e.Message, Does.StartWith($"{p}:1: --task cls needs a non-negative integer \"label\""), bad);
         }
-        Assert.That(Load(path, DataFormat.Tokens, task: TaskKind.Cls, classCount: 6).Examples.Select(x => x.ClassLabel), Is.EqualTo(new[] { 1, 5 }));
+        Assert.That(Load(path, DataFormat.Tokens, task: TrainingTask.Cls, classCount: 6).Examples.Select(x => x.ClassLabel), Is.EqualTo(new[] { 1, 5 }));
     }
 
     [TestCase(DataFormat.Jsonl, "d.jsonl")]
@@ -92,12 +93,12 @@ public class ReadersDataTests
         var third = format switch { DataFormat.Jsonl => "{\"text\":\"bad ", DataFormat.Tsv => "neg\tbad ", _ => "bad " };
         var bytes = Encoding.UTF8.GetBytes(first + "\n" + first + "\n" + third).Concat(new byte[] { 0xC3, 0x28 }).Concat(Encoding.UTF8.GetBytes(format == DataFormat.Jsonl ? "\"}\n" : "\n")).ToArray();
         File.WriteAllBytes(path, bytes);
-        var e = Assert.Throws<InvalidDataException>(() => Load(path, format, task: format == DataFormat.Tsv ? TaskKind.Cls : TaskKind.Lm))!;
+        var e = Assert.Throws<InvalidDataException>(() => Load(path, format, task: format == DataFormat.Tsv ? TrainingTask.Cls : TrainingTask.Lm))!;
         int offset = 2 * (Encoding.UTF8.GetByteCount(first) + 1) + Encoding.UTF8.GetByteCount(third);
         Assert.That(e.Message, Is.EqualTo($"{path}:3: not valid UTF-8 (byte {offset}); save the file as UTF-8"));
 
         File.WriteAllBytes(path, Encoding.UTF8.GetBytes(first + "\n"));
-        var ok = Load(path, format, task: format == DataFormat.Tsv ? TaskKind.Cls : TaskKind.Lm);
+        var ok = Load(path, format, task: format == DataFormat.Tsv ? TrainingTask.Cls : TrainingTask.Lm);
         Assert.That(ok.Examples, Is.Not.Empty, "valid multi-byte UTF-8 loads");
     }
 
@@ -109,7 +110,7 @@ public class ReadersDataTests
         Assert.That(code, Is.EqualTo(1));
         Assert.That(err.Trim(), Is.EqualTo("error: --labels: 'ham' is given 2 times in ham,ham; each class needs its own label"));
         var data = WriteLines(dir, "d.tsv", "ham\thello");
-        Assert.Throws<ArgumentException>(() => Load(data, DataFormat.Tsv, task: TaskKind.Cls, classNames: ["ham", "spam", "ham"]));
+        Assert.Throws<ArgumentException>(() => Load(data, DataFormat.Tsv, task: TrainingTask.Cls, classNames: ["ham", "spam", "ham"]));
     }
 
     // ---- YAML config and stages.json ----

@@ -165,7 +165,7 @@ public class OptimumGpt2Tests
         }
 
         // perplexity evaluation does not depend on how rows are batched
-        var data = new Dataset(Rows(padded), TaskKind.Lm, 0, 0, []);
+        var data = new Dataset(Rows(padded), TrainingTask.Lm, 0, 0, []);
         var batched = Evaluator.LanguageModel(host, null, data, batchSize: 3);
         var single = Evaluator.LanguageModel(host, null, data, batchSize: 1);
         Assert.That(batched.MeanLoss, Is.EqualTo(single.MeanLoss).Within(1e-6 * single.MeanLoss));

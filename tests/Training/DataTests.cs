@@ -1,3 +1,4 @@
+using OnnxLora.GraphRewrite.Artifacts;
 using OnnxLora.Pipeline.Data;
 
 namespace OnnxLora.Tests.Training;
@@ -44,7 +45,7 @@ public class DataTests
         using var dir = new TempDir();
         var path = dir.File("sms.tsv");
         File.WriteAllText(path, "ham\tsee you at noon\nspam\tWIN a free prize now, call 0800 now now now now now\n");
-        var ds = DatasetLoader.Load(path, new DatasetOptions { Format = DataFormat.Tsv, Task = TaskKind.Cls, SeqLength = 5 });
+        var ds = DatasetLoader.Load(path, new DatasetOptions { Format = DataFormat.Tsv, Task = TrainingTask.Cls, SeqLength = 5 });
         Assert.That(ds.ClassNames, Is.EqualTo(new[] { "ham", "spam" }));
         Assert.That(ds.Examples.Select(x => x.ClassLabel), Is.EqualTo(new[] { 0, 1 }));
         Assert.That(ds.Truncated, Is.EqualTo(1));
@@ -66,7 +67,7 @@ public class DataTests
     public void BatchesPadToTheLongestAndShuffleDeterministically()
     {
         var examples = Enumerable.Range(1, 10).Select(n => new Example(Enumerable.Range(0, n).ToArray(), Enumerable.Range(0, n).ToArray())).ToList();
-        var ds = new Dataset(examples, TaskKind.Lm, 0, 0, []);
+        var ds = new Dataset(examples, TrainingTask.Lm, 0, 0, []);
         var a = new Batcher(ds, 4, padTokenId: 99, shuffle: true, seed: 7);
         var b = new Batcher(ds, 4, padTokenId: 99, shuffle: true, seed: 7);
         Assert.That(a.Order(0), Is.EqualTo(b.Order(0)));

@@ -1,3 +1,4 @@
+using OnnxLora.GraphRewrite.Artifacts;
 using System.ComponentModel;
 using System.Globalization;
 using OnnxLora.GraphRewrite.Signature;
@@ -397,8 +398,8 @@ public sealed class EvalCommand(IAnsiConsole console) : Command<EvalCommand.Sett
         if (string.IsNullOrEmpty(s.Data)) throw new ArgumentException("--data FILE is required");
         if (s.Seq is < 2 or > 1 << 20) throw new ArgumentException($"--seq must be in 2..{1 << 20} (got {s.Seq})");
         if (s.Batch is < 1 or > 1 << 16) throw new ArgumentException($"--batch must be in 1..{1 << 16} (got {s.Batch})");
-        var task = Cli.Flag("--task", () => Pipeline.Data.TaskKinds.Parse(s.Task));
-        var format = Pipeline.Data.DatasetLoader.ParseFormat(s.Format ?? (task == Pipeline.Data.TaskKind.Cls ? "tsv" : "text"));
+        var task = Cli.Flag("--task", () => WireNames.Parse<TrainingTask>(s.Task, "task"));
+        var format = Pipeline.Data.DatasetLoader.ParseFormat(s.Format ?? (task == TrainingTask.Cls ? "tsv" : "text"));
         var (host, runs) = s.OpenHost();
         using (host)
         {
@@ -407,11 +408,11 @@ public sealed class EvalCommand(IAnsiConsole console) : Command<EvalCommand.Sett
             var dataTokenizer = s.Tokenizer is null ? null : TextTokenizer.Load(s.Tokenizer);
             // the class indices of the file follow the classifier's own label order where it recorded one
             var classNames = Pipeline.Data.DatasetLoader.ParseClassNames(s.Labels, "--labels")
-                ?? (task == Pipeline.Data.TaskKind.Cls && s.LabelTokens is null ? ServeSettings.RecordedLabels(host, s, runs[0]) : null);
+                ?? (task == TrainingTask.Cls && s.LabelTokens is null ? ServeSettings.RecordedLabels(host, s, runs[0]) : null);
             var data = Pipeline.Data.DatasetLoader.Load(s.Data, new Pipeline.Data.DatasetOptions
             {
                 Format = format, Task = task, SeqLength = s.Seq, ClassNames = classNames,
-                VocabSize = task == Pipeline.Data.TaskKind.Cls ? dataTokenizer?.VocabSize ?? 50257   // tsv text goes through the tokenizer, GPT-2's by default
+                VocabSize = task == TrainingTask.Cls ? dataTokenizer?.VocabSize ?? 50257   // tsv text goes through the tokenizer, GPT-2's by default
                     : width > 0 ? width : throw new ArgumentException($"{host.ModelPath}: the vocabulary size (last dim of the logits) is not fixed, so token ids cannot be checked against it"),
                 Tokenizer = dataTokenizer,
             });
@@ -420,7 +421,7 @@ public sealed class EvalCommand(IAnsiConsole console) : Command<EvalCommand.Sett
             {
                 cancellationToken.ThrowIfCancellationRequested();
                 var who = Markup.Escape(name ?? "base");
-                if (task == Pipeline.Data.TaskKind.Lm)
+                if (task == TrainingTask.Lm)
                 {
                     var r = Evaluator.LanguageModel(host, name, data, s.Batch, padId: width == 50257 ? TextGenerator.Gpt2EndOfText : 0);
                     console.MarkupLine(string.Create(CultureInfo.InvariantCulture, $"[bold]{who}[/]: loss {r.MeanLoss:F4}, perplexity {r.Perplexity:F3} over {r.Tokens:N0} tokens"));

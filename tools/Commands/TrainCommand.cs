@@ -110,7 +110,7 @@ public sealed class TrainCommand(IAnsiConsole console) : Command<TrainCommand.Se
         if (string.IsNullOrEmpty(s.Model)) throw new ArgumentException("--model DIR is required (an 'onnxlora rewrite' output folder)");
         if (string.IsNullOrEmpty(s.Data)) throw new ArgumentException("--data FILE is required");
         if (string.IsNullOrEmpty(s.Out)) throw new ArgumentException("--out RUN_DIR is required");
-        var task = Cli.Flag("--task", () => TaskKinds.Parse(s.Task));
+        var task = Cli.Flag("--task", () => WireNames.Parse<TrainingTask>(s.Task, "task"));
         return new TrainOptions
         {
             ModelDir = Path.GetFullPath(s.Model), DataPath = Path.GetFullPath(s.Data), Format = ParseFormat(s.Format, s.Data, task), Task = task,
@@ -126,13 +126,13 @@ public sealed class TrainCommand(IAnsiConsole console) : Command<TrainCommand.Se
         };
     }
 
-    static DataFormat ParseFormat(string? format, string path, TaskKind task) => format is { Length: > 0 }
+    static DataFormat ParseFormat(string? format, string path, TrainingTask task) => format is { Length: > 0 }
         ? Cli.Flag("--format", () => DatasetLoader.ParseFormat(format))
         : Path.GetExtension(path).ToLowerInvariant() switch
         {
             ".jsonl" or ".json" => DataFormat.Jsonl,
             ".tsv" or ".csv" => DataFormat.Tsv,
-            _ => task == TaskKind.Cls ? DataFormat.Tsv : DataFormat.Text,
+            _ => task == TrainingTask.Cls ? DataFormat.Tsv : DataFormat.Text,
         };
 
     TrainResult WithProgress(Func<IProgress<TrainProgress>, TrainResult> run)
