@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """PyTorch peer of `onnxlora bench`: trains the workload defined in workload.json (beside this file) and prints one
-JSON line (peer, preset, task, batch, seq, rank, threads, step_s, tokens_per_s, trainable, total, peak_rss_mb, and
+JSON line (peer, preset, task, batch, seq, rank, threads, step_s, cpu_s (process CPU seconds per step), tokens_per_s, trainable, total, peak_rss_mb, and
 what it ran on: cpu, cpu_flags, blas, matmul_gflops, env).
 
 Needs torch with a real BLAS (Debian: python3-torch and libopenblas0-pthread; torch's reference BLAS is ~40x slower).
@@ -154,12 +154,12 @@ def main():
         return loss.item()
 
     for _ in range(a.warmup): step()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(a.steps): step()
-    dt = (time.perf_counter() - t0) / a.steps
+    dt, cpu = (time.perf_counter() - t0) / a.steps, (time.process_time() - c0) / a.steps
     cpu, flags = cpu_info()
     print(json.dumps(dict(peer="pytorch " + torch.__version__, preset=a.preset, task=a.task, batch=a.batch, seq=a.seq,
-                          rank=a.rank, threads=a.threads, step_s=round(dt, 4), tokens_per_s=round(a.batch * a.seq / dt, 1),
+                          rank=a.rank, threads=a.threads, step_s=round(dt, 4), cpu_s=round(cpu, 3), tokens_per_s=round(a.batch * a.seq / dt, 1),
                           trainable=sum(p.numel() for p in params), total=sum(p.numel() for p in model.parameters()),
                           peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
                           cpu=cpu, cpu_flags=" ".join(flags), blas=blas_info(), matmul_gflops=matmul_gflops(),

@@ -107,6 +107,24 @@ public class BenchCommandTests
         Assert.That(doc.RootElement.GetProperty("task").GetString(), Is.EqualTo("lm"));
     }
 
+    /// <summary>--profile: ORT's profile files are written and their per-op totals of the last step printed, forward and backward.</summary>
+    [Test]
+    public void ProfilePrintsPerOpTotals()
+    {
+        using var dir = new TempDir();
+        var prefix = dir.File("prof");
+        var (code, _, error) = CliRunner.Run("bench", "--self-only", "--preset", "tiny", "--seq", "8", "--batch", "2", "--steps", "1", "--warmup", "0",
+                                            "--threads", "1", "--profile", prefix);
+        Assert.That(code, Is.EqualTo(0), error);
+        var files = Directory.GetFiles(dir.Path, "prof_*.json");
+        Assert.That(files, Has.Length.EqualTo(2), "the train and the optimizer session");
+        var (ops, run) = ProfileSummary.Read(files.Single(f => ProfileSummary.Read(f).Ops.Any(o => o.Backward)));
+        Assert.That(run, Is.GreaterThan(0));
+        Assert.That(ops.Where(o => o.Backward).Select(o => o.Op), Does.Contain("FusedMatMul"), "dX = dY·Wᵀ in the backward");
+        Assert.That(ops.Where(o => !o.Backward).Select(o => o.Op), Does.Contain("MatMul").And.Contain("FastGelu"));
+        Assert.That(error, Does.Contain("profile ").And.Contain(" backward "));
+    }
+
     [TestCase("--task", "mlm", "--task: task must be lm or cls")]
     [TestCase("--peers", "/nonexistent-peers", "--peers /nonexistent-peers: no such folder")]
     [TestCase("--preset", "gpt3", "--preset must be one of")]

@@ -70,6 +70,12 @@ public sealed record BenchResult
     public double? TrainS { get; init; }
     /// <summary>Mean seconds per step in the optimizer session, OnnxLora only.</summary>
     public double? OptimizerS { get; init; }
+    /// <summary>
+    /// Process CPU seconds (user + system, all threads) per timed step: on a shared machine a steadier measure of the
+    /// work than wall time (it also counts spin-waiting: ORT's unless <c>session.intra_op.allow_spinning=0</c>, OpenMP's
+    /// and OpenBLAS's in the peers).
+    /// </summary>
+    public double? CpuS { get; init; }
     /// <summary>Seconds to load the ORT sessions, OnnxLora only.</summary>
     public double? LoadS { get; init; }
     /// <summary>What the contestant ran on: CPU model, its avx2/fma/avx512*/amx* flags, the BLAS (library, kernel, threads).</summary>
@@ -162,9 +168,11 @@ public static class BenchWorkload
         session.WeightDecay = spec.Workload.Optimizer.WeightDecay;
         var batch = RandomBatch(spec, spec.ModelConfig.VocabSize);
         double train = 0, optimizer = 0;
+        TimeSpan cpuAtStart = default;
         for (int i = 0; i < spec.Warmup + spec.Steps; i++)
         {
             bool timed = i >= spec.Warmup;
+            if (i == spec.Warmup) cpuAtStart = Process.GetCurrentProcess().TotalProcessorTime;
             var t0 = Stopwatch.GetTimestamp();
             session.LazyResetGrad();
             var loss = session.TrainStep(batch).Loss;
@@ -176,6 +184,7 @@ public static class BenchWorkload
             progress?.Invoke($"{label}: {Stopwatch.GetElapsedTime(t0, t2).TotalSeconds:F2} s (train {Stopwatch.GetElapsedTime(t0, t1).TotalSeconds:F2} s, optimizer {Stopwatch.GetElapsedTime(t1, t2).TotalSeconds:F3} s), loss {loss:F4}");
         }
         double step = (train + optimizer) / spec.Steps;
+        double cpuPerStep = (Process.GetCurrentProcess().TotalProcessorTime - cpuAtStart).TotalSeconds / spec.Steps;
         var (cpu, flags) = MachineInfo.Cpu();
         return new BenchResult
         {
@@ -184,9 +193,9 @@ public static class BenchWorkload
             StepS = Math.Round(step, 4), TokensPerS = Math.Round(spec.TokensPerStep / step, 1),
             Trainable = counts.Trainable, Total = counts.Total,
             PeakRssMb = (long)Math.Round(Trainer.PeakMemoryBytes() / (1024.0 * 1024.0)),
-            TrainS = Math.Round(train / spec.Steps, 4), OptimizerS = Math.Round(optimizer / spec.Steps, 4), LoadS = Math.Round(load.Elapsed.TotalSeconds, 2),
+            TrainS = Math.Round(train / spec.Steps, 4), OptimizerS = Math.Round(optimizer / spec.Steps, 4), CpuS = Math.Round(cpuPerStep, 3), LoadS = Math.Round(load.Elapsed.TotalSeconds, 2),
             Cpu = cpu, CpuFlags = flags, Blas = $"{MachineInfo.MlasKernel()}, {spec.Threads} intra-op threads",
-            MatmulGflops = Math.Round(MachineInfo.OrtMatMulGflops(spec.Threads), 1),
+            MatmulGflops = Math.Round(MachineInfo.OrtMatMulGflops(spec.Threads).Gflops, 1),
         };
     }
 

@@ -69,7 +69,7 @@ public sealed class BenchCommand(IAnsiConsole console) : Command<BenchCommand.Se
         public bool NoCpuArena { get; init; }
         [CommandOption("--memory-pattern")][Description("Turn ONNX Runtime's memory pattern planning back on for OnnxLora's sessions (TrainingSession turns it off).")]
         public bool MemoryPattern { get; init; }
-        [CommandOption("--profile <PREFIX>")][Description("Write ONNX Runtime profiles (PREFIX_*.json) of OnnxLora's sessions.")]
+        [CommandOption("--profile <PREFIX>")][Description("Write ONNX Runtime profiles (PREFIX_*.json) of OnnxLora's sessions and print their per-op kernel totals (forward / backward) of the last step.")]
         public string? Profile { get; init; }
         [CommandOption("--generate")][Description("Benchmark generation instead of training: a with-past GPT-2 preset, batch 1 and --batch, no cache vs the KV cache, each on the base model, with an adapter and merged; time to first token and tokens/s.")]
         public bool Generate { get; init; }
@@ -145,12 +145,13 @@ public sealed class BenchCommand(IAnsiConsole console) : Command<BenchCommand.Se
         console.MarkupLineInterpolated($"[bold]onnxlora bench[/]: {spec.Preset} (separate q/k/v), task {spec.Task}{(spec.Task == "cls" ? $" ({spec.Classes} classes)" : "")}, batch {spec.Batch} × {spec.Seq}, LoRA r={spec.Rank} alpha={spec.Alpha} on every linear, AdamW (lr {spec.Workload.Optimizer.Lr}, weight decay {spec.Workload.Optimizer.WeightDecay}); {spec.Warmup} warmup + {spec.Steps} timed steps, {spec.Threads} threads, {s.Runs} run(s)");
         foreach (var note in notes) console.MarkupLineInterpolated($"[yellow]note:[/] {note}");
         var (cpu, flags) = MachineInfo.Cpu();
-        double peak = 0;
+        (double Gflops, double GflopsPerCpuSecond) peak = default;
         console.Status().Start("measuring ONNX Runtime's MatMul peak (2048³)…", _ => peak = MachineInfo.OrtMatMulGflops(spec.Threads));
-        console.MarkupLineInterpolated($"machine: {cpu}, {Environment.ProcessorCount} cores, flags {flags}; ONNX Runtime MatMul 2048³ with {spec.Threads} threads: [bold]{peak:F1} GFLOP/s[/] (the peak below)");
+        console.MarkupLineInterpolated($"machine: {cpu}, {Environment.ProcessorCount} cores, flags {flags}, load average {LoadAverage()}; ONNX Runtime MatMul 2048³ with {spec.Threads} threads: [bold]{peak.Gflops:F1} GFLOP/s[/], {peak.GflopsPerCpuSecond:F1} GFLOP per CPU-second (the peaks below)");
         console.MarkupLineInterpolated($"workload: {spec.TrainingFlops / 1e9:F1} GFLOP of matrix products per training step (3·forward − frozen weight gradients, docs/BENCHMARKS.md)");
 
         if (s.Json is not null) OutputFolder.CheckFile(s.Json, "--json", [s.Peers], s.Overwrite);   // before minutes of benchmarking
+        var loadBefore = LoadAverage();
         var dir = Path.Combine(Path.GetTempPath(), $"onnxlora-bench-{Environment.ProcessId}-{Guid.NewGuid():N}"[..48]);
         try
         {
@@ -162,6 +163,7 @@ public sealed class BenchCommand(IAnsiConsole console) : Command<BenchCommand.Se
             console.MarkupLineInterpolated($"artifacts built in {build.Elapsed.TotalSeconds:F1} s: {counts.Trainable:N0} trainable of {counts.Total:N0} parameters");
             contestants.Insert(0, SelfProcess(s, spec, dir));
 
+            var started = DateTime.UtcNow;
             var runs = new List<(int Round, BenchProcess Who, BenchResult Result)>();
             for (int round = 1; round <= s.Runs; round++)
                 foreach (var who in contestants)
@@ -173,16 +175,20 @@ public sealed class BenchCommand(IAnsiConsole console) : Command<BenchCommand.Se
                     console.Status().Start(label, ctx =>
                         result = who.Run(line => ctx.Status(Markup.Escape($"{label} ({clock.Elapsed.TotalSeconds:F0} s) {Shorten(line)}")), cancellationToken));
                     runs.Add((round, who, result));
-                    console.MarkupLineInterpolated($"{label}: {result.StepS:F2} s/step, {result.TokensPerS:F1} tokens/s, peak {result.PeakRssMb:N0} MiB{(result.TrainS is double t ? $" (train {t:F2} s + optimizer {result.OptimizerS:F3} s)" : "")} [grey]({clock.Elapsed.TotalSeconds:F0} s)[/]");
+                    var load = LoadAverage();
+                    console.MarkupLineInterpolated($"{label}: {result.StepS:F2} s/step, {result.TokensPerS:F1} tokens/s, peak {result.PeakRssMb:N0} MiB{(result.TrainS is double t ? $" (train {t:F2} s + optimizer {result.OptimizerS:F3} s, CPU {result.CpuS:F2} s)" : "")} [grey]({clock.Elapsed.TotalSeconds:F0} s, load {load})[/]");
                 }
 
             var summary = Summarize(runs, contestants, spec.TrainingFlops, peak);
             PrintTable(summary, counts, peak);
+            if (s.Profile is not null) ProfileSummary.Print(s.Profile, started, console.Profile.Out.Writer);
             if (s.Json is not null)
                 AtomicFile.WriteAllText(s.Json, JsonSerializer.Serialize(new
                 {
                     spec,
-                    machine = new { cpu, cores = Environment.ProcessorCount, flags, ort_matmul_2048_gflops = Math.Round(peak, 1), training_gflop_per_step = Math.Round(spec.TrainingFlops / 1e9, 2) },
+                    machine = new { cpu, cores = Environment.ProcessorCount, flags, load_average_before = loadBefore, load_average_after = LoadAverage(),
+                                    ort_matmul_2048_gflops = Math.Round(peak.Gflops, 1), ort_matmul_2048_gflop_per_cpu_s = Math.Round(peak.GflopsPerCpuSecond, 1),
+                                    training_gflop_per_step = Math.Round(spec.TrainingFlops / 1e9, 2) },
                     commands = contestants.Select(c => new { name = c.Name, command = c.CommandLine }),
                     runs = runs.Select(r => new { round = r.Round, name = r.Who.Name, result = r.Result }),
                     summary,
@@ -205,6 +211,7 @@ public sealed class BenchCommand(IAnsiConsole console) : Command<BenchCommand.Se
             // --artifacts: a new folder, or one a bench built (reused); never a folder of the user's
             if (!OutputFolder.Check(dir, Verb, "--artifacts", overwrite: false, reuse: true)) OutputFolder.Mark(dir, Verb);
             if (!File.Exists(Path.Combine(dir, BenchWorkload.CountsFile))) BenchWorkload.BuildArtifacts(spec, dir);
+            var started = DateTime.UtcNow;
             var result = BenchWorkload.Run(spec, dir, line => Console.Error.WriteLine(line), options =>
             {
                 foreach (var entry in s.OrtConfig)
@@ -221,6 +228,7 @@ public sealed class BenchCommand(IAnsiConsole console) : Command<BenchCommand.Se
                 if (s.MemoryPattern) options.EnableMemoryPattern = true;
                 if (s.Profile is not null) { options.ProfileOutputPathPrefix = s.Profile; options.EnableProfiling = true; }   // the prefix first: enabling reads it
             });
+            if (s.Profile is not null) ProfileSummary.Print(s.Profile, started, Console.Error);   // ORT wrote the files when the sessions closed
             // the raw writer: a console would wrap the line at its width
             console.Profile.Out.Writer.WriteLine(result.ToJsonLine());
             console.Profile.Out.Writer.Flush();
@@ -290,11 +298,15 @@ public sealed class BenchCommand(IAnsiConsole console) : Command<BenchCommand.Se
     }
 
     /// <summary>Medians per contestant over the rounds.</summary>
-    /// <summary>Medians per contestant; <see cref="Gflops"/> = the workload's training FLOPs ÷ the median step, <see cref="PeakFraction"/> = that ÷ the measured ORT MatMul peak.</summary>
+    /// <summary>
+    /// Medians per contestant; <see cref="Gflops"/> = the workload's training FLOPs ÷ the median step,
+    /// <see cref="PeakFraction"/> = that ÷ the measured ORT MatMul peak; <see cref="CpuS"/> the median CPU seconds per
+    /// step and <see cref="CpuPeakFraction"/> = (FLOPs ÷ CPU-second) ÷ the MatMul's FLOPs per CPU-second.
+    /// </summary>
     public sealed record Summary(string Name, string Peer, int Runs, double StepS, double TokensPerS, double PeakRssMb, long Trainable, long Total, double? TrainS, double? OptimizerS,
-                                 double Gflops, double PeakFraction, BenchResult Machine);
+                                 double Gflops, double PeakFraction, double? CpuS, double? CpuPeakFraction, BenchResult Machine);
 
-    static List<Summary> Summarize(List<(int Round, BenchProcess Who, BenchResult Result)> runs, List<BenchProcess> contestants, double flops, double peakGflops) =>
+    static List<Summary> Summarize(List<(int Round, BenchProcess Who, BenchResult Result)> runs, List<BenchProcess> contestants, double flops, (double Gflops, double GflopsPerCpuSecond) peak) =>
         contestants.Select(c =>
         {
             var rs = runs.Where(r => r.Who == c).Select(r => r.Result).ToList();
@@ -302,7 +314,8 @@ public sealed class BenchCommand(IAnsiConsole console) : Command<BenchCommand.Se
             double step = Median(rs.Select(r => r.StepS));
             return new Summary(c.Name, rs[0].Peer, rs.Count, step, Median(rs.Select(r => r.TokensPerS)), Median(rs.Select(r => (double)r.PeakRssMb)),
                                rs[0].Trainable, rs[0].Total, MedianOrNull(r => r.TrainS), MedianOrNull(r => r.OptimizerS),
-                               flops / step / 1e9, flops / step / 1e9 / peakGflops, rs[^1]);
+                               flops / step / 1e9, flops / step / 1e9 / peak.Gflops, MedianOrNull(r => r.CpuS),
+                               MedianOrNull(r => r.CpuS) is double cpu ? flops / cpu / 1e9 / peak.GflopsPerCpuSecond : null, rs[^1]);
         }).ToList();
 
     internal static double Median(IEnumerable<double> values)
@@ -311,19 +324,20 @@ public sealed class BenchCommand(IAnsiConsole console) : Command<BenchCommand.Se
         return v.Length % 2 == 1 ? v[v.Length / 2] : (v[v.Length / 2 - 1] + v[v.Length / 2]) / 2;
     }
 
-    void PrintTable(List<Summary> summary, BenchWorkload.Counts counts, double peak)
+    void PrintTable(List<Summary> summary, BenchWorkload.Counts counts, (double Gflops, double GflopsPerCpuSecond) peak)
     {
         var ours = summary[0];
-        var table = new Table().Title($"medians of {ours.Runs} run(s)").AddColumns("", "s/step", "tokens/s", "GFLOP/s", "% of peak", "peak MiB", "trainable", "speed ×", "mem ×");
+        var table = new Table().Title($"medians of {ours.Runs} run(s)").AddColumns("", "s/step", "tokens/s", "GFLOP/s", "% peak", "CPU s", "% peak/CPU", "peak MiB", "speed ×", "mem ×");
         foreach (var r in summary)
         {
             bool self = ReferenceEquals(r, ours);
-            table.AddRow(Markup.Escape(r.Name), $"{r.StepS:F2}", $"{r.TokensPerS:F1}", $"{r.Gflops:F1}", $"{100 * r.PeakFraction:F0} %", $"{r.PeakRssMb:N0}", $"{r.Trainable:N0}",
+            table.AddRow(Markup.Escape(r.Name), $"{r.StepS:F2}", $"{r.TokensPerS:F1}", $"{r.Gflops:F1}", $"{100 * r.PeakFraction:F0}", $"{r.CpuS:F2}", r.CpuPeakFraction is double f ? $"{100 * f:F0}" : "", $"{r.PeakRssMb:N0}",
                          self ? "" : $"{ours.TokensPerS / r.TokensPerS:F2}", self ? "" : $"{ours.PeakRssMb / r.PeakRssMb:F2}");
         }
         table.Border(TableBorder.Simple);
         console.Write(table);
-        console.MarkupLineInterpolated($"% of peak: GFLOP/s ÷ ONNX Runtime's MatMul 2048³ measured here before the runs ({peak:F1} GFLOP/s)");
+        console.MarkupLineInterpolated($"% peak: GFLOP/s ÷ ONNX Runtime's MatMul 2048³ measured here before the runs ({peak.Gflops:F1} GFLOP/s); CPU s: process CPU seconds per step; % peak/CPU: GFLOP per CPU-second ÷ the MatMul's ({peak.GflopsPerCpuSecond:F1}), steadier on a shared machine");
+        console.MarkupLineInterpolated($"trainable parameters: {string.Join(", ", summary.Select(r => $"{r.Name} {r.Trainable:N0}"))}");
         foreach (var r in summary)
         {
             var m = r.Machine;
@@ -336,6 +350,13 @@ public sealed class BenchCommand(IAnsiConsole console) : Command<BenchCommand.Se
             console.MarkupLineInterpolated($"[yellow]note:[/] {r.Name} trains {r.Trainable:N0} parameters, OnnxLora {counts.Trainable:N0}: not the same workload");
         if (summary.Count > 1)
             console.MarkupLine("speed × = OnnxLora tokens/s ÷ the peer's (> 1: OnnxLora faster); mem × = OnnxLora peak RSS ÷ the peer's (< 1: OnnxLora smaller).");
+    }
+
+    /// <summary>The 1-minute load average (/proc/loadavg), "?" elsewhere: every bench line on a shared machine should carry it.</summary>
+    internal static string LoadAverage()
+    {
+        try { return File.ReadAllText("/proc/loadavg").Split(' ')[0]; }
+        catch (IOException) { return "?"; }
     }
 
     static string Shorten(string line) => line.Length > 90 ? line[..90] + "…" : line;

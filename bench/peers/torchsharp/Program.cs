@@ -227,8 +227,10 @@ static class Program
 
         for (int i = 0; i < warmup; i++) { var l = Step(); if (info) Console.Error.WriteLine($"warmup {i} loss {l:R}, rss {RssMb("VmRSS")} MB, peak {RssMb("VmHWM")} MB"); }
         var sw = Stopwatch.StartNew();
+        var cpu0 = Process.GetCurrentProcess().TotalProcessorTime;
         for (int i = 0; i < steps; i++) { var l = Step(); if (info) Console.Error.WriteLine($"step {i} loss {l:R}, rss {RssMb("VmRSS")} MB, peak {RssMb("VmHWM")} MB"); }
         double dt = sw.Elapsed.TotalSeconds / steps;
+        double cpu = (Process.GetCurrentProcess().TotalProcessorTime - cpu0).TotalSeconds / steps;
 
         var tsVersion = typeof(torch).Assembly.GetCustomAttribute<AssemblyInformationalVersionAttribute>()?.InformationalVersion?.Split('+')[0]
                         ?? typeof(torch).Assembly.GetName().Version?.ToString() ?? "?";
@@ -243,7 +245,7 @@ static class Program
         {
             ["peer"] = $"torchsharp {tsVersion} (libtorch {ltVersion})", ["preset"] = a["preset"], ["task"] = task,
             ["batch"] = batch, ["seq"] = seq, ["rank"] = rank, ["threads"] = threads,
-            ["step_s"] = Math.Round(dt, 4), ["tokens_per_s"] = Math.Round(batch * seq / dt, 1),
+            ["step_s"] = Math.Round(dt, 4), ["cpu_s"] = Math.Round(cpu, 3), ["tokens_per_s"] = Math.Round(batch * seq / dt, 1),
             ["trainable"] = trainable.Sum(w => w.numel()), ["total"] = gpt.parameters().Sum(w => w.numel()),
             ["peak_rss_mb"] = (long)Math.Round(PeakRssKb() / 1024.0),
             ["cpu"] = cpu, ["cpu_flags"] = flags, ["blas"] = blas.Length > 0 ? blas : "unknown", ["matmul_gflops"] = MatMulGflops(),
