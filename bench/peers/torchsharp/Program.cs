@@ -235,7 +235,7 @@ static class Program
         var tsVersion = typeof(torch).Assembly.GetCustomAttribute<AssemblyInformationalVersionAttribute>()?.InformationalVersion?.Split('+')[0]
                         ?? typeof(torch).Assembly.GetName().Version?.ToString() ?? "?";
         var ltVersion = torch.__version__.EndsWith(".0") && torch.__version__.Count(ch => ch == '.') == 3 ? torch.__version__[..^2] : torch.__version__;
-        var (cpu, flags) = CpuInfo();
+        var (cpuModel, flags) = CpuInfo();
         // the BLAS-relevant lines of the build config: MKL / oneDNN versions and the CPU capability ATen dispatches to
         var blasInfo = System.Text.RegularExpressions.Regex.Match(config, @"BLAS_INFO=(\w+)");
         var blas = string.Join("; ", config.Split('\n').Select(l => l.Trim(' ', '-'))
@@ -248,7 +248,7 @@ static class Program
             ["step_s"] = Math.Round(dt, 4), ["cpu_s"] = Math.Round(cpu, 3), ["tokens_per_s"] = Math.Round(batch * seq / dt, 1),
             ["trainable"] = trainable.Sum(w => w.numel()), ["total"] = gpt.parameters().Sum(w => w.numel()),
             ["peak_rss_mb"] = (long)Math.Round(PeakRssKb() / 1024.0),
-            ["cpu"] = cpu, ["cpu_flags"] = flags, ["blas"] = blas.Length > 0 ? blas : "unknown", ["matmul_gflops"] = MatMulGflops(),
+            ["cpu"] = cpuModel, ["cpu_flags"] = flags, ["blas"] = blas.Length > 0 ? blas : "unknown", ["matmul_gflops"] = MatMulGflops(),
         };
         Console.WriteLine(JsonSerializer.Serialize(result));
         return 0;
