@@ -156,10 +156,10 @@ def main():
     for _ in range(a.warmup): step()
     t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(a.steps): step()
-    dt, cpu = (time.perf_counter() - t0) / a.steps, (time.process_time() - c0) / a.steps
+    dt, cpu_s = (time.perf_counter() - t0) / a.steps, (time.process_time() - c0) / a.steps
     cpu, flags = cpu_info()
     print(json.dumps(dict(peer="pytorch " + torch.__version__, preset=a.preset, task=a.task, batch=a.batch, seq=a.seq,
-                          rank=a.rank, threads=a.threads, step_s=round(dt, 4), cpu_s=round(cpu, 3), tokens_per_s=round(a.batch * a.seq / dt, 1),
+                          rank=a.rank, threads=a.threads, step_s=round(dt, 4), cpu_s=round(cpu_s, 3), tokens_per_s=round(a.batch * a.seq / dt, 1),
                           trainable=sum(p.numel() for p in params), total=sum(p.numel() for p in model.parameters()),
                           peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
                           cpu=cpu, cpu_flags=" ".join(flags), blas=blas_info(), matmul_gflops=matmul_gflops(),
