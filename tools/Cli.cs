@@ -44,7 +44,7 @@ public static class Cli
             c.AddCommand<Commands.GenerateCommand>("generate").WithDescription("Generate text with the deployable model and adapters (KV cache when the model has one).");
             c.AddCommand<Commands.ClassifyCommand>("classify").WithDescription("Classify text with the deployable model and adapters: label and probabilities.");
             c.AddCommand<Commands.EvalCommand>("eval").WithDescription("Evaluate the deployable model with adapters: perplexity (lm) or accuracy, precision, recall, F1 and a confusion matrix (cls).");
-            c.AddCommand<BenchCommand>("bench").WithDescription(BenchCommand.Description).WithExample("bench", "--preset", "gpt2", "--task", "cls", "--peers", "../shared/bench", "--runs", "3");
+            c.AddCommand<BenchCommand>("bench").WithDescription(BenchCommand.Description).WithExample("bench", "--preset", "gpt2", "--task", "cls", "--peers", "bench/peers", "--runs", "3");
         });
         try { return app.Run(args); }
         finally { DataParallel.Shutdown(); }

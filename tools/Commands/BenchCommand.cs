@@ -12,7 +12,7 @@ using Spectre.Console.Cli;
 namespace OnnxLora.Tools.Commands;
 
 /// <summary>
-/// `onnxlora bench`: trains the peers' LoRA workload (../shared/bench/) with OnnxLora and, with --peers, with the
+/// `onnxlora bench`: trains the LoRA workload of bench/peers/workload.json with OnnxLora and, with --peers, with the
 /// PyTorch and TorchSharp peers, alternating runs, and prints medians and ratios measured in the same run. Each
 /// contestant runs as its own child process, so its peak RSS is its own; OnnxLora's child is
 /// <c>onnxlora bench --self-only</c>, which prints one JSON line in the peers' format.
@@ -327,6 +327,8 @@ public sealed class BenchCommand(IAnsiConsole console) : Command<BenchCommand.Se
     void PrintTable(List<Summary> summary, BenchWorkload.Counts counts, (double Gflops, double GflopsPerCpuSecond) peak)
     {
         var ours = summary[0];
+        // redirected to a file, Spectre assumes 80 columns and would break every cell: the table is the record
+        if (Console.IsOutputRedirected) console.Profile.Width = Math.Max(console.Profile.Width, 140);
         var table = new Table().Title($"medians of {ours.Runs} run(s)").AddColumns("", "s/step", "tokens/s", "GFLOP/s", "% peak", "CPU s", "% peak/CPU", "peak MiB", "speed ×", "mem ×");
         foreach (var r in summary)
         {
