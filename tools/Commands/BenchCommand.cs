@@ -88,7 +88,7 @@ public sealed class BenchCommand(IAnsiConsole console) : Command<BenchCommand.Se
         [CommandOption("--artifacts <DIR>")][Description("With --self-only: use the artifacts in DIR (with their bench_counts.json), or build them there and keep them.")]
         public string? Artifacts { get; init; }
 
-        /// <summary>--workload, else --peers' workload.json, else the embedded copy; null (with the error) when it cannot be read.</summary>
+        /// <summary>--workload, else --peers' workload.json, else the embedded copy; a bad file throws InvalidDataException (Validate reports it).</summary>
         internal Workload Workload => _workload ??= WorkloadPath is string path ? Workload.Load(path) : Workload.Embedded;
         Workload? _workload;
 
