@@ -46,7 +46,7 @@ public static class Cli
             c.AddCommand<Commands.EvalCommand>("eval").WithDescription("Evaluate the deployable model with adapters: perplexity (lm) or accuracy, precision, recall, F1 and a confusion matrix (cls).");
             c.AddCommand<ServeCommand>("serve").WithDescription(ServeCommand.Description).WithExample("serve", "--model", "rw", "--adapter", "sql=sql.onnx_adapter", "--port", "8000");
             c.AddCommand<LoadTestCommand>("loadtest").WithDescription(LoadTestCommand.Description).WithExample("loadtest", "--model", "rw", "--adapter", "a=a.onnx_adapter", "--adapter", "b=b.onnx_adapter", "--clients", "8", "--seconds", "30");
-            c.AddCommand<BenchCommand>("bench").WithDescription(BenchCommand.Description).WithExample("bench", "--preset", "gpt2", "--task", "cls", "--peers", "../shared/bench", "--runs", "3");
+            c.AddCommand<BenchCommand>("bench").WithDescription(BenchCommand.Description).WithExample("bench", "--preset", "gpt2", "--task", "cls", "--peers", "bench/peers", "--runs", "3");
         });
         try { return app.Run(args); }
         finally { DataParallel.Shutdown(); }

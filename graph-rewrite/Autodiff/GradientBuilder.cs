@@ -20,6 +20,8 @@ public sealed record GradientOptions
     public bool PlainMatMul { get; init; }
     /// <summary>Prefix of every value and node the backward pass adds.</summary>
     public string Prefix { get; init; } = "grad/";
+    /// <summary>Replace float tanh-GELU written out in basic ops by com.microsoft FastGelu first (<see cref="Rules.GeluFusion"/>).</summary>
+    public bool FuseGelu { get; init; } = true;
 }
 
 /// <summary>
@@ -41,6 +43,7 @@ public static class GradientBuilder
         options ??= new GradientOptions();
         var graph = new GraphEditor(model);
         var inference = ShapeInference.Run(model);
+        if (options.FuseGelu && Rules.GeluFusion.Run(graph, v => inference.ShapeOf(v)?.ElemType ?? graph.ElemTypeOf(v)) > 0) inference = ShapeInference.Run(model);
         var emit = new GradientEmitter(graph, inference, options.PlainMatMul, options.Prefix);
         var order = graph.TopologicalOrder();
 

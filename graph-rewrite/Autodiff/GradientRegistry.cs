@@ -96,6 +96,7 @@ public static class GradientRegistry
         ["Xor"] = NoGradient,
         ["com.microsoft.FusedMatMul"] = new FusedMatMulRule(),
         ["com.microsoft.Gelu"] = new GeluRule(),
+        ["com.microsoft.FastGelu"] = new FastGeluRule(),
     };
 
     /// <summary>The entry for a node's op, or null when none is registered.</summary>

@@ -5,23 +5,47 @@ namespace OnnxLora.Pipeline.Data;
 /// Splits a dataset into padded batches in a deterministic order: a seeded shuffle per epoch (or file order with
 /// shuffling off), each batch padded (on the right) to its longest example. The order depends only on
 /// (seed, epoch), so a resumed run sees the same batches.
+/// With <paramref name="bucketByLength"/>, examples of similar length share a batch, so a batch of short messages is
+/// not padded to one long one: the epoch's order is cut into windows of <see cref="BucketWindow"/> batches, each
+/// window sorted by length (longest first, ties in shuffled order), cut into batches, and the full batches of the
+/// epoch are then shuffled among themselves (the one partial batch stays last). Still a function of (seed, epoch).
 /// </summary>
-public sealed class Batcher(Dataset dataset, int batchSize, int padTokenId, bool shuffle, ulong seed)
+public sealed class Batcher(Dataset dataset, int batchSize, int padTokenId, bool shuffle, ulong seed, bool bucketByLength = false)
 {
+    /// <summary>Batches per sorted window: wide enough to find similar lengths, narrow enough to keep epochs mixed.</summary>
+    public const int BucketWindow = 50;
+
     public int BatchesPerEpoch => (dataset.Examples.Count + batchSize - 1) / batchSize;
 
-    /// <summary>The example order of one epoch.</summary>
+    /// <summary>The example order of one epoch: batch b is order[b·batchSize …].</summary>
     public int[] Order(int epoch)
     {
         var order = Enumerable.Range(0, dataset.Examples.Count).ToArray();
-        if (!shuffle) return order;
         var rng = new SplitMix64(seed ^ (0x9E3779B97F4A7C15UL * (ulong)(epoch + 1)));
-        for (int i = order.Length - 1; i > 0; i--)
+        if (shuffle) Shuffle(order, ref rng);
+        if (!bucketByLength) return order;
+
+        int window = batchSize * BucketWindow;
+        for (int start = 0; start < order.Length; start += window)
+        {
+            int count = Math.Min(window, order.Length - start);
+            // stable: equal lengths keep their shuffled (or file) order
+            var sorted = order.AsSpan(start, count).ToArray().OrderByDescending(i => dataset.Examples[i].Length).ToArray();
+            sorted.CopyTo(order, start);
+        }
+        var batches = Enumerable.Range(0, order.Length / batchSize).ToArray();
+        if (shuffle) Shuffle(batches, ref rng);
+        return batches.SelectMany(b => order.AsSpan(b * batchSize, batchSize).ToArray())
+                      .Concat(order.Skip(batches.Length * batchSize)).ToArray();
+    }
+
+    static void Shuffle(int[] items, ref SplitMix64 rng)
+    {
+        for (int i = items.Length - 1; i > 0; i--)
         {
             int j = (int)(rng.Next() % (ulong)(i + 1));
-            (order[i], order[j]) = (order[j], order[i]);
+            (items[i], items[j]) = (items[j], items[i]);
         }
-        return order;
     }
 
     /// <summary>Batch <paramref name="index"/> of <paramref name="epoch"/>.</summary>

@@ -52,6 +52,8 @@ public sealed record TrainOptions
     public int Threads { get; init; }
     public int Seed { get; init; } = 42;
     public bool Shuffle { get; init; } = true;
+    /// <summary>Batch examples of similar length together (<see cref="Batcher"/>): less padding on data of mixed lengths.</summary>
+    public bool BucketByLength { get; init; }
     public string? InitAdapter { get; init; }
     public int CheckpointEvery { get; init; } = 50;
     public bool SkipBadRows { get; init; }

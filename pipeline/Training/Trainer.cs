@@ -100,7 +100,7 @@ public static class Trainer
         // padding sits right of every sequence, so causal attention never lets it reach a counted position and its
         // labels are −100: any valid token id works; GPT-2's <|endoftext|> where the vocabulary has it
         int padId = vocab > TextTokenizer.Gpt2.EndOfText ? TextTokenizer.Gpt2.EndOfText : 0;
-        var batcher = new Batcher(train, o.BatchSize, padId, o.Shuffle, (ulong)o.Seed);
+        var batcher = new Batcher(train, o.BatchSize, padId, o.Shuffle, (ulong)o.Seed, o.BucketByLength);
         int stepsPerEpoch = Math.Max(1, (batcher.BatchesPerEpoch + o.GradAccum - 1) / o.GradAccum);
         int totalSteps = o.MaxSteps > 0 ? o.MaxSteps : stepsPerEpoch * o.Epochs;
         var schedule = new LrSchedule(o.Lr, o.WarmupSteps, totalSteps, o.Schedule);

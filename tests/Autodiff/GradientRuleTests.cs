@@ -57,6 +57,8 @@ public class GradientRuleTests
         new("Relu negative side", "Relu", [Range(-1, -0.1, 2, 3)]),
         new("Gelu exact (opset 20; Erf has no float64 kernel)", "Gelu", [R(2, 5)], Opset: 20, Float32: true),
         new("Gelu tanh (opset 20)", "Gelu", [R(2, 5)], [S("approximate", "tanh")], Opset: 20, Float32: true),
+        new("FastGelu (com.microsoft; float kernel only)", "FastGelu", [R(2, 5)], Domain: "com.microsoft", Float32: true),
+        new("FastGelu with bias", "FastGelu", [R(2, 3, 4), R(4)], Domain: "com.microsoft", Float32: true),
         new("Softmax axis -1", "Softmax", [R(2, 3, 4)], [I("axis", -1)]),
         new("Softmax axis 1", "Softmax", [R(2, 3, 4)], [I("axis", 1)]),
         new("LogSoftmax axis -1", "LogSoftmax", [R(2, 3, 4)], [I("axis", -1)]),

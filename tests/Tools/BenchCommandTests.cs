@@ -70,9 +70,9 @@ public class BenchCommandTests
         var (code, output, error) = CliRunner.Run("bench", "--preset", "tiny", "--seq", "16", "--batch", "2", "--steps", "1", "--warmup", "0",
                                                  "--threads", "1", "--runs", "2", "--json", json);
         Assert.That(code, Is.EqualTo(0), error);
-        // tiny (width 32, 2 blocks): 6 linears per block with r=16, plus the LoRA of the 2-class head
-        long perBlock = 4 * 16 * (32 + 32) + 16 * (32 + 128) + 16 * (128 + 32);
-        long trainable = 2 * perBlock + 16 * (32 + 2);
+        // the workload's tiny (width 64, 2 blocks): 6 linears per block with r=16, plus the LoRA of the 2-class head
+        long perBlock = 4 * 16 * (64 + 64) + 16 * (64 + 256) + 16 * (256 + 64);
+        long trainable = 2 * perBlock + 16 * (64 + 2);
         Assert.That(output, Does.Contain($"{trainable:N0} trainable").And.Contain("run 2/2: onnxlora").And.Contain("medians of 2 run(s)"));
 
         using var doc = JsonDocument.Parse(File.ReadAllText(json));
@@ -99,15 +99,34 @@ public class BenchCommandTests
         var line = output.Trim();
         Assert.That(line.Split('\n'), Has.Length.EqualTo(1));
         using var doc = JsonDocument.Parse(line);
-        foreach (var field in new[] { "peer", "preset", "task", "batch", "seq", "rank", "threads", "step_s", "tokens_per_s", "trainable", "total", "peak_rss_mb" })
+        foreach (var field in new[] { "peer", "preset", "task", "batch", "seq", "rank", "threads", "step_s", "tokens_per_s", "trainable", "total", "peak_rss_mb", "cpu", "blas", "matmul_gflops" })
             Assert.That(doc.RootElement.TryGetProperty(field, out _), Is.True, field);
         // lm: LoRA on the 512-token vocabulary head too
-        long trainable = 2 * (4 * 16 * 64 + 2 * 16 * 160) + 16 * (32 + 512);
+        long trainable = 2 * (4 * 16 * 128 + 2 * 16 * 320) + 16 * (64 + 512);
         Assert.That(doc.RootElement.GetProperty("trainable").GetInt64(), Is.EqualTo(trainable));
         Assert.That(doc.RootElement.GetProperty("task").GetString(), Is.EqualTo("lm"));
     }
 
+    /// <summary>--profile: ORT's profile files are written and their per-op totals of the last step printed, forward and backward.</summary>
+    [Test]
+    public void ProfilePrintsPerOpTotals()
+    {
+        using var dir = new TempDir();
+        var prefix = dir.File("prof");
+        var (code, _, error) = CliRunner.Run("bench", "--self-only", "--preset", "tiny", "--seq", "8", "--batch", "2", "--steps", "1", "--warmup", "0",
+                                            "--threads", "1", "--profile", prefix);
+        Assert.That(code, Is.EqualTo(0), error);
+        var files = Directory.GetFiles(dir.Path, "prof_*.json");
+        Assert.That(files, Has.Length.EqualTo(2), "the train and the optimizer session");
+        var (ops, run) = ProfileSummary.Read(files.Single(f => ProfileSummary.Read(f).Ops.Any(o => o.Backward)));
+        Assert.That(run, Is.GreaterThan(0));
+        Assert.That(ops.Where(o => o.Backward).Select(o => o.Op), Does.Contain("FusedMatMul"), "dX = dY·Wᵀ in the backward");
+        Assert.That(ops.Where(o => !o.Backward).Select(o => o.Op), Does.Contain("MatMul").And.Contain("FastGelu"));
+        Assert.That(error, Does.Contain("profile ").And.Contain(" backward "));
+    }
+
     [TestCase("--task", "mlm", "--task: task must be lm or cls")]
+    [TestCase("--peers", "/nonexistent-peers", "--peers /nonexistent-peers: no such folder")]
     [TestCase("--preset", "gpt3", "--preset must be one of")]
     [TestCase("--seq", "100", "longer than tiny's context")]
     [TestCase("--artifacts", "x", "--artifacts goes with --self-only")]
@@ -128,5 +147,56 @@ public class BenchCommandTests
                                        "\"threads\": 2, \"step_s\": 4.8, \"tokens_per_s\": 200.0, \"trainable\": 2666528, \"total\": 126000000, \"peak_rss_mb\": 2250}\n");
         Assert.That(r, Is.Not.Null);
         Assert.That((r!.Peer, r.StepS, r.Trainable, r.PeakRssMb, r.TrainS), Is.EqualTo(("pytorch 1.13.0a0", 4.8, 2666528L, 2250L, (double?)null)));
+    }
+
+    /// <summary>The analytic FLOP count, against a count by hand of every product of gpt2 (width 768, 12 blocks) for cls 8 × 120, r = 16.</summary>
+    [Test]
+    public void TrainingFlopsCountEveryProductOnce()
+    {
+        var spec = new BenchSpec("gpt2", "cls", 2, 8, 120, 16, 16, 1, 0, 1, 123, Workload.Embedded);
+        double n = 8 * 120, d = 768;
+        // frozen linears per block: q, k, v, proj (d×d), fc (d×4d), out (4d×d); the head d×2
+        double frozenMacs = n * (12 * (4 * d * d + 2 * 4 * d * d) + d * 2);
+        double loraMacs = n * 16 * (12 * (4 * 2 * d + 2 * 5 * d) + (d + 2));
+        double attentionMacs = 12 * 8 * 12 * (2 * 120.0 * 120 * 64);   // blocks × batch × heads × (QKᵀ + A·V)
+        // forward: every product once; backward: input gradients of all, weight gradients of LoRA only, both attention operands
+        double expected = 2 * (frozenMacs + loraMacs + attentionMacs) + 2 * (frozenMacs + 2 * loraMacs + 2 * attentionMacs);
+        Assert.That(spec.TrainingFlops, Is.EqualTo(expected).Within(1e-9).Percent);
+        Assert.That(spec.TrainingFlops / 1e9, Is.EqualTo(354).Within(1).Percent, "≈ 2 × 163 GFLOP of frozen products + LoRA + attention");
+    }
+
+    [Test]
+    public void WorkloadFileIsCheckedAndNamesTheFieldAtFault()
+    {
+        var w = Workload.Embedded;
+        Assert.That((w.Lora.Rank, w.Lora.Alpha, w.Optimizer.Lr, w.Optimizer.WeightDecay, w.Seed), Is.EqualTo((16, 16.0, 1e-4, 0.01, 123)));
+        Assert.That(w.ModelConfig("gpt2"), Is.EqualTo(OnnxLora.Models.GptConfig.Preset("gpt2") with { SplitQkv = true }));
+        Assert.That((w.Shapes["cls"].Seq, w.Shapes["lm"].Seq, w.Shapes["cls"].Classes), Is.EqualTo((120, 128, (int?)2)));
+
+        using var dir = new TempDir();
+        var path = dir.File("workload.json");
+        // the tool's embedded copy of bench/peers/workload.json, mutated one field at a time
+        using var embedded = new StreamReader(typeof(Workload).Assembly.GetManifestResourceStream(Workload.FileName)!);
+        var json = embedded.ReadToEnd();
+        File.WriteAllText(path, json.Replace("\"weight_decay\": 0.01, ", ""));
+        Assert.That(() => Workload.Load(path), Throws.InstanceOf<InvalidDataException>().With.Message.StartsWith(path).And.Message.Contains("weight_decay"));
+        File.WriteAllText(path, json.Replace("\"mlp_ratio\": 4", "\"mlp_ratio\": 3"));
+        Assert.That(() => Workload.Load(path), Throws.InstanceOf<InvalidDataException>().With.Message.EqualTo($"{path}: model.mlp_ratio must be 4 (GptBuilder's MLP), got 3"));
+        File.WriteAllText(path, json.Replace("\"heads\": 12,", "\"heads\": 7,"));
+        Assert.That(() => Workload.Load(path), Throws.InstanceOf<InvalidDataException>().With.Message.StartsWith($"{path}: presets.gpt2:"));
+
+        var (code, _, error) = CliRunner.Run("bench", "--preset", "tiny", "--workload", path);
+        Assert.That(code, Is.EqualTo(1));
+        Assert.That(error, Does.StartWith($"error: --workload: {path}: presets.gpt2:"));
+    }
+
+    /// <summary>The PyTorch peer starts without the inherited OPENBLAS_* pins: a null value removes a variable in the child.</summary>
+    [Test]
+    public void ProcessEnvironmentNullRemovesAVariable()
+    {
+        Assert.That(Environment.GetEnvironmentVariable("HOME"), Is.Not.Null, "the test needs a variable this process has");
+        var child = new BenchProcess("env", "/bin/sh", ["-c", "echo ${HOME-unset} ${ONNXLORA_BENCH_TEST-unset}"],
+                                     new Dictionary<string, string?> { ["HOME"] = null, ["ONNXLORA_BENCH_TEST"] = "set" });
+        Assert.That(child.Output(null).Trim(), Is.EqualTo("unset set"));
     }
 }

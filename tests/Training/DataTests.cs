@@ -63,6 +63,34 @@ public class DataTests
         Assert.That(e!.Message, Does.Contain("t.jsonl:2").And.Contain("600"));
     }
 
+    /// <summary>Length bucketing: every example once per epoch, batches of similar lengths, deterministic, shuffled batch order.</summary>
+    [Test]
+    public void BucketByLengthGroupsSimilarLengthsDeterministically()
+    {
+        var rng = new Random(5);
+        var lengths = Enumerable.Range(0, 1000).Select(_ => rng.Next(1, 200)).ToArray();
+        var examples = lengths.Select(n => new Example(new int[n], new int[n])).ToList();
+        var ds = new Dataset(examples, TaskKind.Lm, 0, 0, []);
+        var bucketed = new Batcher(ds, 8, 0, shuffle: true, seed: 7, bucketByLength: true);
+        var plain = new Batcher(ds, 8, 0, shuffle: true, seed: 7);
+        var order = bucketed.Order(0);
+        Assert.That(order.Order(), Is.EqualTo(Enumerable.Range(0, 1000)), "each example once");
+        Assert.That(order, Is.EqualTo(new Batcher(ds, 8, 0, true, 7, true).Order(0)), "a function of (seed, epoch)");
+        Assert.That(order, Is.Not.EqualTo(bucketed.Order(1)));
+        long Padded(Batcher b, int[] o) => Enumerable.Range(0, b.BatchesPerEpoch).Sum(i => { var x = b.Get(0, i, o); return (long)x.BatchSize * x.SeqLength; });
+        long real = lengths.Sum();
+        // uniform lengths 1..199 in batches of 8: padding to the batch maximum nearly doubles the tokens (E[max of 8] ≈ 8/9·200);
+        // sorted windows of 400 leave consecutive lengths within ~4 of each other
+        Assert.That(Padded(plain, plain.Order(0)), Is.GreaterThan(1.5 * real));
+        Assert.That(Padded(bucketed, order), Is.LessThan(1.1 * real));
+        // the batch order is shuffled: lengths do not fall batch by batch through a window
+        var firstBatchMax = Enumerable.Range(0, 10).Select(i => bucketed.Get(0, i, order).SeqLength).ToArray();
+        Assert.That(firstBatchMax, Is.Not.Ordered.Descending);
+        // shuffle off: file order within windows sorted, longest first, batches in window order
+        var fileOrder = new Batcher(ds, 8, 0, shuffle: false, 7, bucketByLength: true).Order(0);
+        Assert.That(fileOrder.Take(400).Select(i => lengths[i]), Is.Ordered.Descending);
+    }
+
     [Test]
     public void BatchesPadToTheLongestAndShuffleDeterministically()
     {

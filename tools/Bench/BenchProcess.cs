@@ -8,7 +8,8 @@ namespace OnnxLora.Tools.Bench;
 /// peak-RSS figure is one process's own): OnnxLora itself (<c>onnxlora bench --self-only</c>), the PyTorch peer, the
 /// TorchSharp peer.
 /// </summary>
-public sealed record BenchProcess(string Name, string FileName, IReadOnlyList<string> Arguments, IReadOnlyDictionary<string, string>? Environment = null)
+/// <param name="Environment">Variables to set for the child; a null value removes the variable.</param>
+public sealed record BenchProcess(string Name, string FileName, IReadOnlyList<string> Arguments, IReadOnlyDictionary<string, string?>? Environment = null)
 {
     /// <summary>The command line, shell-quoted, for the report.</summary>
     public string CommandLine => string.Join(" ", new[] { FileName }.Concat(Arguments).Select(Quote));
@@ -33,7 +34,10 @@ public sealed record BenchProcess(string Name, string FileName, IReadOnlyList<st
     {
         var psi = new ProcessStartInfo(FileName) { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
         foreach (var a in Arguments) psi.ArgumentList.Add(a);
-        if (Environment is not null) foreach (var (k, v) in Environment) psi.Environment[k] = v;
+        if (Environment is not null)
+            foreach (var (k, v) in Environment)
+                if (v is null) psi.Environment.Remove(k);
+                else psi.Environment[k] = v;
         using var p = new Process { StartInfo = psi };
         var stdout = new StringBuilder();
         var stderr = new List<string>();

@@ -15,14 +15,39 @@ using OnnxLora.Pipeline.Training;
 namespace OnnxLora.Tools.Bench;
 
 /// <summary>
-/// The benchmark workload, the same as the peers' (../shared/bench/): a GPT-2-shaped model with separate q/k/v
-/// projections and random weights, LoRA of rank r (alpha = r) on every linear layer including the head, AdamW on the
-/// LoRA parameters; one step = reset gradients + forward + loss + backward + optimizer step.
+/// One benchmark run of the <see cref="Workload"/> (bench/peers/workload.json, the peers' too): a GPT-2-shaped model
+/// with separate q/k/v projections and random weights, LoRA of rank r on every linear layer including the head,
+/// AdamW on the LoRA parameters; one step = reset gradients + forward + loss + backward + optimizer step.
 /// </summary>
-public sealed record BenchSpec(string Preset, string Task, int Classes, int Batch, int Seq, int Rank, int Steps, int Warmup, int Threads, int Seed)
+public sealed record BenchSpec(string Preset, string Task, int Classes, int Batch, int Seq, int Rank, double Alpha, int Steps, int Warmup, int Threads, int Seed, Workload Workload)
 {
     /// <summary>Tokens per step (every position counts, as in the peers).</summary>
     public long TokensPerStep => (long)Batch * Seq;
+
+    public GptConfig ModelConfig => Workload.ModelConfig(Preset);
+
+    /// <summary>
+    /// The matrix-multiply FLOPs of one training step, counted analytically (2 per multiply-add; biases, norms,
+    /// softmax, GELU and the optimizer are left out): forward F = 2·N·(W + Wₗ) + 4·N·L·T·d, where N = batch × seq
+    /// tokens, W the frozen linear weights per token (12·d² per block + the head d × outputs), Wₗ the LoRA weights
+    /// (r·(in + out) per linear) and 4·T·d per token and block the attention products QKᵀ and A·V over all T
+    /// positions; training = 3·F − 2·N·W: every product also has an input gradient and a weight gradient, except
+    /// that no weight gradient of a frozen weight is computed.
+    /// </summary>
+    public double TrainingFlops
+    {
+        get
+        {
+            var c = ModelConfig;
+            long d = c.EmbedDim, head = Task == "lm" ? c.VocabSize : Classes;
+            double n = TokensPerStep;
+            double frozen = c.Layers * (4 * d * d + 2 * 4 * d * d) + d * head;
+            double lora = Rank * (c.Layers * (4 * (d + d) + (d + 4 * d) + (4 * d + d)) + (d + head));
+            double attention = 4.0 * c.Layers * Seq * d;
+            double forward = 2 * n * (frozen + lora) + n * attention;
+            return 3 * forward - 2 * n * frozen;
+        }
+    }
 }
 
 /// <summary>One measured run, in the peers' JSON line format (snake_case); the train/optimizer split only for OnnxLora.</summary>
@@ -46,8 +71,22 @@ public sealed record BenchResult
     public double? TrainS { get; init; }
     /// <summary>Mean seconds per step in the optimizer session, OnnxLora only.</summary>
     public double? OptimizerS { get; init; }
+    /// <summary>
+    /// Process CPU seconds (user + system, all threads) per timed step: on a shared machine a steadier measure of the
+    /// work than wall time (it also counts spin-waiting: ORT's unless <c>session.intra_op.allow_spinning=0</c>, OpenMP's
+    /// and OpenBLAS's in the peers).
+    /// </summary>
+    public double? CpuS { get; init; }
     /// <summary>Seconds to load the ORT sessions, OnnxLora only.</summary>
     public double? LoadS { get; init; }
+    /// <summary>What the contestant ran on: CPU model, its avx2/fma/avx512*/amx* flags, the BLAS (library, kernel, threads).</summary>
+    public string? Cpu { get; init; }
+    public string? CpuFlags { get; init; }
+    public string? Blas { get; init; }
+    /// <summary>The contestant's own fp32 2048³ MatMul rate, measured in its process.</summary>
+    public double? MatmulGflops { get; init; }
+    /// <summary>The environment variables that steer its BLAS, as the contestant saw them (OPENBLAS_CORETYPE, …).</summary>
+    public Dictionary<string, string>? Env { get; init; }
 
     public static readonly JsonSerializerOptions Json = new()
     {
@@ -77,22 +116,24 @@ public static class BenchWorkload
     /// <summary>Written beside the artifacts: the parameter counts the child run reports.</summary>
     public const string CountsFile = "bench_counts.json";
 
-    /// <summary>The peers' model: GPT-2 shape, separate q/k/v Linear layers with bias.</summary>
-    public static GptConfig ModelConfig(string preset) => GptConfig.Preset(preset) with { SplitQkv = true };
-
     /// <summary>
     /// LoRA on every linear: all-linear, plus the vocabulary head for lm (for cls the head is the artifact builder's
-    /// frozen seeded head with its own LoRA branch, <see cref="HeadMode.Lora"/>). alpha = r, so the scale is 1.
+    /// frozen seeded head with its own LoRA branch, <see cref="HeadMode.Lora"/>).
     /// </summary>
     public static LoraConfig LoraFor(BenchSpec spec) => new()
     {
-        Rank = spec.Rank, Alpha = spec.Rank, Seed = spec.Seed,
+        Rank = spec.Rank, Alpha = spec.Alpha, Seed = spec.Seed,
         TargetModules = spec.Task == "lm" ? [LoraConfig.AllLinear, "lm_head"] : [LoraConfig.AllLinear],
     };
 
-    public static ArtifactOptions ArtifactsFor(BenchSpec spec) => spec.Task == "lm"
-        ? new ArtifactOptions { Task = TrainingTask.Lm, Optimizer = OptimizerKind.AdamW }
-        : new ArtifactOptions { Task = TrainingTask.Cls, Classes = spec.Classes, HeadMode = HeadMode.Lora, HeadSeed = spec.Seed, Optimizer = OptimizerKind.AdamW };
+    public static ArtifactOptions ArtifactsFor(BenchSpec spec)
+    {
+        var o = spec.Workload.Optimizer;
+        var adamW = new ArtifactOptions { Optimizer = OptimizerKind.AdamW, Beta1 = o.Beta1, Beta2 = o.Beta2, Epsilon = o.Eps };
+        return spec.Task == "lm"
+            ? adamW with { Task = TrainingTask.Lm }
+            : adamW with { Task = TrainingTask.Cls, Classes = spec.Classes, HeadMode = HeadMode.Lora, HeadSeed = spec.Seed };
+    }
 
     /// <summary>Trainable and total parameters (frozen base + trainable + a frozen cls head), as the peers count them.</summary>
     public sealed record Counts(long Trainable, long Total);
@@ -100,7 +141,7 @@ public static class BenchWorkload
     /// <summary>Builds the model in memory (random weights from the seed), rewrites it and saves the artifacts to <paramref name="dir"/>.</summary>
     public static Counts BuildArtifacts(BenchSpec spec, string dir)
     {
-        var config = ModelConfig(spec.Preset);
+        var config = spec.ModelConfig;
         var model = GptBuilder.Build(config, GptWeights.Random(config, spec.Seed));
         var rewrite = LoraRewrite.Rewrite(model, LoraFor(spec), $"bench:{spec.Preset}", "");
         var artifacts = TrainingArtifacts.Build(rewrite.TrainingModel, rewrite.Manifest, ArtifactsFor(spec));
@@ -124,13 +165,15 @@ public static class BenchWorkload
         using var session = TrainingSession.Create(dir, ExecutionDevice.Cpu, spec.Threads, configure);
         load.Stop();
         progress?.Invoke($"sessions loaded in {load.Elapsed.TotalSeconds:F1} s");
-        session.SetLearningRate(1e-4);   // the peers' AdamW: lr 1e-4, weight decay 0.01
-        session.WeightDecay = 0.01;
-        var batch = RandomBatch(spec, ModelConfig(spec.Preset).VocabSize);
+        session.SetLearningRate(spec.Workload.Optimizer.Lr);
+        session.WeightDecay = spec.Workload.Optimizer.WeightDecay;
+        var batch = RandomBatch(spec, spec.ModelConfig.VocabSize);
         double train = 0, optimizer = 0;
+        TimeSpan cpuAtStart = default;
         for (int i = 0; i < spec.Warmup + spec.Steps; i++)
         {
             bool timed = i >= spec.Warmup;
+            if (i == spec.Warmup) cpuAtStart = Process.GetCurrentProcess().TotalProcessorTime;
             var t0 = Stopwatch.GetTimestamp();
             session.LazyResetGrad();
             var loss = session.TrainStep(batch).Loss;
@@ -142,6 +185,8 @@ public static class BenchWorkload
             progress?.Invoke($"{label}: {Stopwatch.GetElapsedTime(t0, t2).TotalSeconds:F2} s (train {Stopwatch.GetElapsedTime(t0, t1).TotalSeconds:F2} s, optimizer {Stopwatch.GetElapsedTime(t1, t2).TotalSeconds:F3} s), loss {loss:F4}");
         }
         double step = (train + optimizer) / spec.Steps;
+        double cpuPerStep = (Process.GetCurrentProcess().TotalProcessorTime - cpuAtStart).TotalSeconds / spec.Steps;
+        var (cpu, flags) = MachineInfo.Cpu();
         return new BenchResult
         {
             Peer = $"onnxlora (onnxruntime {OrtEnv.Instance().GetVersionString()})",
@@ -149,7 +194,9 @@ public static class BenchWorkload
             StepS = Math.Round(step, 4), TokensPerS = Math.Round(spec.TokensPerStep / step, 1),
             Trainable = counts.Trainable, Total = counts.Total,
             PeakRssMb = (long)Math.Round(Trainer.PeakMemoryBytes() / (1024.0 * 1024.0)),
-            TrainS = Math.Round(train / spec.Steps, 4), OptimizerS = Math.Round(optimizer / spec.Steps, 4), LoadS = Math.Round(load.Elapsed.TotalSeconds, 2),
+            TrainS = Math.Round(train / spec.Steps, 4), OptimizerS = Math.Round(optimizer / spec.Steps, 4), CpuS = Math.Round(cpuPerStep, 3), LoadS = Math.Round(load.Elapsed.TotalSeconds, 2),
+            Cpu = cpu, CpuFlags = flags, Blas = $"{MachineInfo.MlasKernel()}, {spec.Threads} intra-op threads",
+            MatmulGflops = Math.Round(MachineInfo.OrtMatMulGflops(spec.Threads).Gflops, 1),
         };
     }
 

@@ -57,8 +57,7 @@ sealed class ReluRule : IGradientRule
 
 /// <summary>
 /// Gelu (opset 20 and com.microsoft). Exact: Y = x·Φ(x)  ⇒  dX = dY·(Φ(x) + x·φ(x)), φ(x) = e^(−x²/2)/√(2π).
-/// approximate="tanh": Y = ½x(1 + t), t = tanh(u), u = √(2/π)(x + 0.044715x³)
-///   ⇒  dX = dY·(½(1 + t) + ½x(1 − t²)·√(2/π)(1 + 3·0.044715x²)).
+/// approximate="tanh": see <see cref="FastGeluRule.TanhGeluDerivative"/>.
 /// </summary>
 sealed class GeluRule : IGradientRule
 {
@@ -67,16 +66,7 @@ sealed class GeluRule : IGradientRule
         string x = g.Input(0);
         string S(double v) => g.Scalar(v, x);
         string dydx;
-        if (g.Node.GetString("approximate", "none") == "tanh")
-        {
-            var x2 = g.Mul(x, x);
-            var u = g.Mul(S(Math.Sqrt(2 / Math.PI)), g.Add(x, g.Mul(S(0.044715), g.Mul(x2, x))));
-            var t = g.Op("Tanh", [u]);
-            var du = g.Mul(S(Math.Sqrt(2 / Math.PI)), g.Add(S(1), g.Mul(S(3 * 0.044715), x2)));
-            var left = g.Mul(S(0.5), g.Add(S(1), t));
-            var right = g.Mul(g.Mul(S(0.5), x), g.Mul(g.Sub(S(1), g.Mul(t, t)), du));
-            dydx = g.Add(left, right);
-        }
+        if (g.Node.GetString("approximate", "none") == "tanh") dydx = FastGeluRule.TanhGeluDerivative(g, x);
         else
         {
             var cdf = g.Mul(S(0.5), g.Add(S(1), g.Op("Erf", [g.Mul(x, S(1 / Math.Sqrt(2)))])));
@@ -84,6 +74,37 @@ sealed class GeluRule : IGradientRule
             dydx = g.Add(cdf, g.Mul(x, pdf));
         }
         g.SetInputGrad(0, g.Mul(g.OutputGrad(0)!, dydx));
+    }
+}
+
+/// <summary>
+/// com.microsoft FastGelu: Y = tanh-GELU(X + bias) (bias optional; what <see cref="GeluFusion"/> turns the exported
+/// tanh-GELU subgraph into). dX = dY·GELU′(X + bias), dbias = the same summed to bias's shape.
+/// </summary>
+sealed class FastGeluRule : IGradientRule
+{
+    public void Build(GradientContext g)
+    {
+        var x = g.InputOrNull(1) is { } bias ? g.Add(g.Input(0), bias) : g.Input(0);
+        var dx = g.Mul(g.OutputGrad(0)!, TanhGeluDerivative(g, x));
+        g.SetInputGrad(0, g.Unbroadcast(dx, g.Input(0)));
+        if (g.InputOrNull(1) is { } b) g.SetInputGrad(1, g.Unbroadcast(dx, b));
+    }
+
+    /// <summary>
+    /// d/dx of ½x(1 + t), t = tanh(u), u = c·(x + a·x³), c = √(2/π), a = 0.044715:
+    /// ½(1 + t) + ½x(1 − t²)·c(1 + 3a·x²) = ½(1 + t)·(1 + x(1 − t)·c(1 + 3a·x²)): 14 elementwise ops over x's size
+    /// (the forward's tanh is recomputed: the fused forward keeps none of its intermediates alive).
+    /// </summary>
+    public static string TanhGeluDerivative(GradientContext g, string x)
+    {
+        string S(double v) => g.Scalar(v, x);
+        double c = Math.Sqrt(2 / Math.PI), a = 0.044715;
+        var x2 = g.Mul(x, x);
+        var t = g.Op("Tanh", [g.Mul(x, g.Add(g.Mul(x2, S(c * a)), S(c)))]);
+        var du = g.Add(g.Mul(x2, S(3 * c * a)), S(c));
+        var halfOnePlusT = g.Add(g.Mul(t, S(0.5)), S(0.5));
+        return g.Mul(halfOnePlusT, g.Add(g.Mul(g.Mul(x, g.Sub(S(1), t)), du), S(1)));
     }
 }
 
