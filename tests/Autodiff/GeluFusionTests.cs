@@ -1,6 +1,7 @@
 using Google.Protobuf;
 using Microsoft.ML.OnnxRuntime;
 using Onnx;
+using OnnxLora.GraphRewrite.Artifacts;
 using OnnxLora.GraphRewrite.Autodiff;
 using OnnxLora.GraphRewrite.Autodiff.Rules;
 using OnnxLora.GraphRewrite.Graphs;

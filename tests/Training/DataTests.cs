@@ -70,7 +70,7 @@ public class DataTests
         var rng = new Random(5);
         var lengths = Enumerable.Range(0, 1000).Select(_ => rng.Next(1, 200)).ToArray();
         var examples = lengths.Select(n => new Example(new int[n], new int[n])).ToList();
-        var ds = new Dataset(examples, TaskKind.Lm, 0, 0, []);
+        var ds = new Dataset(examples, TrainingTask.Lm, 0, 0, []);
         var bucketed = new Batcher(ds, 8, 0, shuffle: true, seed: 7, bucketByLength: true);
         var plain = new Batcher(ds, 8, 0, shuffle: true, seed: 7);
         var order = bucketed.Order(0);
