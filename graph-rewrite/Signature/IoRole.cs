@@ -28,6 +28,8 @@ public enum IoRole
     PastKeyValue,
     /// <summary>Absolute positions of the new tokens [tokens] (past .. past + tokens − 1).</summary>
     CachePosition,
+    /// <summary>Each row's adapter slot [batch] (int64) in a mixed-adapter model (BuildMixedDeployable); 0 = the base model.</summary>
+    AdapterIndex,
 
     // ── a decoder's outputs ──
     /// <summary>[batch, tokens, vocab] (or [batch, classes] for a classifier).</summary>
@@ -72,7 +74,7 @@ public static class IoRoles
 
     /// <summary>The roles a user may give an input with <c>--input-role</c>.</summary>
     public static IReadOnlyList<IoRole> InputRoles { get; } =
-        [IoRole.InputIds, IoRole.AttentionMask, IoRole.PositionIds, IoRole.TokenTypeIds, IoRole.PastKey, IoRole.PastValue, IoRole.PastKeyValue, IoRole.CachePosition];
+        [IoRole.InputIds, IoRole.AttentionMask, IoRole.PositionIds, IoRole.TokenTypeIds, IoRole.PastKey, IoRole.PastValue, IoRole.PastKeyValue, IoRole.CachePosition, IoRole.AdapterIndex];
 
     public static bool IsPast(this IoRole role) => role is IoRole.PastKey or IoRole.PastValue or IoRole.PastKeyValue;
 
