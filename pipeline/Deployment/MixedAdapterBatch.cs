@@ -39,7 +39,7 @@ public sealed class MixedAdapterBatch : IDisposable
     public string Source { get; }
 
     /// <summary>Adapter names by slot: slot 0 is the base model (null), then the adapters in the order given.</summary>
-    public IReadOnlyList<string?> Slots => [null, .. _slotOf.OrderBy(kv => kv.Value).Select(kv => kv.Key)];
+    public IReadOnlyList<string?> AdapterSlots => [null, .. _slotOf.OrderBy(kv => kv.Value).Select(kv => kv.Key)];
 
     /// <summary>The inputs a run feeds besides the stacks (adapter_index among them; Run fills it).</summary>
     public IReadOnlyDictionary<string, NodeMetadata> Inputs => _session.InputMetadata;
@@ -150,7 +150,7 @@ public sealed class MixedAdapterBatch : IDisposable
         return RunSlots(slots, inputs, outputNames);
     }
 
-    /// <summary>Runs with each row's slot given directly (0 = base, i = <see cref="Slots"/>[i]); checked against the slot count.</summary>
+    /// <summary>Runs with each row's slot given directly (0 = base, i = <see cref="AdapterSlots"/>[i]); checked against the slot count.</summary>
     public IDisposableReadOnlyCollection<OrtValue> RunSlots(IReadOnlyList<long> slots, IReadOnlyDictionary<string, OrtValue> inputs, IReadOnlyList<string>? outputNames = null)
     {
         ArgumentNullException.ThrowIfNull(slots);

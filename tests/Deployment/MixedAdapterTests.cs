@@ -64,7 +64,7 @@ public class MixedAdapterTests
         host.AddAdapter("a", s.APath);
         host.AddAdapter("b", s.BPath);
         using var mixed = MixedAdapterBatch.Create(s.RewriteDir, [KeyValuePair.Create("a", s.A), KeyValuePair.Create("b", s.B)]);
-        Assert.That(mixed.Slots, Is.EqualTo(new string?[] { null, "a", "b" }));
+        Assert.That(mixed.AdapterSlots, Is.EqualTo(new string?[] { null, "a", "b" }));
 
         var mixedModel = BuildMixedDeployable.Run(OnnxFile.Load(deploy), LoraManifest.Load(Path.Combine(s.RewriteDir, LoraManifest.FileName)));
         ModelValidator.Check(mixedModel, "mixed");
@@ -146,5 +146,32 @@ public class MixedAdapterTests
         var e = Assert.Throws<InvalidDataException>(() =>
             MixedAdapterBatch.Create(dir.File("attn"), [KeyValuePair.Create("x", LoraAdapter.CreateRandom(fc.Manifest, seed: 1))]));
         Assert.That(e!.Message, Does.Contain("adapter 'x'").And.Contain("c_fc"));
+    }
+
+    [Test]
+    public void The_mixed_model_with_its_default_stacks_is_the_base_model_and_the_pass_refuses_what_it_cannot_mix()
+    {
+        using var dir = new TempDir();
+        var files = TinyDeployable.Write(dir.Path);
+        var mixed = BuildMixedDeployable.Run(OnnxFile.Load(files.Deploy), files.Manifest);
+        ModelValidator.Check(mixed, "mixed");
+        Assert.That(mixed.Graph.Input.Select(i => i.Name), Does.Not.Contain(files.Manifest.Targets[0].LoraA));
+        var path = dir.File("mixed.onnx");
+        OnnxFile.Save(mixed, path);
+        var x = TinyDeployable.Input(3, seed: 4);
+        using (var session = new InferenceSession(path))
+        using (var input = OrtValue.CreateTensorValueFromMemory(x, [3, TinyDeployable.In]))
+        using (var index = OrtValue.CreateTensorValueFromMemory(new long[3], [3]))
+        using (var run = new RunOptions())
+        using (var y = session.Run(run, ["x", BuildMixedDeployable.AdapterIndexInput], [input, index], ["y"]))
+            Assert.That(TinyDeployable.MaxAbsDiff(y[0].GetTensorDataAsSpan<float>().ToArray(), TinyDeployable.RunPlain(files.Base, x, 3)), Is.LessThan(1e-6),
+                        "every index 0 with the default (zero-rank) stacks runs the base model");
+
+        var again = Assert.Throws<InvalidOperationException>(() => BuildMixedDeployable.Run(mixed, files.Manifest));
+        Assert.That(again!.Message, Does.Contain("'adapter_index'"));
+        using var halfDir = new TempDir();
+        var half = TinyDeployable.Write(halfDir.Path, parameterType: Onnx.TensorProto.Types.DataType.Float16);
+        var e = Assert.Throws<NotSupportedException>(() => BuildMixedDeployable.Run(OnnxFile.Load(half.Deploy), half.Manifest));
+        Assert.That(e!.Message, Does.Contain(half.Manifest.Targets[0].LoraA).And.Contain("Float16"));
     }
 }
