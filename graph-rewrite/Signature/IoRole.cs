@@ -28,7 +28,7 @@ public enum IoRole
     PastKeyValue,
     /// <summary>Absolute positions of the new tokens [tokens] (past .. past + tokens − 1).</summary>
     CachePosition,
-    /// <summary>Each row's adapter slot [batch] (int64) in a mixed-adapter model (BuildMixedDeployable); 0 = the base model.</summary>
+    /// <summary>Each row's adapter slot [batch] (int64) in a mixed-adapter model (BuildMixedDeployable); 0 = the base model. Decided by its name only (not an --input-role).</summary>
     AdapterIndex,
 
     // ── a decoder's outputs ──
@@ -74,7 +74,7 @@ public static class IoRoles
 
     /// <summary>The roles a user may give an input with <c>--input-role</c>.</summary>
     public static IReadOnlyList<IoRole> InputRoles { get; } =
-        [IoRole.InputIds, IoRole.AttentionMask, IoRole.PositionIds, IoRole.TokenTypeIds, IoRole.PastKey, IoRole.PastValue, IoRole.PastKeyValue, IoRole.CachePosition, IoRole.AdapterIndex];
+        [IoRole.InputIds, IoRole.AttentionMask, IoRole.PositionIds, IoRole.TokenTypeIds, IoRole.PastKey, IoRole.PastValue, IoRole.PastKeyValue, IoRole.CachePosition];
 
     public static bool IsPast(this IoRole role) => role is IoRole.PastKey or IoRole.PastValue or IoRole.PastKeyValue;
 
