@@ -18,6 +18,8 @@ namespace OnnxLora.Pipeline.Deployment;
 /// every run; on CUDA ORT copies them per run. Adapters must be LoRA-only (no task head) and adapt modules of this rewrite;
 /// a module an adapter does not adapt gets zeros in its slot. Not wired into <see cref="GenerationScheduler"/>.
 /// Safe for concurrent <see cref="Run(IReadOnlyList{string?}, IReadOnlyDictionary{string, OrtValue}, IReadOnlyList{string}?)"/> calls.
+/// Ownership: the batch owns its session and the stacked values (<see cref="Dispose"/>, after every run has returned);
+/// the caller owns the inputs it passes and the outputs it gets back.
 /// </remarks>
 public sealed class MixedAdapterBatch : IDisposable
 {
