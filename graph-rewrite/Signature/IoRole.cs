@@ -28,6 +28,8 @@ public enum IoRole
     PastKeyValue,
     /// <summary>Absolute positions of the new tokens [tokens] (past .. past + tokens − 1).</summary>
     CachePosition,
+    /// <summary>Each row's adapter slot [batch] (int64) in a mixed-adapter model (BuildMixedDeployable); 0 = the base model. Decided by its name only (not an --input-role).</summary>
+    AdapterIndex,
 
     // ── a decoder's outputs ──
     /// <summary>[batch, tokens, vocab] (or [batch, classes] for a classifier).</summary>

@@ -100,6 +100,7 @@ public static class SignatureRoles
         R("position_ids", IoRole.PositionIds, Kind.Integer, "[batch, tokens]", 2),
         R("token_type_ids", IoRole.TokenTypeIds, Kind.Integer, "[batch, tokens]", 2),
         R("cache_position", IoRole.CachePosition, Kind.Integer, "[tokens]", 1),
+        R("adapter_index", IoRole.AdapterIndex, Kind.Integer, "[batch]", 1),
         R(@"past_key_values\.(\d+)\.key", IoRole.PastKey, Kind.Float, "[batch, kv_heads, past, head_dim]", 4),
         R(@"past_key_values\.(\d+)\.value", IoRole.PastValue, Kind.Float, "[batch, kv_heads, past, head_dim]", 4),
         R(@"past_key_values\.(\d+)", IoRole.PastKeyValue, Kind.Float, "[2, batch, heads, past, head_dim]", 5),
@@ -165,7 +166,7 @@ public static class SignatureRoles
             throw new ArgumentException($"{source}: cannot tell what input '{u.Name}' ({Show(u)}) is for; map it with --input-role {u.Name}=ROLE " +
                 $"(ROLE: {string.Join(", ", IoRoles.InputRoles.Select(r => r.Name()))}; past roles take the layer, e.g. past_key:0)");
         }
-        foreach (var role in new[] { IoRole.InputIds, IoRole.AttentionMask, IoRole.PositionIds, IoRole.TokenTypeIds, IoRole.CachePosition })
+        foreach (var role in new[] { IoRole.InputIds, IoRole.AttentionMask, IoRole.PositionIds, IoRole.TokenTypeIds, IoRole.CachePosition, IoRole.AdapterIndex })
         {
             var same = decidedInputs.Where(e => e.Role == role).ToList();
             if (same.Count > 1) throw new ArgumentException($"{source}: inputs {string.Join(" and ", same.Select(e => $"'{e.Name}'"))} both have role {role.Name()}; give one another with --input-role");
