@@ -39,7 +39,7 @@ public sealed class Batcher(Dataset dataset, int batchSize, int padTokenId, bool
                       .Concat(order.Skip(batches.Length * batchSize)).ToArray();
     }
 
-    static void Shuffle(int[] items, ref SplitMix64 rng)
+    internal static void Shuffle(int[] items, ref SplitMix64 rng)
     {
         for (int i = items.Length - 1; i > 0; i--)
         {

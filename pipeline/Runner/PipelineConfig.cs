@@ -18,7 +18,7 @@ public sealed class PipelineConfig
         [""] = new() { ["run_dir"] = "runs/default" },
         ["model"] = new() { ["path"] = null, ["preset"] = null, ["arch"] = "gpt2", ["weights"] = null, ["from"] = null, ["seed"] = "0", ["input_roles"] = null },
         ["lora"] = new() { ["targets"] = "all-linear", ["exclude"] = null, ["layers"] = null, ["rank"] = "8", ["alpha"] = null, ["scaling"] = "peft", ["dropout"] = "0", ["init"] = "kaiming", ["seed"] = "0" },
-        ["data"] = new() { ["train"] = null, ["eval"] = null, ["format"] = null, ["task"] = "lm", ["classes"] = "0", ["labels"] = null, ["seq"] = "128", ["skip_bad_rows"] = "false", ["generate"] = null, ["tokenizer"] = null },
+        ["data"] = new() { ["train"] = null, ["eval"] = null, ["format"] = null, ["task"] = "lm", ["classes"] = "0", ["labels"] = null, ["seq"] = "128", ["skip_bad_rows"] = "false", ["pack"] = "false", ["generate"] = null, ["tokenizer"] = null },
         ["train"] = new()
         {
             ["optimizer"] = "adamw", ["lr"] = "2e-4", ["weight_decay"] = "0.01", ["warmup"] = "0", ["schedule"] = "linear", ["epochs"] = "1", ["max_steps"] = "0",

@@ -214,7 +214,7 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
                 : task == TrainingTask.Cls ? DataFormat.Tsv : Path.GetExtension(trainData) == ".jsonl" ? DataFormat.Jsonl : DataFormat.Text,
             Classes = config.Int("data.classes"),
             ClassNames = config.String("data.generate") is not null ? DemoData.Labels : DatasetLoader.ParseClassNames(config.String("data.labels"), "data.labels"),
-            SeqLength = config.Int("data.seq"), SkipBadRows = config.Bool("data.skip_bad_rows"), Tokenizer = config.Path("data.tokenizer"),
+            SeqLength = config.Int("data.seq"), SkipBadRows = config.Bool("data.skip_bad_rows"), Pack = config.Bool("data.pack"), Tokenizer = config.Path("data.tokenizer"),
             Optimizer = Key("train.optimizer", () => WireNames.Parse<OptimizerKind>(config.Required("train.optimizer"), "optimizer")), Lr = config.Double("train.lr"), WeightDecay = config.Double("train.weight_decay"),
             WarmupSteps = config.Int("train.warmup"),
             Schedule = Key("train.schedule", () => ScheduleKinds.Parse(config.Required("train.schedule"))),

@@ -54,6 +54,8 @@ public sealed record TrainOptions
     public bool Shuffle { get; init; } = true;
     /// <summary>Batch examples of similar length together (<see cref="Batcher"/>): less padding on data of mixed lengths.</summary>
     public bool BucketByLength { get; init; }
+    /// <summary>Concatenate short LM examples into full rows (<see cref="SequencePacker"/>): far fewer padded tokens.</summary>
+    public bool Pack { get; init; }
     public string? InitAdapter { get; init; }
     public int CheckpointEvery { get; init; } = 50;
     public bool SkipBadRows { get; init; }
@@ -88,6 +90,7 @@ public sealed record TrainOptions
         Require(EarlyStoppingPatience >= 0, $"--early-stopping must be ≥ 0 (got {EarlyStoppingPatience})");
         // the names parse through WireNames; a train_config.json could still hold a number
         Require(Enum.IsDefined(Optimizer) && Enum.IsDefined(HeadMode) && Enum.IsDefined(Pooling), $"--optimizer, --head and --pooling must be names (got {Optimizer}, {HeadMode}, {Pooling})");
+        Require(!Pack || Task == TrainingTask.Lm, "--pack concatenates language-model examples: it does not apply to --task cls");
         Require(!FreezeLora || Task == TrainingTask.Cls, "--freeze-lora trains the head alone: it needs --task cls");
         Require(Task != TrainingTask.Cls || Classes >= 2 || ClassNames is { Count: >= 2 } || Format == DataFormat.Tsv, "--task cls needs --classes N (≥ 2)");
         Require(CheckpointEvery >= 0 && EvalEvery >= 0 && WarmupSteps >= 0, "--checkpoint-every, --eval-every and --warmup must be ≥ 0");

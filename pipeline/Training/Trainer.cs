@@ -89,6 +89,7 @@ public static class Trainer
         manifest.CheckAgainst(view, viewPath);
         int vocab = VocabSize(view);
         var train = LoadData(o, o.DataPath, vocab);
+        if (o.Pack) train = SequencePacker.Pack(train, o.SeqLength, (ulong)o.Seed, o.Shuffle);
         var eval = o.EvalDataPath is null ? null : LoadData(o, o.EvalDataPath, vocab, train.ClassNames);
         int classes = o.Task == TrainingTask.Cls ? Math.Max(o.Classes, train.ClassNames.Count) : 0;
         var artifacts = dp.RootFirst(() => EnsureArtifacts(o, view, manifest, classes));

@@ -78,6 +78,8 @@ public sealed class TrainCommand(IAnsiConsole console) : Command<TrainCommand.Se
         public bool NoShuffle { get; init; }
         [CommandOption("--bucket-by-length")][Description("Batch examples of similar length together (seeded, deterministic): less padding and faster steps on data of mixed lengths.")]
         public bool BucketByLength { get; init; }
+        [CommandOption("--pack")][Description("LM only: concatenate short examples into full --seq rows (seeded order; an example is never split; padding only at a row's end), so far fewer padded tokens. Caveat: a token attends to the earlier examples of its row and positions do not restart per example.")]
+        public bool Pack { get; init; }
         [CommandOption("--init-adapter <PATH>")][Description("Start from an adapter: .onnx_adapter, a PEFT folder, or an OnnxLora adapter.safetensors.")]
         public string? InitAdapter { get; init; }
         [CommandOption("--resume <RUN_DIR>")][Description("Continue an interrupted run from its last checkpoint (other flags are taken from the run).")]
@@ -123,7 +125,7 @@ public sealed class TrainCommand(IAnsiConsole console) : Command<TrainCommand.Se
             Schedule = Cli.Flag("--schedule", () => ScheduleKinds.Parse(s.Schedule)),
             GradAccum = s.GradAccum, Clip = s.Clip, EvalDataPath = s.EvalData is null ? null : Path.GetFullPath(s.EvalData),
             EvalEvery = s.EvalEvery, EarlyStoppingPatience = s.EarlyStopping, Device = s.Device, Threads = s.Threads, Seed = s.Seed,
-            Shuffle = !s.NoShuffle, BucketByLength = s.BucketByLength, InitAdapter = s.InitAdapter, CheckpointEvery = s.CheckpointEvery, SkipBadRows = s.SkipBadRows, Tokenizer = s.Tokenizer,
+            Shuffle = !s.NoShuffle, BucketByLength = s.BucketByLength, Pack = s.Pack, InitAdapter = s.InitAdapter, CheckpointEvery = s.CheckpointEvery, SkipBadRows = s.SkipBadRows, Tokenizer = s.Tokenizer,
             InputRoles = s.InputRoles,
         };
     }
