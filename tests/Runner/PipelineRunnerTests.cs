@@ -91,6 +91,16 @@ public class PipelineRunnerTests
     }
 
     [Test]
+    public void PackingAClassificationRunIsRefused()
+    {
+        using var dir = new TempDir();
+        var config = ShortDefault(dir.File("run"));   // the built-in default is a cls run
+        config.Override("data.pack=true");
+        var e = Assert.Throws<InvalidDataException>(() => new PipelineRunner(config).Validate());
+        Assert.That(e!.Message, Does.Contain("pack").And.Contain("cls"));
+    }
+
+    [Test]
     public void ModelInputRolesMapAnExportsInputsThroughEveryStage()
     {
         using var dir = new TempDir();

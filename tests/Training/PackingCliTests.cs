@@ -36,5 +36,10 @@ public class PackingCliTests
                                          "--seq", "48", "--pack", "--out", dir.File("run-cls"));
         Assert.That(code, Is.Not.EqualTo(0));
         Assert.That(error, Does.Contain("--pack"));
+
+        // the help renders (markup in any description could break it) and states the caveat
+        (code, var help, error) = CliRunner.Run("train", "--help");
+        Assert.That(code, Is.EqualTo(0), error);
+        Assert.That(help, Does.Contain("--pack").And.Contain("earlier examples"));
     }
 }
