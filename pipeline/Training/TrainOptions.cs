@@ -55,6 +55,7 @@ public sealed record TrainOptions
     /// <summary>Batch examples of similar length together (<see cref="Batcher"/>): less padding on data of mixed lengths.</summary>
     public bool BucketByLength { get; init; }
     /// <summary>Concatenate short LM examples into full rows (<see cref="SequencePacker"/>): far fewer padded tokens.</summary>
+    [JsonIgnore(Condition = JsonIgnoreCondition.WhenWritingDefault)]   // left out when off: runs from before it keep their NumericsHash and resume
     public bool Pack { get; init; }
     public string? InitAdapter { get; init; }
     public int CheckpointEvery { get; init; } = 50;

@@ -1,5 +1,6 @@
 using OnnxLora.GraphRewrite.Artifacts;
 using OnnxLora.Pipeline.Data;
+using OnnxLora.Pipeline.Training;
 
 namespace OnnxLora.Tests.Training;
 
@@ -78,6 +79,17 @@ public class PackingTests
         var packed = SequencePacker.Pack(longOne, Seq, 7, shuffle: false).Examples;
         Assert.That(packed, Has.Count.EqualTo(2));
         Assert.That(packed[0].InputIds, Is.EqualTo(ids), "never split, never joined");
+    }
+
+    [Test]
+    public void PackingOffLeavesTheRunSettingsAsBefore()
+    {
+        // train_config.json (and so the resume hash) of an unpacked run has no "pack": runs started before it resume
+        var plain = new TrainOptions { ModelDir = "m", DataPath = "d", OutDir = "o" };
+        var packed = plain with { Pack = true };
+        Assert.That(plain.ToJson(), Does.Not.Contain("pack"));
+        Assert.That(packed.ToJson(), Does.Contain("\"pack\": true"));
+        Assert.That(packed.NumericsHash(), Is.Not.EqualTo(plain.NumericsHash()), "resuming with another --pack is refused");
     }
 
     [Test]
