@@ -83,6 +83,34 @@ public class BackwardGraphTests
         Assert.That(missing, Is.Empty);
     }
 
+    // the attention-mask pattern: Where(constant [T, T] mask, scores [batch, heads, T, T], constant fill). The mask
+    // and the fill get no gradient, and with static T the scores' gradient needs no unbroadcast at all (the run-time
+    // form, Shape/NonZero/ReduceSum, is what GPT-2's sliced mask of unknown shape still costs: BENCHMARKS.md)
+    [Test]
+    public void WhereOnAStaticMaskEmitsOneMaskedGradientAndNoUnbroadcast()
+    {
+        var model = new ModelProto { IrVersion = 8, Graph = new GraphProto { Name = "g" } };
+        model.OpsetImport.Add(new OperatorSetIdProto { Version = 17 });
+        var g = new GraphEditor(model);
+        g.AddInput(ValueInfos.Tensor("x", DataType.Float, "batch", 2, 4, 3));
+        g.AddInput(ValueInfos.Tensor("lora_A", DataType.Float, 3, 4));
+        var scores = g.Op("MatMul", ["x", "lora_A"], "scores");
+        var mask = g.AddConstant("mask", Tensors.Bool("", [4, 4], Enumerable.Range(0, 16).Select(i => i % 4 <= i / 4).ToArray()));
+        var fill = g.AddConstant("fill", Tensors.Scalar("", DataType.Float, float.NegativeInfinity));
+        var probs = g.Op("Softmax", [g.Op("Where", [mask, scores, fill], "masked")], "probs", attributes: Attr.Int("axis", -1));
+        var loss = g.Op("ReduceSum", [g.Op("Mul", [probs, probs], "sq")], "loss", attributes: Attr.Int("keepdims", 0));
+        var forward = model.Graph.Node.Select(n => n.Name).ToHashSet();
+        var one = g.AddConstant("one", Tensors.Scalar("", DataType.Float, 1));
+        var grads = GradientBuilder.Build(model, new Dictionary<string, string> { [loss] = one }, ["lora_A"]);
+
+        Assert.That(grads.Keys, Is.EquivalentTo(new[] { "lora_A" }));
+        var backward = model.Graph.Node.Where(n => !forward.Contains(n.Name)).ToList();
+        Assert.That(backward.Count(n => n.OpType == "Where"), Is.EqualTo(1), "one masked gradient, for the scores only");
+        Assert.That(backward.Where(n => n.OpType == "NonZero"), Is.Empty, "no run-time unbroadcast");
+        Assert.That(backward.Where(n => n.OpType == "ReduceSum").Select(n => n.Input[0]).Intersect(backward.Where(n => n.OpType == "Where").Select(n => n.Output[0])),
+            Is.Empty, "the masked gradient is not summed: it already has the scores' shape");
+    }
+
     [Test]
     public void MissingRuleNamesOpNodeAndPath()
     {
