@@ -3,6 +3,7 @@ using System.Text.Json.Nodes;
 using Google.Protobuf;
 using Microsoft.ML.OnnxRuntime;
 using OnnxLora.GraphRewrite.Artifacts;
+using OnnxLora.GraphRewrite.Contracts;
 using OnnxLora.GraphRewrite.Graphs;
 using OnnxLora.Pipeline.Data;
 using OnnxLora.Pipeline.Training;

@@ -1,4 +1,5 @@
 using OnnxLora.GraphRewrite.Artifacts;
+using OnnxLora.GraphRewrite.Contracts;
 using System.ComponentModel;
 using System.Globalization;
 using OnnxLora.GraphRewrite.Signature;

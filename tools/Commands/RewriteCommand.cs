@@ -1,5 +1,6 @@
 using System.ComponentModel;
 using System.Globalization;
+using OnnxLora.GraphRewrite.Contracts;
 using OnnxLora.GraphRewrite.Signature;
 using OnnxLora.GraphRewrite.Lora;
 using Spectre.Console;
@@ -111,8 +112,8 @@ public sealed class RewriteCommand(IAnsiConsole console) : Command<RewriteComman
             : LoraConfig.ParsePatternValues(s.RankPattern, "--rank-pattern").ToDictionary(kv => kv.Key, kv => (int)kv.Value == kv.Value ? (int)kv.Value
                 : throw new FormatException($"--rank-pattern: rank {kv.Value} for '{kv.Key}' is not a whole number")),
         AlphaPattern = s.AlphaPattern is null ? new Dictionary<string, double>() : LoraConfig.ParsePatternValues(s.AlphaPattern, "--alpha-pattern"),
-        Scaling = Cli.Flag("--scaling", () => LoraConfig.ParseScaling(s.Scaling)),
-        Init = Cli.Flag("--init", () => LoraConfig.ParseInit(s.Init)),
+        Scaling = Cli.Flag("--scaling", () => WireNames.Parse<LoraScaling>(s.Scaling, "scaling")),
+        Init = Cli.Flag("--init", () => WireNames.Parse<LoraInit>(s.Init, "init")),
         Dropout = s.Dropout,
         Seed = s.Seed,
     };

@@ -1,6 +1,7 @@
 using System.ComponentModel;
 using System.Globalization;
 using OnnxLora.GraphRewrite.Artifacts;
+using OnnxLora.GraphRewrite.Contracts;
 using OnnxLora.GraphRewrite.Autodiff;
 using OnnxLora.Pipeline.Data;
 using OnnxLora.Pipeline.Training;
@@ -120,7 +121,7 @@ public sealed class TrainCommand(IAnsiConsole console) : Command<TrainCommand.Se
             Pooling = Cli.Flag("--pooling", () => WireNames.Parse<Pooling>(s.Pooling, "pooling")), FreezeLora = s.FreezeLora,
             OutDir = Path.GetFullPath(s.Out), Epochs = s.Epochs, MaxSteps = s.MaxSteps, BatchSize = s.Batch, SeqLength = s.Seq,
             Optimizer = Cli.Flag("--optimizer", () => WireNames.Parse<OptimizerKind>(s.Optimizer, "optimizer")), Lr = s.Lr, WeightDecay = s.WeightDecay, WarmupSteps = s.Warmup,
-            Schedule = Cli.Flag("--schedule", () => ScheduleKinds.Parse(s.Schedule)),
+            Schedule = Cli.Flag("--schedule", () => WireNames.Parse<ScheduleKind>(s.Schedule, "schedule")),
             GradAccum = s.GradAccum, Clip = s.Clip, EvalDataPath = s.EvalData is null ? null : Path.GetFullPath(s.EvalData),
             EvalEvery = s.EvalEvery, EarlyStoppingPatience = s.EarlyStopping, Device = s.Device, Threads = s.Threads, Seed = s.Seed,
             Shuffle = !s.NoShuffle, BucketByLength = s.BucketByLength, InitAdapter = s.InitAdapter, CheckpointEvery = s.CheckpointEvery, SkipBadRows = s.SkipBadRows, Tokenizer = s.Tokenizer,
