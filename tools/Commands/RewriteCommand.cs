@@ -73,7 +73,7 @@ public sealed class RewriteCommand(IAnsiConsole console) : Command<RewriteComman
         public int Seed { get; init; }
 
         [CommandOption("--input-role <NAME=ROLE>")]
-        [Description(InputRoleHelp.Text + " Recorded in both models, so train and deploy feed the same roles.")]
+        [InputRoleHelp(" Recorded in both models, so train and deploy feed the same roles.")]
         public string[] InputRoles { get; init; } = [];
     }
 

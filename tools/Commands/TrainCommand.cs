@@ -33,7 +33,7 @@ public sealed class TrainCommand(IAnsiConsole console) : Command<TrainCommand.Se
         public string? Labels { get; init; }
         [CommandOption("--head <MODE>")][Description("cls head: full (trained fully, PEFT's modules_to_save; default) or lora.")]
         public string Head { get; init; } = "full";
-        [CommandOption("--pooling <MODE>")][Description("cls: the hidden state the head reads: last (last non-padding token; decoders, default), first ([CLS]; encoders) or mean (over the mask).")]
+        [CommandOption("--pooling <MODE>")][Description("cls: the hidden state the head reads: last (last non-padding token; decoders, default), first ([[CLS]]; encoders) or mean (over the mask).")]
         public string Pooling { get; init; } = "last";
         [CommandOption("--freeze-lora")][Description("cls: keep LoRA at its start (B = 0, the frozen base) and train the head alone: the baseline a LoRA run is compared with.")]
         public bool FreezeLora { get; init; }
@@ -89,7 +89,7 @@ public sealed class TrainCommand(IAnsiConsole console) : Command<TrainCommand.Se
         public bool SkipBadRows { get; init; }
         [CommandOption("--tokenizer <PATH>")][Description("The model's tokenizer for text data: a Hugging Face model folder, its tokenizer.json (BPE) or tokenizer.model (SentencePiece). Default: GPT-2's.")]
         public string? Tokenizer { get; init; }
-        [CommandOption("--input-role <NAME=ROLE>")][Description(InputRoleHelp.Text)]
+        [CommandOption("--input-role <NAME=ROLE>")][InputRoleHelp]
         public string[] InputRoles { get; init; } = [];
     }
 
