@@ -48,8 +48,6 @@ public sealed record LoraManifest
 {
     public const string CurrentFormat = "onnxlora.lora/1";
     public const string FileName = RunLayout.LoraConfig;
-    /// <summary>The training view in a rewrite output folder: A/B are graph inputs with their initial values as defaults.</summary>
-    public const string TrainingModelFile = RunLayout.TrainingModel;
     /// <summary>The deployable model in a rewrite output folder: A/B are inputs with zero-rank defaults, no scale node.</summary>
     public const string DeployableModelFile = RunLayout.DeployableModel;
 

@@ -95,7 +95,7 @@ public static class LoraRewrite
         try
         {
             OutputFolder.Mark(tmp, Verb);   // first, so a temp a kill leaves behind is recognisably ours
-            OnnxFile.Save(training, Path.Combine(tmp, LoraManifest.TrainingModelFile));
+            OnnxFile.Save(training, Path.Combine(tmp, RunLayout.TrainingModel));
             OnnxFile.Save(deployable, Path.Combine(tmp, LoraManifest.DeployableModelFile));
             manifest.Save(Path.Combine(tmp, LoraManifest.FileName));
             string? old = null;

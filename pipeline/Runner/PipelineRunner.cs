@@ -91,12 +91,12 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
         var rewriteDir = Stage("rewrite", rewriteHash, () => Rewrite(modelPath), d => File.Exists(Path.Combine(d, LoraManifest.FileName)));
         if (dp.IsRoot) dp.Barrier();
         var trainHash = Combine(rewriteHash, config.Hash("data", "train"), FileHash(trainData), evalData is null ? "" : FileHash(evalData));
-        var runDir = Stage("train", trainHash, () => Train(rewriteDir, trainData, evalData, cancel), d => File.Exists(Path.Combine(d, Trainer.AdapterFile)));
+        var runDir = Stage("train", trainHash, () => Train(rewriteDir, trainData, evalData, cancel), d => File.Exists(Path.Combine(d, RunLayout.Adapter)));
         if (!dp.IsRoot)
             return new PipelineReport(_runDir, _stages.ToList(), "", double.NaN, double.NaN, null, null, [],
                 new Dictionary<string, string>(), double.NaN, clock.Elapsed);
         var manifest = LoraManifest.Load(Path.Combine(rewriteDir, LoraManifest.FileName));
-        var adapter = AdapterFiles.ReadSafeTensors(Path.Combine(runDir, Trainer.AdapterFile), manifest);
+        var adapter = AdapterFiles.ReadSafeTensors(Path.Combine(runDir, RunLayout.Adapter), manifest);
 
         var scores = Evaluate(runDir, rewriteDir, evalData ?? trainData, adapter);
         var outputs = Export(adapter, rewriteDir, trainHash);
@@ -246,7 +246,7 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
         var dir = Path.Combine(_runDir, RunLayout.TrainDir);
         var options = TrainOptionsFrom(rewriteDir, trainData, dir, evalData);
         TrainResult result;
-        if (File.Exists(Path.Combine(dir, TrainOptions.FileName)) && File.Exists(Path.Combine(dir, Trainer.CheckpointFile))
+        if (File.Exists(Path.Combine(dir, RunLayout.TrainConfig)) && File.Exists(Path.Combine(dir, RunLayout.Checkpoint))
             && TrainOptions.Load(dir).NumericsHash() == (options with { OutDir = dir }).NumericsHash())
         {
             log?.Invoke("  resuming the interrupted run from its checkpoint");

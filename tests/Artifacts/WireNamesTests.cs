@@ -1,4 +1,5 @@
 using System.Text.Json;
+using OnnxLora.GraphRewrite.Graphs;
 using OnnxLora.GraphRewrite.Artifacts;
 using OnnxLora.GraphRewrite.Contracts;
 using OnnxLora.GraphRewrite.Autodiff;
@@ -69,7 +70,7 @@ public class WireNamesTests
         var json = options.ToJson();
         Assert.That(json, Does.Contain("\"head_mode\": \"lora\"").And.Contain("\"pooling\": \"mean\"").And.Contain("\"optimizer\": \"sgd\"").And.Contain("\"schedule\": \"cosine\""));
         var earlier = JsonSerializer.Serialize(new { model_dir = "m", data_path = "d", out_dir = dir.Path, head_mode = "lora", pooling = "first", optimizer = "adamw", schedule = "constant" });
-        File.WriteAllText(Path.Combine(dir.Path, TrainOptions.FileName), earlier);
+        File.WriteAllText(Path.Combine(dir.Path, RunLayout.TrainConfig), earlier);
         var back = TrainOptions.Load(dir.Path);
         Assert.That((back.HeadMode, back.Pooling, back.Optimizer, back.Schedule), Is.EqualTo((HeadMode.Lora, Pooling.First, OptimizerKind.AdamW, ScheduleKind.Constant)));
     }

@@ -3,6 +3,7 @@ using System.Globalization;
 using OnnxLora.GraphRewrite.Artifacts;
 using OnnxLora.GraphRewrite.Contracts;
 using OnnxLora.GraphRewrite.Autodiff;
+using OnnxLora.GraphRewrite.Graphs;
 using OnnxLora.Pipeline.Data;
 using OnnxLora.Pipeline.Training;
 using OnnxLora.Pipeline.Training.Distributed;
@@ -172,7 +173,7 @@ public sealed class TrainCommand(IAnsiConsole console) : Command<TrainCommand.Se
         if (DataParallel.Current.Stats is { Steps: > 0 } dp)
             Row("data parallel", $"{dp.Processes} processes; {dp.StepTime.TotalMilliseconds / dp.Steps:F1} ms/step, gradient Allreduce {dp.GradientAllReduce.TotalMilliseconds / dp.Steps:F2} ms ({dp.AllReduceShare:P1}, {dp.GradientBytes / 1e6:F2} MB), waiting for the slowest rank {dp.Sync.TotalMilliseconds / dp.Steps:F1} ms");
         Row("adapter", r.AdapterPath);
-        Row("loss curve", Path.Combine(r.RunDir, Trainer.PlotFile));
+        Row("loss curve", Path.Combine(r.RunDir, RunLayout.LossPlot));
         console.Write(new Panel(grid).Header("training finished"));
     }
 
