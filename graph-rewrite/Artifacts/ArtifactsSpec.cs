@@ -60,8 +60,8 @@ public sealed record ArtifactsSpec
     public bool AccumulateGradients { get; init; }
     public Dictionary<string, string> Files { get; init; } = new()
     {
-        ["train"] = TrainingArtifacts.TrainFile, ["eval"] = TrainingArtifacts.EvalFile,
-        ["optimizer"] = TrainingArtifacts.OptimizerFile, ["initial_params"] = TrainingArtifacts.InitialParamsFile,
+        ["train"] = RunLayout.TrainModel, ["eval"] = RunLayout.EvalModel,
+        ["optimizer"] = RunLayout.OptimizerModel, ["initial_params"] = RunLayout.InitialParams,
     };
     /// <summary>Trainable tensors, in the order the models list them.</summary>
     public required IReadOnlyList<ParamSpec> Params { get; init; }

@@ -54,8 +54,6 @@ public sealed record ArtifactOptions
 /// </remarks>
 public sealed class TrainingArtifacts
 {
-    public const string SpecFile = RunLayout.ArtifactsSpec, TrainFile = RunLayout.TrainModel, EvalFile = RunLayout.EvalModel,
-                        OptimizerFile = RunLayout.OptimizerModel, InitialParamsFile = RunLayout.InitialParams;
     public const string Labels = "labels", Lengths = "lengths", Loss = "loss", ClassLogits = ClassHead.Output, ResetGrad = BackwardPass.ResetGrad;
     public const string HeadWeight = ClassHead.Weight, HeadLoraA = ClassHead.LoraA, HeadLoraB = ClassHead.LoraB;
     public static string GradIn(string p) => BackwardPass.GradIn(p);
@@ -99,21 +97,21 @@ public sealed class TrainingArtifacts
     public void Save(string dir)
     {
         Directory.CreateDirectory(dir);
-        OnnxFile.Save(TrainModel, Path.Combine(dir, TrainFile));
-        OnnxFile.Save(EvalModel, Path.Combine(dir, EvalFile));
-        OnnxFile.Save(OptimizerModel, Path.Combine(dir, OptimizerFile));
-        OnnxFile.Save(InitialParams, Path.Combine(dir, InitialParamsFile));
-        AtomicFile.WriteAllText(Path.Combine(dir, SpecFile), JsonSerializer.Serialize(Spec, ArtifactsSpec.Json));
+        OnnxFile.Save(TrainModel, Path.Combine(dir, RunLayout.TrainModel));
+        OnnxFile.Save(EvalModel, Path.Combine(dir, RunLayout.EvalModel));
+        OnnxFile.Save(OptimizerModel, Path.Combine(dir, RunLayout.OptimizerModel));
+        OnnxFile.Save(InitialParams, Path.Combine(dir, RunLayout.InitialParams));
+        AtomicFile.WriteAllText(Path.Combine(dir, RunLayout.ArtifactsSpec), JsonSerializer.Serialize(Spec, ArtifactsSpec.Json));
     }
 
     /// <summary>Reads artifacts.json from an artifacts folder, checking its format tag.</summary>
     public static ArtifactsSpec LoadSpec(string dir)
     {
-        var path = Path.Combine(dir, SpecFile);
+        var path = Path.Combine(dir, RunLayout.ArtifactsSpec);
         if (!File.Exists(path)) throw new FileNotFoundException($"{path}: no such file; build the training artifacts first", path);
         ArtifactsSpec? spec;
         try { spec = JsonSerializer.Deserialize<ArtifactsSpec>(File.ReadAllText(path), ArtifactsSpec.Json); }
-        catch (JsonException e) { throw new InvalidDataException($"{path}: not a valid {SpecFile} ({e.Message})", e); }
+        catch (JsonException e) { throw new InvalidDataException($"{path}: not a valid {RunLayout.ArtifactsSpec} ({e.Message})", e); }
         if (spec is null || spec.Format != ArtifactsSpec.CurrentFormat)
             throw new InvalidDataException($"{path}: format '{spec?.Format}' is not '{ArtifactsSpec.CurrentFormat}'; rebuild the artifacts");
         // the enum converters also take numbers; only the names are the contract

@@ -1,8 +1,8 @@
 namespace OnnxLora.GraphRewrite.Graphs;
 
 /// <summary>
-/// The file names of the folders OnnxLora writes, each spelled once. The classes that own a file keep a named alias
-/// (<c>LoraManifest.FileName</c>, <c>Trainer.AdapterFile</c>, …) that points here.
+/// The file names of the folders OnnxLora writes, each spelled once and used from here (two aliases remain,
+/// <c>LoraManifest.FileName</c> and <c>LoraManifest.DeployableModelFile</c>, until serving/ and deployment code use these).
 /// <code>
 /// rewrite folder   (onnxlora rewrite --out)   model.onnx  deploy.onnx  lora_config.json
 /// run folder       (onnxlora train --out)     train_config.json  lora_config.json  artifacts/  checkpoint.safetensors

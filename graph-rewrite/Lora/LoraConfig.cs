@@ -16,9 +16,9 @@ public sealed class LoraConfigException(string field, string message, Exception?
 public enum LoraInit
 {
     /// <summary>Kaiming-uniform with a = √5 on A's fan-in, as PEFT and torch.nn.Linear do: U(−1/√in, 1/√in).</summary>
-    Kaiming,
+    [JsonStringEnumMemberName("kaiming")] Kaiming,
     /// <summary>PEFT's "gaussian": N(0, σ = 1/r).</summary>
-    Gaussian,
+    [JsonStringEnumMemberName("gaussian")] Gaussian,
 }
 
 /// <summary>
@@ -136,21 +136,7 @@ public sealed record LoraConfig
         catch (ArgumentException e) { throw new LoraConfigException(field, $"{field}: '{regex}' is not a valid regular expression ({e.Message}).", e); }
     }
 
-    // ---- parsing of the command-line forms, shared by `onnxlora rewrite` and the pipeline runner ----
-
-    /// <summary>Parses peft, rslora or alpha (any case); the message names the accepted values.</summary>
-    public static LoraScaling ParseScaling(string name) => name.Trim().ToLowerInvariant() switch
-    {
-        "peft" => LoraScaling.Peft, "rslora" => LoraScaling.RsLora, "alpha" => LoraScaling.Alpha,
-        _ => throw new ArgumentException($"scaling must be peft, rslora or alpha (got '{name}')"),
-    };
-
-    /// <summary>Parses kaiming or gaussian (any case); the message names the accepted values.</summary>
-    public static LoraInit ParseInit(string name) => name.Trim().ToLowerInvariant() switch
-    {
-        "kaiming" => LoraInit.Kaiming, "gaussian" => LoraInit.Gaussian,
-        _ => throw new ArgumentException($"init must be kaiming or gaussian (got '{name}')"),
-    };
+    // ---- parsing of the command-line forms, shared by `onnxlora rewrite` and the pipeline runner (enums: WireNames.Parse) ----
 
     /// <summary>"a,b, c" → ["a", "b", "c"] (a "re:" entry may not contain commas; use one regex with alternation).</summary>
     public static IReadOnlyList<string> ParseList(string text) =>

@@ -1,5 +1,6 @@
 using System.Text.Json;
 using System.Text.Json.Serialization;
+using OnnxLora.GraphRewrite.Contracts;
 using OnnxLora.GraphRewrite.Graphs;
 
 namespace OnnxLora.GraphRewrite.Lora;
@@ -9,11 +10,11 @@ namespace OnnxLora.GraphRewrite.Lora;
 public enum LoraScaling
 {
     /// <summary>alpha / r, PEFT's default.</summary>
-    Peft,
+    [JsonStringEnumMemberName("peft")] Peft,
     /// <summary>alpha / √r (rsLoRA, PEFT's use_rslora).</summary>
-    RsLora,
+    [JsonStringEnumMemberName("rslora")] RsLora,
     /// <summary>plain alpha (the seed code's convention); never a silent default.</summary>
-    Alpha,
+    [JsonStringEnumMemberName("alpha")] Alpha,
 }
 
 /// <summary>One adapted module: the weight it adapts and the names and shapes of its A [in, r] and B [r, out].</summary>
@@ -47,8 +48,6 @@ public sealed record LoraManifest
 {
     public const string CurrentFormat = "onnxlora.lora/1";
     public const string FileName = RunLayout.LoraConfig;
-    /// <summary>The training view in a rewrite output folder: A/B are graph inputs with their initial values as defaults.</summary>
-    public const string TrainingModelFile = RunLayout.TrainingModel;
     /// <summary>The deployable model in a rewrite output folder: A/B are inputs with zero-rank defaults, no scale node.</summary>
     public const string DeployableModelFile = RunLayout.DeployableModel;
 
@@ -83,8 +82,28 @@ public sealed record LoraManifest
     {
         WriteIndented = true,
         PropertyNamingPolicy = JsonNamingPolicy.SnakeCaseLower,
-        Converters = { new JsonStringEnumConverter<LoraScaling>(JsonNamingPolicy.SnakeCaseLower) },
+        Converters = { new ScalingConverter() },
     };
+
+    /// <summary>
+    /// Writes the wire name (peft, rslora, alpha); reads it and also "rs_lora", the spelling this format's manifests had
+    /// when the enum was written in snake case, so run folders written before stay readable.
+    /// </summary>
+    sealed class ScalingConverter : JsonConverter<LoraScaling>
+    {
+        const string LegacyRsLora = "rs_lora";
+
+        public override LoraScaling Read(ref Utf8JsonReader reader, Type type, JsonSerializerOptions options)
+        {
+            if (reader.TokenType != JsonTokenType.String) throw new JsonException($"'scaling' is {reader.TokenType}, expected a string");
+            var text = reader.GetString()!;
+            if (text == LegacyRsLora) return LoraScaling.RsLora;
+            try { return WireNames.Parse<LoraScaling>(text, "'scaling'"); }
+            catch (ArgumentException e) { throw new JsonException(e.Message, e); }
+        }
+
+        public override void Write(Utf8JsonWriter writer, LoraScaling value, JsonSerializerOptions options) => writer.WriteStringValue(value.WireName());
+    }
 
     public static double ScaleFor(LoraScaling scaling, double alpha, int rank) => scaling switch
     {

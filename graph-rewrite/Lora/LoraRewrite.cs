@@ -2,6 +2,7 @@ using System.Globalization;
 using System.Reflection;
 using System.Security.Cryptography;
 using Onnx;
+using OnnxLora.GraphRewrite.Contracts;
 using OnnxLora.GraphRewrite.Graphs;
 using OnnxLora.GraphRewrite.Signature;
 
@@ -53,7 +54,7 @@ public static class LoraRewrite
         {
             ToolVersion = ToolVersion, BaseModel = baseModel, BaseModelSha256 = baseSha256,
             Rank = config.Rank, Alpha = config.Alpha, Scaling = config.Scaling, Dropout = config.Dropout,
-            Init = config.Init.ToString().ToLowerInvariant(), Seed = config.Seed,
+            Init = config.Init.WireName(), Seed = config.Seed,
             TargetModules = config.TargetModules, ExcludeModules = config.ExcludeModules, LayersToTransform = config.LayersToTransform,
             RankPattern = config.RankPattern, AlphaPattern = config.AlphaPattern,
             DropoutTrainingModeInput = config.Dropout > 0 ? InjectLora.DropoutTrainingModeInput : null,
@@ -94,7 +95,7 @@ public static class LoraRewrite
         try
         {
             OutputFolder.Mark(tmp, Verb);   // first, so a temp a kill leaves behind is recognisably ours
-            OnnxFile.Save(training, Path.Combine(tmp, LoraManifest.TrainingModelFile));
+            OnnxFile.Save(training, Path.Combine(tmp, RunLayout.TrainingModel));
             OnnxFile.Save(deployable, Path.Combine(tmp, LoraManifest.DeployableModelFile));
             manifest.Save(Path.Combine(tmp, LoraManifest.FileName));
             string? old = null;

@@ -202,12 +202,12 @@ public static class AdapterFiles
     /// </summary>
     public static string BaseModelOf(string rewriteDir)
     {
-        foreach (var name in new[] { LoraManifest.TrainingModelFile, LoraManifest.DeployableModelFile })
+        foreach (var name in new[] { RunLayout.TrainingModel, LoraManifest.DeployableModelFile })
         {
             var p = Path.Combine(rewriteDir, name);
             if (File.Exists(p)) return p;
         }
-        throw new FileNotFoundException($"{rewriteDir}: has neither {LoraManifest.TrainingModelFile} nor {LoraManifest.DeployableModelFile}; give an 'onnxlora rewrite' output folder");
+        throw new FileNotFoundException($"{rewriteDir}: has neither {RunLayout.TrainingModel} nor {LoraManifest.DeployableModelFile}; give an 'onnxlora rewrite' output folder");
     }
 
     /// <summary>

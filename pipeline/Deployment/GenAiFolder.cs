@@ -4,6 +4,7 @@ using Onnx;
 using OnnxLora.GraphRewrite.Lora;
 using OnnxLora.GraphRewrite.Graphs;
 using OnnxLora.GraphRewrite.Signature;
+using OnnxLora.Models;
 using OnnxLora.Pipeline.Adapters;
 
 namespace OnnxLora.Pipeline.Deployment;
@@ -45,7 +46,7 @@ public static class GenAiFolder
 
     /// <summary>
     /// genai_config.json for <paramref name="model"/>: names and cache shape from its signature (roles), sizes and the model
-    /// type from the builder's metadata (onnxlora.gpt_config / onnxlora.llama_config, kept by the rewrite).
+    /// type from the builder's metadata (<see cref="GptBuilder.ConfigMetadataKey"/> / <see cref="LlamaBuilder.ConfigMetadataKey"/>, kept by the rewrite).
     /// </summary>
     public static JsonObject Config(ModelProto model, string source)
     {
@@ -62,10 +63,10 @@ public static class GenAiFolder
             throw new InvalidDataException($"{source}: output '{logits.Name}' must be [batch, tokens, vocab] with a fixed vocab for ONNX Runtime GenAI");
 
         var meta = model.MetadataProps.ToDictionary(p => p.Key, p => p.Value);
-        JsonNode? hf = meta.TryGetValue("onnxlora.gpt_config", out var g) ? JsonNode.Parse(g)
-                     : meta.TryGetValue("onnxlora.llama_config", out var l) ? JsonNode.Parse(l) : null;
+        JsonNode? hf = meta.TryGetValue(GptBuilder.ConfigMetadataKey, out var g) ? JsonNode.Parse(g)
+                     : meta.TryGetValue(LlamaBuilder.ConfigMetadataKey, out var l) ? JsonNode.Parse(l) : null;
         if (hf is null)
-            throw new InvalidDataException($"{source}: no onnxlora.gpt_config / onnxlora.llama_config metadata, so the model type, head count and context length are unknown; build the model with 'onnxlora model build' (--from a Hugging Face folder, --with-past)");
+            throw new InvalidDataException($"{source}: no {GptBuilder.ConfigMetadataKey} / {LlamaBuilder.ConfigMetadataKey} metadata, so the model type, head count and context length are unknown; build the model with 'onnxlora model build' (--from a Hugging Face folder, --with-past)");
         // GenAI's "gpt2" type runs the older stacked cache (past_%d); Optimum's split key/value cache runs in its
         // generic decoder-only model, which the "decoder" type selects
         string type = hf["model_type"]?.GetValue<string>() ?? "gpt2";

@@ -3,6 +3,7 @@ using System.Text.Json.Nodes;
 using Microsoft.ML.OnnxRuntime;
 using TrainingSession = OnnxLora.Pipeline.Training.TrainingSession;
 using OnnxLora.GraphRewrite.Artifacts;
+using OnnxLora.GraphRewrite.Contracts;
 using OnnxLora.GraphRewrite.Autodiff;
 using OnnxLora.GraphRewrite.Lora;
 using OnnxLora.GraphRewrite.Graphs;
@@ -90,12 +91,12 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
         var rewriteDir = Stage("rewrite", rewriteHash, () => Rewrite(modelPath), d => File.Exists(Path.Combine(d, LoraManifest.FileName)));
         if (dp.IsRoot) dp.Barrier();
         var trainHash = Combine(rewriteHash, config.Hash("data", "train"), FileHash(trainData), evalData is null ? "" : FileHash(evalData));
-        var runDir = Stage("train", trainHash, () => Train(rewriteDir, trainData, evalData, cancel), d => File.Exists(Path.Combine(d, Trainer.AdapterFile)));
+        var runDir = Stage("train", trainHash, () => Train(rewriteDir, trainData, evalData, cancel), d => File.Exists(Path.Combine(d, RunLayout.Adapter)));
         if (!dp.IsRoot)
             return new PipelineReport(_runDir, _stages.ToList(), "", double.NaN, double.NaN, null, null, [],
                 new Dictionary<string, string>(), double.NaN, clock.Elapsed);
         var manifest = LoraManifest.Load(Path.Combine(rewriteDir, LoraManifest.FileName));
-        var adapter = AdapterFiles.ReadSafeTensors(Path.Combine(runDir, Trainer.AdapterFile), manifest);
+        var adapter = AdapterFiles.ReadSafeTensors(Path.Combine(runDir, RunLayout.Adapter), manifest);
 
         var scores = Evaluate(runDir, rewriteDir, evalData ?? trainData, adapter);
         var outputs = Export(adapter, rewriteDir, trainHash);
@@ -181,8 +182,8 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
             TargetModules = config.List("lora.targets"),
             ExcludeModules = config.List("lora.exclude"),
             LayersToTransform = config.String("lora.layers") is { } l ? LoraConfig.ParseLayers(l) : null,
-            Scaling = Key("lora.scaling", () => LoraConfig.ParseScaling(config.Required("lora.scaling"))),
-            Init = Key("lora.init", () => LoraConfig.ParseInit(config.Required("lora.init"))),
+            Scaling = Key("lora.scaling", () => WireNames.Parse<LoraScaling>(config.Required("lora.scaling"), "scaling")),
+            Init = Key("lora.init", () => WireNames.Parse<LoraInit>(config.Required("lora.init"), "init")),
             Dropout = config.Double("lora.dropout"),
             Seed = config.Int("lora.seed"),
         };
@@ -217,7 +218,7 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
             SeqLength = config.Int("data.seq"), SkipBadRows = config.Bool("data.skip_bad_rows"), Pack = config.Bool("data.pack"), Tokenizer = config.Path("data.tokenizer"),
             Optimizer = Key("train.optimizer", () => WireNames.Parse<OptimizerKind>(config.Required("train.optimizer"), "optimizer")), Lr = config.Double("train.lr"), WeightDecay = config.Double("train.weight_decay"),
             WarmupSteps = config.Int("train.warmup"),
-            Schedule = Key("train.schedule", () => ScheduleKinds.Parse(config.Required("train.schedule"))),
+            Schedule = Key("train.schedule", () => WireNames.Parse<ScheduleKind>(config.Required("train.schedule"), "schedule")),
             Epochs = config.Int("train.epochs"), MaxSteps = config.Int("train.max_steps"), BatchSize = config.Int("train.batch"),
             GradAccum = config.Int("train.grad_accum"), Clip = config.Double("train.clip"), Device = config.Required("train.device"),
             Threads = config.Int("train.threads"), Seed = config.Int("train.seed"), Shuffle = config.Bool("train.shuffle"),
@@ -245,7 +246,7 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
         var dir = Path.Combine(_runDir, RunLayout.TrainDir);
         var options = TrainOptionsFrom(rewriteDir, trainData, dir, evalData);
         TrainResult result;
-        if (File.Exists(Path.Combine(dir, TrainOptions.FileName)) && File.Exists(Path.Combine(dir, Trainer.CheckpointFile))
+        if (File.Exists(Path.Combine(dir, RunLayout.TrainConfig)) && File.Exists(Path.Combine(dir, RunLayout.Checkpoint))
             && TrainOptions.Load(dir).NumericsHash() == (options with { OutDir = dir }).NumericsHash())
         {
             log?.Invoke("  resuming the interrupted run from its checkpoint");

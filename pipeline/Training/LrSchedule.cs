@@ -1,22 +1,20 @@
+using System.Text.Json.Serialization;
+
 namespace OnnxLora.Pipeline.Training;
 
-/// <summary>Decay after warmup.</summary>
-public enum ScheduleKind { Constant, Linear, Cosine }
+/// <summary>Decay after warmup; the names are those of --schedule, train.schedule and train_config.json.</summary>
+[JsonConverter(typeof(JsonStringEnumConverter<ScheduleKind>))]
+public enum ScheduleKind
+{
+    [JsonStringEnumMemberName("constant")] Constant,
+    [JsonStringEnumMemberName("linear")] Linear,
+    [JsonStringEnumMemberName("cosine")] Cosine,
+}
 
 /// <summary>
 /// Learning rate for optimizer step s (0-based): linear warmup from 0 over <c>warmup</c> steps, then constant,
 /// linear or cosine decay to 0 at <c>total</c> steps (Hugging Face's get_*_schedule_with_warmup).
 /// </summary>
-public static class ScheduleKinds
-{
-    /// <summary>Parses constant, linear or cosine; the message names the accepted values.</summary>
-    public static ScheduleKind Parse(string name) => name.Trim().ToLowerInvariant() switch
-    {
-        "constant" => ScheduleKind.Constant, "linear" => ScheduleKind.Linear, "cosine" => ScheduleKind.Cosine,
-        _ => throw new ArgumentException($"schedule must be constant, linear or cosine (got '{name}')"),
-    };
-}
-
 public sealed record LrSchedule(double PeakLr, int WarmupSteps, int TotalSteps, ScheduleKind Kind)
 {
     public double At(int step)

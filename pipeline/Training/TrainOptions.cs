@@ -12,7 +12,6 @@ namespace OnnxLora.Pipeline.Training;
 /// <summary>Everything one training run needs; saved as RUN_DIR/train_config.json so that --resume continues it.</summary>
 public sealed record TrainOptions
 {
-    public const string FileName = RunLayout.TrainConfig;
     const int MaxBatch = 1 << 16, MaxSeq = 1 << 20, MaxClasses = 1 << 20;
 
     /// <summary>An 'onnxlora rewrite' output folder (model.onnx, deploy.onnx, lora_config.json).</summary>
@@ -102,13 +101,13 @@ public sealed record TrainOptions
 
     public static TrainOptions Load(string runDir)
     {
-        var path = Path.Combine(runDir, FileName);
-        if (!File.Exists(path)) throw new FileNotFoundException($"{runDir}: not a training run folder (no {FileName})", path);
+        var path = Path.Combine(runDir, RunLayout.TrainConfig);
+        if (!File.Exists(path)) throw new FileNotFoundException($"{runDir}: not a training run folder (no {RunLayout.TrainConfig})", path);
         return JsonSerializer.Deserialize<TrainOptions>(File.ReadAllText(path), Json)
             ?? throw new InvalidDataException($"{path}: empty");
     }
 
-    public void Save() => AtomicFile.WriteAllText(Path.Combine(OutDir, FileName), ToJson());
+    public void Save() => AtomicFile.WriteAllText(Path.Combine(OutDir, RunLayout.TrainConfig), ToJson());
 
     /// <summary>Hash of what determines the numbers (not output-only settings), to refuse resuming a different run.</summary>
     public string NumericsHash()

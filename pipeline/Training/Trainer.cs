@@ -27,9 +27,6 @@ public sealed record TrainResult(string RunDir, int Steps, double FirstLoss, dou
 /// </summary>
 public static class Trainer
 {
-    public const string ArtifactsDir = RunLayout.ArtifactsDir, CheckpointFile = RunLayout.Checkpoint, MetricsFile = RunLayout.Metrics,
-                        PlotFile = RunLayout.LossPlot, AdapterFile = RunLayout.Adapter, OnnxAdapterFileName = RunLayout.OnnxAdapter;
-
     /// <summary>The verb name in a run folder's marker (<see cref="OutputFolder"/>).</summary>
     public const string Verb = "train";
 
@@ -55,7 +52,7 @@ public static class Trainer
             options.Save();
         }
         try { return Run(options, resume: false, progress, cancel); }
-        catch when (dp.IsRoot && !File.Exists(Path.Combine(outDir, CheckpointFile)))
+        catch when (dp.IsRoot && !File.Exists(Path.Combine(outDir, RunLayout.Checkpoint)))
         {
             OutputFolder.Clear(outDir);
             File.Delete(Path.Combine(outDir, OutputFolder.MarkerFile));
@@ -83,7 +80,7 @@ public static class Trainer
         if (dp.IsRoot) AtomicFile.WriteAllBytes(Path.Combine(o.OutDir, LoraManifest.FileName), File.ReadAllBytes(manifestPath));
         var device = ExecutionDevice.Parse(o.Device);
 
-        var viewPath = Path.Combine(o.ModelDir, LoraManifest.TrainingModelFile);
+        var viewPath = Path.Combine(o.ModelDir, RunLayout.TrainingModel);
         var view = OnnxFile.Load(viewPath);
         ModelValidator.Check(view, viewPath);
         manifest.CheckAgainst(view, viewPath);
@@ -109,12 +106,12 @@ public static class Trainer
         int step = 0, epoch = 0, batchIndex = 0, evalsWithoutImprovement = 0;
         double best = double.PositiveInfinity;
         var hash = o.NumericsHash();
-        var checkpointPath = Path.Combine(o.OutDir, CheckpointFile);
+        var checkpointPath = Path.Combine(o.OutDir, RunLayout.Checkpoint);
         resume &= File.Exists(checkpointPath);   // a run stopped before its first checkpoint starts again from step 0
         if (resume)
         {
             var c = Checkpoint.Load(checkpointPath);
-            if (c.ConfigHash != hash) throw new InvalidDataException($"{checkpointPath}: was written by a run with different settings than {TrainOptions.FileName}; refusing to resume");
+            if (c.ConfigHash != hash) throw new InvalidDataException($"{checkpointPath}: was written by a run with different settings than {RunLayout.TrainConfig}; refusing to resume");
             c.CheckTensors(session.GetState(withMoments: true).ToDictionary(kv => kv.Key, kv => kv.Value.Shape), checkpointPath);
             foreach (var (name, t) in c.Tensors) session.SetState(name, t.ToFloats());
             (step, epoch, batchIndex, best, evalsWithoutImprovement) = (c.Step, c.Epoch, c.BatchInEpoch, c.BestEvalLoss, c.EvalsWithoutImprovement);
@@ -130,7 +127,7 @@ public static class Trainer
         }
         else if (o.InitAdapter is not null) LoadInitAdapter(session, o.InitAdapter, manifest);
 
-        using var metrics = new MetricsLog(dp.IsRoot ? Path.Combine(o.OutDir, MetricsFile) : null, resumeFromStep: resume ? step : 0);
+        using var metrics = new MetricsLog(dp.IsRoot ? Path.Combine(o.OutDir, RunLayout.Metrics) : null, resumeFromStep: resume ? step : 0);
         var clock = Stopwatch.StartNew();
         long tokens = 0;
         double firstLoss = double.NaN, lastLoss = double.NaN;
@@ -201,16 +198,16 @@ public static class Trainer
             }
             if (cancelled)
             {
-                if (dp.IsRoot) LossPlot.Save(metrics.Rows, Path.Combine(o.OutDir, PlotFile));
+                if (dp.IsRoot) LossPlot.Save(metrics.Rows, Path.Combine(o.OutDir, RunLayout.LossPlot));
                 throw new OperationCanceledException($"interrupted after step {step}; the checkpoint is saved: continue with 'onnxlora train --resume {o.OutDir}'");
             }
             if (earlyStopped) break;
         }
 
-        var adapterPath = Path.Combine(o.OutDir, AdapterFile);
+        var adapterPath = Path.Combine(o.OutDir, RunLayout.Adapter);
         if (dp.IsRoot)
         {
-            LossPlot.Save(metrics.Rows, Path.Combine(o.OutDir, PlotFile));
+            LossPlot.Save(metrics.Rows, Path.Combine(o.OutDir, RunLayout.LossPlot));
             WriteAdapter(session, manifest, o, artifacts, classes, train.ClassNames);
         }
         return new TrainResult(o.OutDir, step, firstLoss, lastLoss, double.IsInfinity(best) ? lastEval : best, lastAccuracy, clock.Elapsed,
@@ -241,13 +238,13 @@ public static class Trainer
         var table = model.Graph.Node.Where(n => n.OpType == "Gather" && n.Input.Count == 2 && n.Input[1] == "input_ids")
             .Select(n => model.Graph.Initializer.FirstOrDefault(t => t.Name == n.Input[0])).FirstOrDefault(t => t is { Dims.Count: 2 });
         return table?.Dims[0] is long rows and > 0 and <= int.MaxValue ? (int)rows
-            : throw new InvalidDataException($"{LoraManifest.TrainingModelFile}: the vocabulary size (last dim of '{logits.Name}') is not fixed and no token embedding states it, so token ids cannot be checked against it");
+            : throw new InvalidDataException($"{RunLayout.TrainingModel}: the vocabulary size (last dim of '{logits.Name}') is not fixed and no token embedding states it, so token ids cannot be checked against it");
     }
 
     static string EnsureArtifacts(TrainOptions o, Onnx.ModelProto view, LoraManifest manifest, int classes)
     {
-        var dir = Path.Combine(o.OutDir, ArtifactsDir);
-        if (File.Exists(Path.Combine(dir, TrainingArtifacts.SpecFile))) return dir;   // built by this run before (resume)
+        var dir = Path.Combine(o.OutDir, RunLayout.ArtifactsDir);
+        if (File.Exists(Path.Combine(dir, RunLayout.ArtifactsSpec))) return dir;   // built by this run before (resume)
         var artifacts = TrainingArtifacts.Build(view, manifest, new ArtifactOptions
         {
             Task = o.Task,
@@ -316,7 +313,7 @@ public static class Trainer
     static string WriteAdapter(TrainingSession session, LoraManifest manifest, TrainOptions o, string artifactsDir, int classes, IReadOnlyList<string> classNames)
     {
         var state = session.GetState(withMoments: false).Select(kv => KeyValuePair.Create(kv.Key, SafeTensor.FromFloats(kv.Value.Shape, kv.Value.Data))).ToList();
-        var path = Path.Combine(o.OutDir, AdapterFile);
+        var path = Path.Combine(o.OutDir, RunLayout.Adapter);
         var metadata = new Dictionary<string, string> { ["format"] = "onnxlora.adapter/1", ["task"] = o.Task.ToString().ToLowerInvariant() };
         if (o.Task == TrainingTask.Cls)
         {
@@ -324,7 +321,7 @@ public static class Trainer
             var spec = TrainingArtifacts.LoadSpec(artifactsDir);
             if (spec.FrozenExtras.Count > 0)   // a LoRA head's frozen weight, or frozen LoRA factors, live in the artifacts' initial values
             {
-                var initial = OnnxFile.Load(Path.Combine(artifactsDir, TrainingArtifacts.InitialParamsFile));
+                var initial = OnnxFile.Load(Path.Combine(artifactsDir, RunLayout.InitialParams));
                 foreach (var name in spec.FrozenExtras)
                 {
                     var t = initial.Graph.Initializer.First(i => i.Name == name + ".init");
@@ -341,7 +338,7 @@ public static class Trainer
             OnnxFile.Save(AdapterFiles.DeployableFor(adapter, OnnxFile.Load(deployPath), deployPath), Path.Combine(o.OutDir, LoraManifest.DeployableModelFile));
             deployDir = o.OutDir;
         }
-        AdapterFiles.Write(adapter, AdapterFormat.OnnxAdapter, Path.Combine(o.OutDir, OnnxAdapterFileName), deployDir);
+        AdapterFiles.Write(adapter, AdapterFormat.OnnxAdapter, Path.Combine(o.OutDir, RunLayout.OnnxAdapter), deployDir);
         return path;
     }
 

@@ -160,7 +160,7 @@ public class ArtifactFileTests
         var r = LoraRewrite.Rewrite(OnnxFile.Load(file), new LoraConfig { Rank = 2, Alpha = 2 }, file, "0");
         using var dir = new TempDir();
         TrainingArtifacts.Build(r.TrainingModel, r.Manifest).Save(dir.Path);
-        var path = Path.Combine(dir.Path, TrainingArtifacts.SpecFile);
+        var path = Path.Combine(dir.Path, RunLayout.ArtifactsSpec);
         var text = File.ReadAllText(path);
         Assert.That(text, Does.Contain(good));
         File.WriteAllText(path, text.Replace(good, bad, StringComparison.Ordinal));
@@ -179,7 +179,7 @@ public class ArtifactFileTests
         Assert.That(spec, Is.EqualTo(art.Spec).Using<ArtifactsSpec>((a, b) => System.Text.Json.JsonSerializer.Serialize(a) == System.Text.Json.JsonSerializer.Serialize(b)));
         Assert.That((spec.Task, spec.HeadMode, spec.Pooling, spec.Optimizer), Is.EqualTo((TrainingTask.Cls, HeadMode.Full, Pooling.Last, OptimizerKind.AdamW)));
         // the file keeps the spelling earlier artifacts have, which every reader parses through the same converters
-        var raw = System.Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(Path.Combine(dir.Path, TrainingArtifacts.SpecFile)))!;
+        var raw = System.Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(Path.Combine(dir.Path, RunLayout.ArtifactsSpec)))!;
         Assert.That(new[] { "task", "head_mode", "pooling", "optimizer" }.Select(k => (string?)raw[k]), Is.EqualTo(new[] { "cls", "full", "last", "adamw" }));
         Assert.That(spec.Params.Select(p => p.Name), Does.Contain(TrainingArtifacts.HeadWeight));
         foreach (var (kind, model) in new[] { ("train", spec.Train), ("eval", spec.Eval), ("optimizer", spec.OptimizerModel) })

@@ -1,5 +1,6 @@
 using System.Globalization;
 using System.Text.Json.Nodes;
+using OnnxLora.GraphRewrite.Graphs;
 using OnnxLora.GraphRewrite.Artifacts;
 using OnnxLora.Pipeline.Adapters;
 using OnnxLora.Pipeline.Data;
@@ -51,12 +52,12 @@ public class ClassifierDeployTests
         var run = dir.File("run");
         Cli("train", "--model", rw, "--data", train, "--format", "tokens", "--task", "cls", "--labels", "low,high", "--head", head, "--pooling", pooling,
             "--out", run, "--epochs", epochs.ToString(CultureInfo.InvariantCulture), "--batch", "8", "--lr", "1e-2", "--threads", "1", "--eval-data", train);
-        var lastEval = File.ReadAllLines(Path.Combine(run, Trainer.MetricsFile)).Select(l => JsonNode.Parse(l)!).Last(m => (string?)m["kind"] == "eval");
+        var lastEval = File.ReadAllLines(Path.Combine(run, RunLayout.Metrics)).Select(l => JsonNode.Parse(l)!).Last(m => (string?)m["kind"] == "eval");
         Assert.That(lastEval["accuracy"]!.GetValue<double>(), Is.GreaterThanOrEqualTo(0.9), "the first token decides the class: a trained classifier fits it");
 
         // the training session's eval forward with the trained state: the predictions every deployed form must give
-        var adapterState = OnnxLora.Models.SafeTensorsFile.Read(Path.Combine(run, Trainer.AdapterFile)).Tensors;
-        using var session = TrainingSession.Create(Path.Combine(run, Trainer.ArtifactsDir), ExecutionDevice.Cpu, 1);
+        var adapterState = OnnxLora.Models.SafeTensorsFile.Read(Path.Combine(run, RunLayout.Adapter)).Tensors;
+        using var session = TrainingSession.Create(Path.Combine(run, RunLayout.ArtifactsDir), ExecutionDevice.Cpu, 1);
         foreach (var (name, t) in adapterState) if (session.HasState(name)) session.SetState(name, t.ToFloats());
         var batch = Batcher.Pad(testRows.Select(r => new Example(r.Ids, r.Ids, r.Label)).ToList(), 0);
         var logits = session.EvalStep(batch).ClassLogits!;
@@ -67,7 +68,7 @@ public class ClassifierDeployTests
         // the deployed classifier's logits through ONNX Runtime's LoRA API: the same numbers
         using (var host = AdapterHost.Create(Path.Combine(run, "deploy.onnx")))
         {
-            host.AddAdapter("run", Path.Combine(run, Trainer.OnnxAdapterFileName));
+            host.AddAdapter("run", Path.Combine(run, RunLayout.OnnxAdapter));
             var classifier = new Classifier(host, options: new ClassifierOptions { PadTokenId = 0 });
             var results = classifier.ClassifyBatch(testRows.Select(r => (IReadOnlyList<int>)r.Ids).ToList(), "run");
             for (int i = 0; i < testRows.Count; i++)
@@ -119,8 +120,8 @@ public class ClassifierDeployTests
         Cli("rewrite", OptimumGpt2Tests.Fixture("gpt2_opset17.onnx"), "--out", rw, "--rank", "4");
         var run = dir.File("run");
         Cli("train", "--model", rw, "--data", data, "--format", "tokens", "--out", run, "--max-steps", "3", "--batch", "4", "--lr", "1e-2", "--threads", "1", "--eval-data", data);
-        double trainerLoss = File.ReadAllLines(Path.Combine(run, Trainer.MetricsFile)).Select(l => JsonNode.Parse(l)!).Last(m => (string?)m["kind"] == "eval")["loss"]!.GetValue<double>();
-        var (_, output) = Cli("eval", "--model", rw, "--adapter", Path.Combine(run, Trainer.OnnxAdapterFileName), "--data", data, "--format", "tokens", "--batch", "5");
+        double trainerLoss = File.ReadAllLines(Path.Combine(run, RunLayout.Metrics)).Select(l => JsonNode.Parse(l)!).Last(m => (string?)m["kind"] == "eval")["loss"]!.GetValue<double>();
+        var (_, output) = Cli("eval", "--model", rw, "--adapter", Path.Combine(run, RunLayout.OnnxAdapter), "--data", data, "--format", "tokens", "--batch", "5");
         var match = System.Text.RegularExpressions.Regex.Match(output, @"loss (\d+\.\d+)");
         Assert.That(match.Success, output);
         // eval prints 4 decimals; float32 sums of a few hundred terms agree far below that
@@ -136,7 +137,7 @@ public class ClassifierDeployTests
         Cli("rewrite", OptimumGpt2Tests.Fixture("gpt2_opset17.onnx"), "--out", rw, "--rank", "2");
         var run = dir.File("run");
         Cli("train", "--model", rw, "--data", train, "--format", "tokens", "--task", "cls", "--classes", "2", "--freeze-lora", "--out", run, "--max-steps", "3", "--lr", "1e-2", "--threads", "1");
-        var spec = TrainingArtifacts.LoadSpec(Path.Combine(run, Trainer.ArtifactsDir));
+        var spec = TrainingArtifacts.LoadSpec(Path.Combine(run, RunLayout.ArtifactsDir));
         Assert.That(spec.Params.Select(p => p.Name), Is.EqualTo(new[] { ClassHead.Weight }), "the head is the only trainable tensor");
         var adapter = AdapterFiles.ReadSource(run, null).Adapter;
         Assert.That(adapter.LoraTensors.Where(kv => kv.Key.Contains("lora_B", StringComparison.Ordinal)).SelectMany(kv => kv.Value.Data), Is.All.Zero, "B stays 0: the base is frozen");

@@ -3,6 +3,7 @@ using System.Text.Json.Nodes;
 using Google.Protobuf;
 using Microsoft.ML.OnnxRuntime;
 using OnnxLora.GraphRewrite.Artifacts;
+using OnnxLora.GraphRewrite.Contracts;
 using OnnxLora.GraphRewrite.Graphs;
 using OnnxLora.Pipeline.Data;
 using OnnxLora.Pipeline.Training;
@@ -59,7 +60,7 @@ public class EncoderClassifierTests
         var run = dir.File("run");
         Run("train", "--model", rw, "--data", train, "--task", "cls", "--tokenizer", vocab, "--pooling", "first", "--out", run,
             "--epochs", "10", "--batch", "6", "--lr", "1e-2", "--threads", "1", "--eval-data", train);
-        var lastEval = File.ReadAllLines(Path.Combine(run, Trainer.MetricsFile)).Select(l => JsonNode.Parse(l)!).Last(m => (string?)m["kind"] == "eval");
+        var lastEval = File.ReadAllLines(Path.Combine(run, RunLayout.Metrics)).Select(l => JsonNode.Parse(l)!).Last(m => (string?)m["kind"] == "eval");
         double accuracy = lastEval["accuracy"]!.GetValue<double>();
         Assert.That(accuracy, Is.GreaterThanOrEqualTo(0.9), "two word sets: the [CLS] state separates them once trained");
 

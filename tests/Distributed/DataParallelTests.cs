@@ -1,3 +1,4 @@
+using OnnxLora.GraphRewrite.Graphs;
 using OnnxLora.GraphRewrite.Artifacts;
 using System.Diagnostics;
 using System.Text.Json.Nodes;
@@ -40,7 +41,7 @@ public class DataParallelTests
         Assert.That(output.Split("training finished").Length - 1, Is.EqualTo(1), "only rank 0 prints the summary: " + output);
         Assert.That(output, Does.Contain("data parallel").And.Contain("2 processes"));
         AssertSameRun(dir.File("one"), dir.File("two"), steps: 20);
-        Assert.That(Checkpoint.Load(Path.Combine(dir.File("two"), Trainer.CheckpointFile)).WorldSize, Is.EqualTo(2));
+        Assert.That(Checkpoint.Load(Path.Combine(dir.File("two"), RunLayout.Checkpoint)).WorldSize, Is.EqualTo(2));
     }
 
     /// <summary>Rows split unevenly (37 rows, batch 8: a last batch of 5), micro-batches accumulated, clipping on the global norm, eval split and summed.</summary>
@@ -88,7 +89,7 @@ public class DataParallelTests
         Trainer.Train(Options("whole"));
         using var stop = new CancellationTokenSource();
         Assert.Throws<OperationCanceledException>(() => Trainer.Train(Options("split"), new StopAt(6, stop), stop.Token));
-        Assert.That(Checkpoint.Load(Path.Combine(dir.File("split"), Trainer.CheckpointFile)) is { Step: 6, WorldSize: 1 });
+        Assert.That(Checkpoint.Load(Path.Combine(dir.File("split"), RunLayout.Checkpoint)) is { Step: 6, WorldSize: 1 });
 
         var (code, output) = RunRanks(mpiexec, 2, ["train", "--resume", dir.File("split")]);
         Assert.That(code, Is.EqualTo(0), output);
@@ -130,7 +131,7 @@ public class DataParallelTests
         { RedirectStandardOutput = true, RedirectStandardError = true })!;
         var stderr = process.StandardError.ReadToEndAsync();
         _ = process.StandardOutput.ReadToEndAsync();
-        var metrics = Path.Combine(run, Trainer.MetricsFile);
+        var metrics = Path.Combine(run, RunLayout.Metrics);
         var clock = Stopwatch.StartNew();
         while (clock.Elapsed < TimeSpan.FromSeconds(120) && !process.HasExited && (!File.Exists(metrics) || LineCount(metrics) < 3)) Thread.Sleep(100);
         Assert.That(process.HasExited, Is.False, "the run ended before it could be stopped");
@@ -144,7 +145,7 @@ public class DataParallelTests
         // (130 or 0, measured), so the stop is judged by what the ranks did: the message, the checkpoint, the rows
         Assert.That(process.ExitCode, Is.EqualTo(130).Or.EqualTo(0), stderr.Result);
         Assert.That(stderr.Result, Does.Contain("interrupted after step").And.Not.Contain("rank 1"));
-        var checkpoint = Checkpoint.Load(Path.Combine(run, Trainer.CheckpointFile));
+        var checkpoint = Checkpoint.Load(Path.Combine(run, RunLayout.Checkpoint));
         Assert.That(checkpoint.Step, Is.EqualTo(Rows(run, "train").Length).And.GreaterThanOrEqualTo(3));
         Assert.That(checkpoint.WorldSize, Is.EqualTo(2));
     }
@@ -170,7 +171,7 @@ public class DataParallelTests
         var (code, output) = Run(start);
         Assert.That(code, Is.EqualTo(1), output);
         Assert.That(output, Does.Contain("error: Open MPI").And.Contain("mpiexec.mpich"));
-        Assert.That(File.Exists(Path.Combine(dir.File("run"), Trainer.AdapterFile)), Is.False);
+        Assert.That(File.Exists(Path.Combine(dir.File("run"), RunLayout.Adapter)), Is.False);
     }
 
     [Test]
@@ -247,7 +248,7 @@ public class DataParallelTests
         Assert.That(RelativeDifference(Adapter(oneProcess), Adapter(ranks)), Is.LessThanOrEqualTo(Tolerance), "adapter relative L2 difference");
     }
 
-    static Dictionary<string, SafeTensor> Adapter(string runDir) => SafeTensorsFile.Read(Path.Combine(runDir, Trainer.AdapterFile)).Tensors;
+    static Dictionary<string, SafeTensor> Adapter(string runDir) => SafeTensorsFile.Read(Path.Combine(runDir, RunLayout.Adapter)).Tensors;
 
     /// <summary>‖a − b‖ / ‖a‖ over all tensors together.</summary>
     static double RelativeDifference(Dictionary<string, SafeTensor> a, Dictionary<string, SafeTensor> b)
@@ -265,7 +266,7 @@ public class DataParallelTests
     static NUnit.Framework.Constraints.IResolveConstraint Relatively(double expected) => Is.EqualTo(expected).Within(Math.Abs(expected) * Tolerance);
 
     static JsonObject[] Rows(string runDir, string kind) =>
-        File.ReadLines(Path.Combine(runDir, Trainer.MetricsFile)).Select(l => JsonNode.Parse(l)!.AsObject()).Where(o => (string)o["kind"]! == kind).ToArray();
+        File.ReadLines(Path.Combine(runDir, RunLayout.Metrics)).Select(l => JsonNode.Parse(l)!.AsObject()).Where(o => (string)o["kind"]! == kind).ToArray();
 
     /// <summary>Arithmetic sequences of 6–24 tokens with a prompt of 0–5 uncounted labels: ranks hold unequal counts of counted tokens.</summary>
     static void WriteVariedSequences(string path, int count, int seed)

@@ -22,7 +22,7 @@ public class OutputsCheckpointTests
         var (code, _, err) = CliRunner.Run("train", "--model", rewrite, "--data", dir.File("train.jsonl"), "--format", "tokens", "--out", run,
             "--max-steps", "4", "--batch", "4", "--threads", "1", "--checkpoint-every", "1");
         Assert.That(code, Is.EqualTo(0), err);
-        return (run, Path.Combine(run, Trainer.CheckpointFile));
+        return (run, Path.Combine(run, RunLayout.Checkpoint));
     }
 
     /// <summary>Rewrites the run's checkpoint with one change to its tensors or metadata.</summary>
@@ -59,7 +59,7 @@ public class OutputsCheckpointTests
         Corrupt(checkpoint, change);
         Tree.FailsCleanly(dir.Path, expected, "train", "--resume", run);
         var err = CliRunner.Run("train", "--resume", run).Err;
-        Assert.That(err, Does.Contain(Trainer.CheckpointFile), "the file is named");
+        Assert.That(err, Does.Contain(RunLayout.Checkpoint), "the file is named");
     }
 
     [Test]
@@ -76,9 +76,9 @@ public class OutputsCheckpointTests
         Assert.That(code, Is.EqualTo(1));
         Assert.That(err.TrimEnd().Split('\n'), Has.Length.EqualTo(1));
         Assert.That(err, Does.Match("non-finite|loss is|gradient norm is"));
-        var checkpoint = Checkpoint.Load(Path.Combine(run, Trainer.CheckpointFile));   // loads: every value finite
+        var checkpoint = Checkpoint.Load(Path.Combine(run, RunLayout.Checkpoint));   // loads: every value finite
         Assert.That(checkpoint.Step, Is.GreaterThanOrEqualTo(1).And.LessThan(20));
-        Assert.That(File.Exists(Path.Combine(run, Trainer.AdapterFile)), Is.False, "no adapter from a diverged run");
+        Assert.That(File.Exists(Path.Combine(run, RunLayout.Adapter)), Is.False, "no adapter from a diverged run");
     }
 
     [Test]
@@ -116,7 +116,7 @@ public class OutputsCheckpointTests
     {
         using var dir = new TempDir();
         var (run, _) = Run(dir);
-        var metrics = Path.Combine(run, Trainer.MetricsFile);
+        var metrics = Path.Combine(run, RunLayout.Metrics);
         var rows = File.ReadAllLines(metrics).Length;
         File.AppendAllText(metrics, "{\"kind\":\"train\",\"st");   // what a kill -9 mid-append leaves
         var (code, _, err) = CliRunner.Run("train", "--resume", run);
@@ -131,7 +131,7 @@ public class OutputsCheckpointTests
     {
         using var dir = new TempDir();
         var (run, _) = Run(dir);
-        var artifacts = Path.Combine(run, Trainer.ArtifactsDir);
+        var artifacts = Path.Combine(run, RunLayout.ArtifactsDir);
         var corrupt = Path.Combine(artifacts, TrainingArtifacts.LoadSpec(artifacts).Files[file]);
         File.WriteAllBytes(corrupt, [1, 2, 3, 4, 5]);
         Microsoft.ML.OnnxRuntime.SessionOptions? options = null;
@@ -163,14 +163,14 @@ public class OutputsDropoutResumeTests
         using var stop = new CancellationTokenSource();
         var split = Options("split");
         Assert.Throws<OperationCanceledException>(() => Trainer.Train(split, new Stop(p => { if (p.Step == 5) stop.Cancel(); }), stop.Token));
-        Assert.That(Checkpoint.Load(Path.Combine(split.OutDir, Trainer.CheckpointFile)).RngState, Is.EqualTo(10UL), "5 steps × 2 micro-batches drew 10 masks per Dropout");
+        Assert.That(Checkpoint.Load(Path.Combine(split.OutDir, RunLayout.Checkpoint)).RngState, Is.EqualTo(10UL), "5 steps × 2 micro-batches drew 10 masks per Dropout");
         var resumed = Trainer.Resume(split.OutDir);
         Assert.That(resumed.Steps, Is.EqualTo(whole.Steps));
         Assert.That(Losses(split.OutDir), Is.EqualTo(Losses(whole.RunDir)), "one thread: the resumed curve is bit-identical, masks included");
     }
 
     static double[] Losses(string run) =>
-        File.ReadLines(Path.Combine(run, Trainer.MetricsFile)).Select(l => System.Text.Json.Nodes.JsonNode.Parse(l)!.AsObject())
+        File.ReadLines(Path.Combine(run, RunLayout.Metrics)).Select(l => System.Text.Json.Nodes.JsonNode.Parse(l)!.AsObject())
             .Where(o => (string)o["kind"]! == "train").Select(o => (double)o["loss"]!).ToArray();
 
     sealed class Stop(Action<TrainProgress> report) : IProgress<TrainProgress>

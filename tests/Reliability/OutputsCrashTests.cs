@@ -33,7 +33,7 @@ public class OutputsCrashTests
     }
 
     static double[] TrainLosses(string run) =>
-        File.ReadLines(Path.Combine(run, Trainer.MetricsFile)).Select(l => JsonNode.Parse(l)!.AsObject())
+        File.ReadLines(Path.Combine(run, RunLayout.Metrics)).Select(l => JsonNode.Parse(l)!.AsObject())
             .Where(o => (string)o["kind"]! == "train").Select(o => (double)o["loss"]!).ToArray();
 
     [Test]
@@ -51,13 +51,13 @@ public class OutputsCrashTests
         var seen = new List<string>();
         for (int kill = 0; kill < Kills; kill++)
         {
-            bool resume = File.Exists(Path.Combine(run, TrainOptions.FileName));
+            bool resume = File.Exists(Path.Combine(run, RunLayout.TrainConfig));
             using var process = Process.Start(resume ? Train("--resume", run) : Train(FreshArgs(rewrite, data, run)))!;
             _ = process.StandardOutput.ReadToEndAsync();
             _ = process.StandardError.ReadToEndAsync();
             // every fourth kill lands in start-up (config, artifacts, first checkpoint), the others while it trains and
             // checkpoints every step (~25 ms a step): after a newer checkpoint appears, within the next ~20 steps
-            var checkpoint = Path.Combine(run, Trainer.CheckpointFile);
+            var checkpoint = Path.Combine(run, RunLayout.Checkpoint);
             if (kill % 4 == 0) Thread.Sleep(moments.Next(200, 2500));
             else
             {
@@ -79,10 +79,10 @@ public class OutputsCrashTests
         }
         TestContext.Out.WriteLine(string.Join("\n", seen));
 
-        var finish = File.Exists(Path.Combine(run, TrainOptions.FileName)) ? Train("--resume", run) : Train(FreshArgs(rewrite, data, run));
+        var finish = File.Exists(Path.Combine(run, RunLayout.TrainConfig)) ? Train("--resume", run) : Train(FreshArgs(rewrite, data, run));
         var (code, err) = RunToEnd(finish);
         Assert.That(code, Is.EqualTo(0), err);
-        Assert.That(Checkpoint.Load(Path.Combine(run, Trainer.CheckpointFile)).Step, Is.EqualTo(Steps));
+        Assert.That(Checkpoint.Load(Path.Combine(run, RunLayout.Checkpoint)).Step, Is.EqualTo(Steps));
         Assert.That(Directory.EnumerateFileSystemEntries(run, "*" + OutputFolder.TempInfix + "*", SearchOption.AllDirectories), Is.Empty, "no stale temp file");
         Assert.That(TrainLosses(run), Is.EqualTo(TrainLosses(dir.File("whole"))), "one clean curve, the uninterrupted run's (one thread: bit-identical)");
     }

@@ -90,7 +90,7 @@ public class OutputsLimitsTests
         using var dir = new TempDir();
         var rewrite = TrainerTests.RewriteTiny(dir);
         // the vocabulary dim of the logits made symbolic: the check must infer it, not switch itself off
-        var path = Path.Combine(rewrite, LoraManifest.TrainingModelFile);
+        var path = Path.Combine(rewrite, RunLayout.TrainingModel);
         var model = OnnxFile.Load(path);
         var dims = model.Graph.Output.First(o => o.Name == "logits").Type.TensorType.Shape.Dim;
         dims[^1].ClearDimValue();

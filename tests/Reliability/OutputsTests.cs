@@ -94,8 +94,8 @@ public class OutputsTests
         var mine = dir.File("mine");
         Directory.CreateDirectory(Path.Combine(mine, "artifacts"));
         File.WriteAllText(Path.Combine(mine, "artifacts", "notes.txt"), "mine");
-        File.WriteAllText(Path.Combine(mine, Trainer.AdapterFile), "my adapter");
-        File.WriteAllText(Path.Combine(mine, Trainer.PlotFile), "my plot");
+        File.WriteAllText(Path.Combine(mine, RunLayout.Adapter), "my adapter");
+        File.WriteAllText(Path.Combine(mine, RunLayout.LossPlot), "my plot");
         Tree.FailsCleanly(dir.Path, "was not written by onnxlora", TrainArgs(rewrite, dir.File("train.jsonl"), mine));
         Tree.FailsCleanly(dir.Path, "was not written by onnxlora", TrainArgs(rewrite, dir.File("train.jsonl"), mine, "--overwrite"));
         Tree.FailsCleanly(dir.Path, "lies inside the input", TrainArgs(rewrite, dir.File("train.jsonl"), Path.Combine(rewrite, "run")));
@@ -140,16 +140,16 @@ public class OutputsTests
         using var dir = new TempDir();
         var (rewrite, _, run) = FinishedRun(dir);
         File.WriteAllText(dir.File("existing.txt"), "keep me");
-        Tree.FailsCleanly(dir.Path, "lies inside the input", "export", run, "--out", Path.Combine(run, Trainer.CheckpointFile));
+        Tree.FailsCleanly(dir.Path, "lies inside the input", "export", run, "--out", Path.Combine(run, RunLayout.Checkpoint));
         Tree.FailsCleanly(dir.Path, "is the input", "export", run, "--out", run + "/", "--format", "peft");
         Tree.FailsCleanly(dir.Path, "exists; pass --overwrite", "export", run, "--out", dir.File("existing.txt"));
-        Tree.FailsCleanly(dir.Path, "lies inside an 'onnxlora train' output", "export", Path.Combine(run, Trainer.OnnxAdapterFileName), "--model", rewrite,
-            "--out", Path.Combine(run, Trainer.CheckpointFile), "--overwrite");
+        Tree.FailsCleanly(dir.Path, "lies inside an 'onnxlora train' output", "export", Path.Combine(run, RunLayout.OnnxAdapter), "--model", rewrite,
+            "--out", Path.Combine(run, RunLayout.Checkpoint), "--overwrite");
         Directory.CreateDirectory(dir.File("mine"));
         File.WriteAllText(dir.File("mine/adapter_config.json"), "{}");
         Tree.FailsCleanly(dir.Path, "was not written by onnxlora", "export", run, "--out", dir.File("mine"), "--format", "peft", "--overwrite");
         Tree.FailsCleanly(dir.Path, "is the input", "export", run, "--out", rewrite, "--format", "peft", "--overwrite");
-        var adapter = Path.Combine(run, Trainer.OnnxAdapterFileName);
+        var adapter = Path.Combine(run, RunLayout.OnnxAdapter);
         Tree.FailsCleanly(dir.Path, "lies inside the input", "merge", "--model", rewrite, "--adapter", adapter, "--out", Path.Combine(rewrite, "deploy.onnx"), "--overwrite");
         Tree.FailsCleanly(dir.Path, "lies inside the input", "merge", "--model", rewrite, "--adapter", adapter, "--out", rewrite + "/../rw/model.onnx", "--overwrite");
         Tree.FailsCleanly(dir.Path, "exists; pass --overwrite", "merge", "--model", rewrite, "--adapter", adapter, "--out", dir.File("existing.txt"));
@@ -178,11 +178,11 @@ public class OutputsTests
         var (_, _, run) = FinishedRun(dir);
         var stale = new[]
         {
-            Path.Combine(run, Trainer.CheckpointFile + ".tmp-123-0123456789abcdef"),
-            Path.Combine(run, Trainer.ArtifactsDir, "train.onnx.tmp-9-aa"),
+            Path.Combine(run, RunLayout.Checkpoint + ".tmp-123-0123456789abcdef"),
+            Path.Combine(run, RunLayout.ArtifactsDir, "train.onnx.tmp-9-aa"),
         };
         foreach (var f in stale) File.WriteAllText(f, "half a file");
-        Directory.CreateDirectory(Path.Combine(run, Trainer.ArtifactsDir + ".tmp-deadbeef"));
+        Directory.CreateDirectory(Path.Combine(run, RunLayout.ArtifactsDir + ".tmp-deadbeef"));
         var (code, _, err) = CliRunner.Run("train", "--resume", run);
         Assert.That(code, Is.EqualTo(0), err);
         Assert.That(Directory.EnumerateFileSystemEntries(run, "*.tmp-*", SearchOption.AllDirectories), Is.Empty);
@@ -240,7 +240,7 @@ public class OutputsTests
         File.WriteAllText(config, File.ReadAllText(config).Replace("max_steps: 1", "max_steps: 2"));
         (code, _, err) = CliRunner.Run("run", config);
         Assert.That(code, Is.EqualTo(0), "its own train/ of another config is replaced: " + err);
-        Assert.That(Checkpoint.Load(dir.File("runs/train/" + Trainer.CheckpointFile)).Step, Is.EqualTo(2));
+        Assert.That(Checkpoint.Load(dir.File("runs/train/" + RunLayout.Checkpoint)).Step, Is.EqualTo(2));
     }
 }
 

@@ -1,4 +1,5 @@
 using System.Diagnostics;
+using OnnxLora.GraphRewrite.Graphs;
 using OnnxLora.Pipeline.Runner;
 using OnnxLora.Pipeline.Training;
 
@@ -39,7 +40,7 @@ public class PipelineRunnerTests
         using var stop = new CancellationTokenSource();
         var interrupting = new PipelineRunner(ShortDefault(runDir), trainProgress: new Stopper(p => { if (p.Step == 10) stop.Cancel(); }));
         Assert.Throws<OperationCanceledException>(() => interrupting.Run(stop.Token));
-        Assert.That(Checkpoint.Load(Path.Combine(runDir, "train", Trainer.CheckpointFile)).Step, Is.EqualTo(10));
+        Assert.That(Checkpoint.Load(Path.Combine(runDir, "train", RunLayout.Checkpoint)).Step, Is.EqualTo(10));
 
         var lines = new List<string>();
         var report = new PipelineRunner(ShortDefault(runDir), lines.Add).Run();

@@ -1,4 +1,5 @@
 using System.Diagnostics;
+using OnnxLora.GraphRewrite.Graphs;
 using OnnxLora.Pipeline.Training;
 
 namespace OnnxLora.Tests.Runner;
@@ -27,7 +28,7 @@ public class RunSignalTests
             { RedirectStandardOutput = true, RedirectStandardError = true })!;
         var stderr = process.StandardError.ReadToEndAsync();
         _ = process.StandardOutput.ReadToEndAsync();
-        var checkpoint = Path.Combine(dir.File("runs"), "train", Trainer.CheckpointFile);
+        var checkpoint = Path.Combine(dir.File("runs"), "train", RunLayout.Checkpoint);
         var clock = Stopwatch.StartNew();
         while (!File.Exists(checkpoint) && clock.Elapsed < TimeSpan.FromSeconds(120) && !process.HasExited) Thread.Sleep(100);
         Assert.That(process.HasExited, Is.False, "the run ended before it could be stopped: " + (process.HasExited ? stderr.Result : ""));

@@ -1,4 +1,5 @@
 using System.Text.Json.Nodes;
+using OnnxLora.GraphRewrite.Graphs;
 using OnnxLora.Pipeline.Training;
 
 namespace OnnxLora.Tests.Signature;
@@ -35,7 +36,7 @@ public class OptimumCliTests
             "--max-steps", "6", "--batch", "4", "--lr", "1e-2", "--threads", "1", "--no-shuffle", "--eval-data", data);
         Assert.That(code, Is.EqualTo(0), error);
         Assert.That(output, Does.Contain("training finished"));
-        var adapter = Path.Combine(run, Trainer.OnnxAdapterFileName);
+        var adapter = Path.Combine(run, RunLayout.OnnxAdapter);
         Assert.That(File.Exists(adapter), Is.True);
 
         (code, output, error) = CliRunner.Run("eval", "--model", rw, "--adapter", adapter, "--data", data, "--format", "tokens", "--batch", "5");
@@ -72,7 +73,7 @@ public class OptimumCliTests
         (code, var output, error) = CliRunner.Run("train", "--model", rw, "--data", data, "--format", "tokens", "--task", "cls", "--classes", "2",
             "--out", dir.File("run"), "--epochs", "6", "--batch", "8", "--lr", "1e-2", "--threads", "1", "--eval-data", data);
         Assert.That(code, Is.EqualTo(0), error);
-        var metrics = File.ReadAllLines(Path.Combine(dir.File("run"), Trainer.MetricsFile)).Select(l => JsonNode.Parse(l)!).Where(m => (string?)m["kind"] == "eval").ToList();
+        var metrics = File.ReadAllLines(Path.Combine(dir.File("run"), RunLayout.Metrics)).Select(l => JsonNode.Parse(l)!).Where(m => (string?)m["kind"] == "eval").ToList();
         TestContext.Out.WriteLine(string.Join(" ", metrics.Select(m => m["accuracy"]?.ToJsonString())));
         Assert.That(metrics[^1]["accuracy"]!.GetValue<double>(), Is.GreaterThanOrEqualTo(0.9), "the first token decides the class: a trained head finds it");
     }

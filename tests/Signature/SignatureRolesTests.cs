@@ -108,7 +108,7 @@ public class SignatureRolesTests
         var art = TrainingArtifacts.Build(r.TrainingModel, r.Manifest);
         using var dir = new TempDir();
         art.Save(dir.Path);
-        var json = JsonDocument.Parse(File.ReadAllText(Path.Combine(dir.Path, TrainingArtifacts.SpecFile)));
+        var json = JsonDocument.Parse(File.ReadAllText(Path.Combine(dir.Path, RunLayout.ArtifactsSpec)));
         var inputs = json.RootElement.GetProperty("train").GetProperty("inputs").EnumerateArray().ToDictionary(i => i.GetProperty("name").GetString()!);
         Assert.That(inputs["past_key_values.1.value"].GetProperty("role").GetString(), Is.EqualTo("past_value"));
         Assert.That(inputs["past_key_values.1.value"].GetProperty("layer").GetInt32(), Is.EqualTo(1));
@@ -117,7 +117,7 @@ public class SignatureRolesTests
         var back = TrainingArtifacts.LoadSpec(dir.Path);
         Assert.That(back.Train.Inputs.Select(i => (i.Name, i.Role, i.Layer)), Is.EqualTo(art.Spec.Train.Inputs.Select(i => (i.Name, i.Role, i.Layer))));
 
-        File.WriteAllText(Path.Combine(dir.Path, TrainingArtifacts.SpecFile), File.ReadAllText(Path.Combine(dir.Path, TrainingArtifacts.SpecFile)).Replace("\"past_value\"", "\"past_values\"", StringComparison.Ordinal));
-        Assert.That(() => TrainingArtifacts.LoadSpec(dir.Path), Throws.TypeOf<InvalidDataException>().With.Message.Contains(TrainingArtifacts.SpecFile));
+        File.WriteAllText(Path.Combine(dir.Path, RunLayout.ArtifactsSpec), File.ReadAllText(Path.Combine(dir.Path, RunLayout.ArtifactsSpec)).Replace("\"past_value\"", "\"past_values\"", StringComparison.Ordinal));
+        Assert.That(() => TrainingArtifacts.LoadSpec(dir.Path), Throws.TypeOf<InvalidDataException>().With.Message.Contains(RunLayout.ArtifactsSpec));
     }
 }

@@ -1,4 +1,5 @@
 using Microsoft.ML.OnnxRuntime;
+using OnnxLora.GraphRewrite.Graphs;
 using OnnxLora.GraphRewrite.Lora;
 using OnnxLora.Pipeline.Adapters;
 using OnnxLora.Pipeline.Data;
@@ -31,13 +32,13 @@ public class DeploymentAgreementTests
         var batch = new Batch(1, ids.Length, ids, ids, [ids.Length], [-1]);
 
         // 1. the training session's eval forward, with the trained parameters
-        using var session = TrainingSession.Create(Path.Combine(result.RunDir, Trainer.ArtifactsDir), ExecutionDevice.Cpu, threads: 1);
+        using var session = TrainingSession.Create(Path.Combine(result.RunDir, RunLayout.ArtifactsDir), ExecutionDevice.Cpu, threads: 1);
         foreach (var (name, t) in adapter.LoraTensors) session.SetState(name, t.Data);
         var evalLogits = session.EvalStep(batch, withLogits: true).Logits!;
 
         // 2. deploy.onnx + adapter.onnx_adapter through ORT's OrtLoraAdapter
         using var host = AdapterHost.Create(Path.Combine(rewrite, LoraManifest.DeployableModelFile));
-        host.AddAdapter("trained", Path.Combine(result.RunDir, Trainer.OnnxAdapterFileName));
+        host.AddAdapter("trained", Path.Combine(result.RunDir, RunLayout.OnnxAdapter));
         using var input = OrtValue.CreateTensorValueFromMemory(ids, [1, ids.Length]);
         using var deployed = host.Run("trained", new Dictionary<string, OrtValue> { ["input_ids"] = input }, ["logits"]);
         using var baseRun = host.Run(null, new Dictionary<string, OrtValue> { ["input_ids"] = input }, ["logits"]);

@@ -1,4 +1,5 @@
 using System.Diagnostics;
+using OnnxLora.GraphRewrite.Graphs;
 using OnnxLora.Pipeline.Training;
 
 namespace OnnxLora.Tests.Training;
@@ -17,7 +18,7 @@ public class TrainCliTests
             "--out", dir.File("run"), "--max-steps", "4", "--batch", "4", "--lr", "1e-2", "--threads", "1");
         Assert.That(code, Is.EqualTo(0), error);
         Assert.That(output, Does.Contain("training finished").And.Contain("tokens/s").And.Contain("loss.png"));
-        Assert.That(File.Exists(Path.Combine(dir.File("run"), Trainer.AdapterFile)), Is.True);
+        Assert.That(File.Exists(Path.Combine(dir.File("run"), RunLayout.Adapter)), Is.True);
     }
 
     [TestCase("--batch", "0", "--batch")]
@@ -47,7 +48,7 @@ public class TrainCliTests
             "--out", run, "--epochs", "200", "--batch", "4", "--checkpoint-every", "1", "--threads", "1"])
         { RedirectStandardOutput = true, RedirectStandardError = true };
         using var process = Process.Start(start)!;
-        var checkpoint = Path.Combine(run, Trainer.CheckpointFile);
+        var checkpoint = Path.Combine(run, RunLayout.Checkpoint);
         var clock = Stopwatch.StartNew();
         while (!File.Exists(checkpoint) && clock.Elapsed < TimeSpan.FromSeconds(60) && !process.HasExited) Thread.Sleep(50);
         Thread.Sleep(300);   // let it be in the middle of writing more checkpoints

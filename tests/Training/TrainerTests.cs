@@ -38,7 +38,7 @@ public class TrainerTests
     };
 
     static double[] TrainLosses(string runDir) =>
-        File.ReadLines(Path.Combine(runDir, Trainer.MetricsFile)).Select(l => JsonNode.Parse(l)!.AsObject())
+        File.ReadLines(Path.Combine(runDir, RunLayout.Metrics)).Select(l => JsonNode.Parse(l)!.AsObject())
             .Where(o => (string)o["kind"]! == "train").Select(o => (double)o["loss"]!).ToArray();
 
     [Test]
@@ -52,7 +52,7 @@ public class TrainerTests
         Assert.That(result.Steps, Is.EqualTo(80));
         Assert.That(result.LastLoss, Is.LessThan(result.FirstLoss * 0.5), $"loss {result.FirstLoss} → {result.LastLoss}");
         Assert.That(result.BestEvalLoss, Is.LessThan(result.FirstLoss * 0.8));
-        foreach (var f in new[] { Trainer.CheckpointFile, Trainer.MetricsFile, Trainer.PlotFile, Trainer.AdapterFile, Trainer.OnnxAdapterFileName, TrainOptions.FileName })
+        foreach (var f in new[] { RunLayout.Checkpoint, RunLayout.Metrics, RunLayout.LossPlot, RunLayout.Adapter, RunLayout.OnnxAdapter, RunLayout.TrainConfig })
             Assert.That(File.Exists(Path.Combine(result.RunDir, f)), Is.True, f);
         Assert.That(TrainLosses(result.RunDir), Has.Length.EqualTo(80));
     }
@@ -70,7 +70,7 @@ public class TrainerTests
         var progress = new Progress(p => { if (p.Step == 7) stop.Cancel(); });
         var options = Options(dir, rewrite, "split", epochs: 2);
         Assert.Throws<OperationCanceledException>(() => Trainer.Train(options, progress, stop.Token));
-        var checkpoint = Checkpoint.Load(Path.Combine(options.OutDir, Trainer.CheckpointFile));
+        var checkpoint = Checkpoint.Load(Path.Combine(options.OutDir, RunLayout.Checkpoint));
         Assert.That(checkpoint.Step, Is.EqualTo(7), "the interrupted step is checkpointed");
 
         var resumed = Trainer.Resume(options.OutDir);

@@ -1,4 +1,5 @@
 using OnnxLora.GraphRewrite.Artifacts;
+using OnnxLora.GraphRewrite.Contracts;
 using System.ComponentModel;
 using System.Globalization;
 using OnnxLora.GraphRewrite.Signature;
@@ -149,7 +150,7 @@ public class ServeSettings : CommandSettings
     public string? Tokenizer { get; init; }
 
     [CommandOption("--input-role <NAME=ROLE>")]
-    [Description(InputRoleHelp.Text)]
+    [InputRoleHelp]
     public string[] InputRoles { get; init; } = [];
 
     /// <summary>The host with every adapter loaded, and the names to run (null = base model).</summary>

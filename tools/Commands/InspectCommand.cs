@@ -19,7 +19,7 @@ public sealed class InspectCommand(IAnsiConsole console) : Command<InspectComman
         public string Model { get; init; } = "";
 
         [CommandOption("--input-role <NAME=ROLE>")]
-        [Description(InputRoleHelp.Text)]
+        [InputRoleHelp]
         public string[] InputRoles { get; init; } = [];
     }
 

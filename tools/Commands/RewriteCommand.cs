@@ -1,5 +1,7 @@
 using System.ComponentModel;
 using System.Globalization;
+using OnnxLora.GraphRewrite.Contracts;
+using OnnxLora.GraphRewrite.Graphs;
 using OnnxLora.GraphRewrite.Signature;
 using OnnxLora.GraphRewrite.Lora;
 using Spectre.Console;
@@ -72,7 +74,7 @@ public sealed class RewriteCommand(IAnsiConsole console) : Command<RewriteComman
         public int Seed { get; init; }
 
         [CommandOption("--input-role <NAME=ROLE>")]
-        [Description(InputRoleHelp.Text + " Recorded in both models, so train and deploy feed the same roles.")]
+        [InputRoleHelp(" Recorded in both models, so train and deploy feed the same roles.")]
         public string[] InputRoles { get; init; } = [];
     }
 
@@ -95,7 +97,7 @@ public sealed class RewriteCommand(IAnsiConsole console) : Command<RewriteComman
         console.WriteLine(result.ParameterLine);
         if (SignatureRoles.TakesTokens(result.DeployableModel))   // what train and deploy will feed, by role
             console.WriteLine("inputs: " + string.Join(", ", SignatureRoles.Decide(result.DeployableModel, source: s.Model).Inputs.Select(e => $"{e.Name} ({e})")));
-        console.WriteLine($"wrote {s.Out}: {LoraManifest.TrainingModelFile} (training view), {LoraManifest.DeployableModelFile} (deployable), {LoraManifest.FileName}");
+        console.WriteLine($"wrote {s.Out}: {RunLayout.TrainingModel} (training view), {LoraManifest.DeployableModelFile} (deployable), {LoraManifest.FileName}");
         return 0;
     }
 
@@ -111,8 +113,8 @@ public sealed class RewriteCommand(IAnsiConsole console) : Command<RewriteComman
             : LoraConfig.ParsePatternValues(s.RankPattern, "--rank-pattern").ToDictionary(kv => kv.Key, kv => (int)kv.Value == kv.Value ? (int)kv.Value
                 : throw new FormatException($"--rank-pattern: rank {kv.Value} for '{kv.Key}' is not a whole number")),
         AlphaPattern = s.AlphaPattern is null ? new Dictionary<string, double>() : LoraConfig.ParsePatternValues(s.AlphaPattern, "--alpha-pattern"),
-        Scaling = Cli.Flag("--scaling", () => LoraConfig.ParseScaling(s.Scaling)),
-        Init = Cli.Flag("--init", () => LoraConfig.ParseInit(s.Init)),
+        Scaling = Cli.Flag("--scaling", () => WireNames.Parse<LoraScaling>(s.Scaling, "scaling")),
+        Init = Cli.Flag("--init", () => WireNames.Parse<LoraInit>(s.Init, "init")),
         Dropout = s.Dropout,
         Seed = s.Seed,
     };

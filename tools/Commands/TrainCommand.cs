@@ -1,7 +1,9 @@
 using System.ComponentModel;
 using System.Globalization;
 using OnnxLora.GraphRewrite.Artifacts;
+using OnnxLora.GraphRewrite.Contracts;
 using OnnxLora.GraphRewrite.Autodiff;
+using OnnxLora.GraphRewrite.Graphs;
 using OnnxLora.Pipeline.Data;
 using OnnxLora.Pipeline.Training;
 using OnnxLora.Pipeline.Training.Distributed;
@@ -90,7 +92,7 @@ public sealed class TrainCommand(IAnsiConsole console) : Command<TrainCommand.Se
         public bool SkipBadRows { get; init; }
         [CommandOption("--tokenizer <PATH>")][Description("The model's tokenizer for text data: a Hugging Face model folder, its tokenizer.json (BPE) or tokenizer.model (SentencePiece). Default: GPT-2's.")]
         public string? Tokenizer { get; init; }
-        [CommandOption("--input-role <NAME=ROLE>")][Description(InputRoleHelp.Text)]
+        [CommandOption("--input-role <NAME=ROLE>")][InputRoleHelp]
         public string[] InputRoles { get; init; } = [];
     }
 
@@ -122,7 +124,7 @@ public sealed class TrainCommand(IAnsiConsole console) : Command<TrainCommand.Se
             Pooling = Cli.Flag("--pooling", () => WireNames.Parse<Pooling>(s.Pooling, "pooling")), FreezeLora = s.FreezeLora,
             OutDir = Path.GetFullPath(s.Out), Epochs = s.Epochs, MaxSteps = s.MaxSteps, BatchSize = s.Batch, SeqLength = s.Seq,
             Optimizer = Cli.Flag("--optimizer", () => WireNames.Parse<OptimizerKind>(s.Optimizer, "optimizer")), Lr = s.Lr, WeightDecay = s.WeightDecay, WarmupSteps = s.Warmup,
-            Schedule = Cli.Flag("--schedule", () => ScheduleKinds.Parse(s.Schedule)),
+            Schedule = Cli.Flag("--schedule", () => WireNames.Parse<ScheduleKind>(s.Schedule, "schedule")),
             GradAccum = s.GradAccum, Clip = s.Clip, EvalDataPath = s.EvalData is null ? null : Path.GetFullPath(s.EvalData),
             EvalEvery = s.EvalEvery, EarlyStoppingPatience = s.EarlyStopping, Device = s.Device, Threads = s.Threads, Seed = s.Seed,
             Shuffle = !s.NoShuffle, BucketByLength = s.BucketByLength, Pack = s.Pack, InitAdapter = s.InitAdapter, CheckpointEvery = s.CheckpointEvery, SkipBadRows = s.SkipBadRows, Tokenizer = s.Tokenizer,
@@ -173,7 +175,7 @@ public sealed class TrainCommand(IAnsiConsole console) : Command<TrainCommand.Se
         if (DataParallel.Current.Stats is { Steps: > 0 } dp)
             Row("data parallel", $"{dp.Processes} processes; {dp.StepTime.TotalMilliseconds / dp.Steps:F1} ms/step, gradient Allreduce {dp.GradientAllReduce.TotalMilliseconds / dp.Steps:F2} ms ({dp.AllReduceShare:P1}, {dp.GradientBytes / 1e6:F2} MB), waiting for the slowest rank {dp.Sync.TotalMilliseconds / dp.Steps:F1} ms");
         Row("adapter", r.AdapterPath);
-        Row("loss curve", Path.Combine(r.RunDir, Trainer.PlotFile));
+        Row("loss curve", Path.Combine(r.RunDir, RunLayout.LossPlot));
         console.Write(new Panel(grid).Header("training finished"));
     }
 

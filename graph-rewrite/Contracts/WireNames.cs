@@ -1,14 +1,15 @@
 using System.Reflection;
 using System.Text.Json.Serialization;
 
-namespace OnnxLora.GraphRewrite.Artifacts;
+namespace OnnxLora.GraphRewrite.Contracts;
 
 /// <summary>
-/// The one spelling of a contract enum (<see cref="TrainingTask"/>, <see cref="HeadMode"/>, <see cref="Pooling"/>,
-/// <see cref="Autodiff.OptimizerKind"/>) in files, flags and config keys: each member's
-/// <see cref="JsonStringEnumMemberNameAttribute"/>. JSON reads and writes it through
-/// <see cref="JsonStringEnumConverter{TEnum}"/>, which honours the same attribute; <see cref="Parse{T}"/> is the one
-/// parser for text, <see cref="WireName{T}"/> the one writer.
+/// The one spelling of an enum that crosses a boundary (artifacts.json, train_config.json, lora_manifest.json, a flag
+/// or a pipeline config key: <see cref="Artifacts.TrainingTask"/>, <see cref="Artifacts.HeadMode"/>,
+/// <see cref="Artifacts.Pooling"/>, <see cref="Autodiff.OptimizerKind"/>, <see cref="Lora.LoraScaling"/>,
+/// <see cref="Lora.LoraInit"/>, the learning-rate schedule): each member's <see cref="JsonStringEnumMemberNameAttribute"/>.
+/// JSON reads and writes it through <see cref="JsonStringEnumConverter{TEnum}"/>, which honours the same attribute;
+/// <see cref="Parse{T}"/> is the one parser for text, <see cref="WireName{T}"/> the one writer.
 /// </summary>
 public static class WireNames
 {
