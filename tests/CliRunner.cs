@@ -25,6 +25,16 @@ public static class CliRunner
 
     static readonly object ConsoleLock = new();
 
+    /// <summary>`model build --preset tiny` then `rewrite --rank 4 --alpha 8` into <paramref name="dir"/>; returns the rewrite folder.</summary>
+    public static string TinyRewrite(TempDir dir)
+    {
+        var (code, _, error) = Run("model", "build", "--preset", "tiny", "--out", dir.File("tiny.onnx"));
+        Assert.That(code, Is.EqualTo(0), error);
+        (code, _, error) = Run("rewrite", dir.File("tiny.onnx"), "--out", dir.File("rw"), "--rank", "4", "--alpha", "8");
+        Assert.That(code, Is.EqualTo(0), error);
+        return dir.File("rw");
+    }
+
     /// <summary>The built `onnxlora` assembly beside the tests, for tests that need a real process (signals, kill).</summary>
     public static string ToolPath => Path.Combine(TestContext.CurrentContext.TestDirectory, "onnxlora.dll");
 }

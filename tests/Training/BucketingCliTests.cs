@@ -10,14 +10,11 @@ public class BucketingCliTests
     public void TrainWithBucketingRunsAndRecordsTheOption()
     {
         using var dir = new TempDir();
-        var (code, _, error) = CliRunner.Run("model", "build", "--preset", "tiny", "--out", dir.File("tiny.onnx"));
-        Assert.That(code, Is.EqualTo(0), error);
-        (code, _, error) = CliRunner.Run("rewrite", dir.File("tiny.onnx"), "--out", dir.File("rw"), "--rank", "4", "--alpha", "8");
-        Assert.That(code, Is.EqualTo(0), error);
+        CliRunner.TinyRewrite(dir);
         var rng = new Random(3);
         File.WriteAllLines(dir.File("train.jsonl"), Enumerable.Range(0, 24).Select(i =>
             new JsonObject { ["input_ids"] = new JsonArray(Enumerable.Range(0, rng.Next(2, 40)).Select(_ => (JsonNode?)rng.Next(1, 500)).ToArray()), ["label"] = i % 2 }.ToJsonString()));
-        (code, _, error) = CliRunner.Run("train", "--model", dir.File("rw"), "--data", dir.File("train.jsonl"), "--format", "tokens", "--task", "cls", "--classes", "2",
+        var (code, _, error) = CliRunner.Run("train", "--model", dir.File("rw"), "--data", dir.File("train.jsonl"), "--format", "tokens", "--task", "cls", "--classes", "2",
                                          "--seq", "48", "--batch", "4", "--epochs", "1", "--threads", "1", "--bucket-by-length", "--out", dir.File("run"));
         Assert.That(code, Is.EqualTo(0), error);
         var config = JsonNode.Parse(File.ReadAllText(dir.File("run/train_config.json")))!.AsObject();

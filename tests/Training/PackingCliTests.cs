@@ -10,10 +10,7 @@ public class PackingCliTests
     public void TrainWithPackingRunsAndRefusesClassification()
     {
         using var dir = new TempDir();
-        var (code, _, error) = CliRunner.Run("model", "build", "--preset", "tiny", "--out", dir.File("tiny.onnx"));
-        Assert.That(code, Is.EqualTo(0), error);
-        (code, _, error) = CliRunner.Run("rewrite", dir.File("tiny.onnx"), "--out", dir.File("rw"), "--rank", "4", "--alpha", "8");
-        Assert.That(code, Is.EqualTo(0), error);
+        CliRunner.TinyRewrite(dir);
         var rng = new Random(3);
         File.WriteAllLines(dir.File("train.jsonl"), Enumerable.Range(0, 24).Select(i =>
         {
@@ -22,7 +19,7 @@ public class PackingCliTests
             return new JsonObject { ["input_ids"] = new JsonArray(ids.Select(t => (JsonNode?)t).ToArray()),
                                     ["labels"] = new JsonArray(ids.Select((t, j) => (JsonNode?)(j < ids.Length / 2 ? -100 : t)).ToArray()), ["label"] = i % 2 }.ToJsonString();
         }));
-        (code, _, error) = CliRunner.Run("train", "--model", dir.File("rw"), "--data", dir.File("train.jsonl"), "--format", "tokens",
+        var (code, _, error) = CliRunner.Run("train", "--model", dir.File("rw"), "--data", dir.File("train.jsonl"), "--format", "tokens",
                                          "--seq", "48", "--batch", "2", "--epochs", "1", "--threads", "1", "--pack", "--out", dir.File("run"));
         Assert.That(code, Is.EqualTo(0), error);
         var config = JsonNode.Parse(File.ReadAllText(dir.File("run/train_config.json")))!.AsObject();
