@@ -18,6 +18,7 @@ using OnnxLora.Pipeline.Adapters;
 using OnnxLora.Pipeline.Data;
 using OnnxLora.Pipeline.Deployment;
 using OnnxLora.Pipeline.Deployment.Chat;
+using OnnxLora.GraphRewrite.Graphs;
 
 namespace OnnxLora.Serving;
 
@@ -65,7 +66,7 @@ public sealed partial class LoraServer : IAsyncDisposable
         _generator = new TextGenerator(host, tokenizer.Inner);
         _scheduler = new GenerationScheduler(_generator, _options.Scheduler);
         _adapterRoot = _options.AdapterRoot is null ? null : new AdapterRoot(_options.AdapterRoot);
-        var manifestPath = Path.Combine(Path.GetDirectoryName(Path.GetFullPath(host.ModelPath))!, LoraManifest.FileName);
+        var manifestPath = Path.Combine(Path.GetDirectoryName(Path.GetFullPath(host.ModelPath))!, RunLayout.LoraConfig);
         _manifest = File.Exists(manifestPath) ? LoraManifest.Load(manifestPath) : null;
         var logits = host.Outputs.TryGetValue("logits", out var l) ? l : host.Outputs.Values.First();
         _vocabulary = logits.Dimensions.Length == 3 && logits.Dimensions[^1] > 0 ? logits.Dimensions[^1] : null;
@@ -97,7 +98,7 @@ public sealed partial class LoraServer : IAsyncDisposable
     static string DefaultName(string modelPath)
     {
         var full = Path.GetFullPath(modelPath);
-        return Path.GetFileName(full) == LoraManifest.DeployableModelFile ? Path.GetFileName(Path.GetDirectoryName(full)!) : Path.GetFileNameWithoutExtension(full);
+        return Path.GetFileName(full) == RunLayout.DeployableModel ? Path.GetFileName(Path.GetDirectoryName(full)!) : Path.GetFileNameWithoutExtension(full);
     }
 
     // the builders' config in the model's metadata (kept by rewrites): GPT-2's position table, Llama's max positions

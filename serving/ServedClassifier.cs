@@ -4,6 +4,7 @@ using OnnxLora.Pipeline.Adapters;
 using OnnxLora.Pipeline.Data;
 using OnnxLora.Pipeline.Deployment;
 using OnnxLora.Pipeline.Runtime;
+using OnnxLora.GraphRewrite.Graphs;
 
 namespace OnnxLora.Serving;
 
@@ -42,8 +43,8 @@ public sealed class ServedClassifier : IDisposable
     {
         ArgumentException.ThrowIfNullOrWhiteSpace(name);
         bool run = Directory.Exists(path);
-        var model = run ? Path.Combine(path, LoraManifest.DeployableModelFile) : path;
-        if (run && !AdapterFiles.IsRunDir(path)) throw new ArgumentException($"--classifier {name}={path}: not a training run folder ({LoraManifest.FileName} and adapter.safetensors); give a 'train --task cls' run or a merged classifier .onnx");
+        var model = run ? Path.Combine(path, RunLayout.DeployableModel) : path;
+        if (run && !AdapterFiles.IsRunDir(path)) throw new ArgumentException($"--classifier {name}={path}: not a training run folder ({RunLayout.LoraConfig} and adapter.safetensors); give a 'train --task cls' run or a merged classifier .onnx");
         var host = AdapterHost.Create(model, new AdapterHostOptions { Device = device ?? ExecutionDevice.Cpu });
         try
         {

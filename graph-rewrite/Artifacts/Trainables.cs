@@ -37,7 +37,7 @@ internal sealed class Trainables
             foreach (var (name, kind) in new[] { (target.LoraA, "lora_a"), (target.LoraB, "lora_b") })
             {
                 if (!view.IsGraphInput(name) || view.Initializer(name) is not { } init)
-                    throw new ArgumentException($"'{name}' ({target.Module}) from {LoraManifest.FileName} is not an input with an initializer of the training view; re-run 'onnxlora rewrite'");
+                    throw new ArgumentException($"'{name}' ({target.Module}) from {RunLayout.LoraConfig} is not an input with an initializer of the training view; re-run 'onnxlora rewrite'");
                 if (options.FreezeLora) t._frozen.Add(init.Clone());   // a constant of the models, still part of the adapter
                 else t.Add(name, kind, target.Module, init.Clone(), options.Optimizer);
             }

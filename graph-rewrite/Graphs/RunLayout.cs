@@ -1,8 +1,7 @@
 namespace OnnxLora.GraphRewrite.Graphs;
 
 /// <summary>
-/// The file names of the folders OnnxLora writes, each spelled once and used from here (two aliases remain,
-/// <c>LoraManifest.FileName</c> and <c>LoraManifest.DeployableModelFile</c>, until serving/ and deployment code use these).
+/// The file names of the folders OnnxLora writes, each spelled once and used from here.
 /// <code>
 /// rewrite folder   (onnxlora rewrite --out)   model.onnx  deploy.onnx  lora_config.json
 /// run folder       (onnxlora train --out)     train_config.json  lora_config.json  artifacts/  checkpoint.safetensors

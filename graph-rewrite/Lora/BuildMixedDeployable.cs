@@ -33,7 +33,7 @@ public static class BuildMixedDeployable
         var copy = deployable.Clone();
         var g = new GraphEditor(copy);
         if (g.IsGraphInput(AdapterIndexInput) || g.IsInitializer(AdapterIndexInput) || g.Producer(AdapterIndexInput) is not null)
-            throw new InvalidOperationException($"{source}: already has a value named '{AdapterIndexInput}'; was it made mixed already? Give the rewrite's {LoraManifest.DeployableModelFile}.");
+            throw new InvalidOperationException($"{source}: already has a value named '{AdapterIndexInput}'; was it made mixed already? Give the rewrite's {RunLayout.DeployableModel}.");
         g.AddInput(ValueInfos.Tensor(AdapterIndexInput, DataType.Int64, new Dim(null, "batch")));
         var batch = g.Op("Shape", [AdapterIndexInput], "lora/batch");                       // [1]
         var anyRows = g.AddConstant("lora/any_rows", Tensors.Int64Vector("", -1));
@@ -42,7 +42,7 @@ public static class BuildMixedDeployable
             foreach (var p in new[] { t.LoraA, t.LoraB })
             {
                 var input = g.Graph.Input.FirstOrDefault(i => i.Name == p)
-                    ?? throw new InvalidDataException($"{source}: has no input '{p}' for module '{t.Module}'; the model and {LoraManifest.FileName} come from different rewrites");
+                    ?? throw new InvalidDataException($"{source}: has no input '{p}' for module '{t.Module}'; the model and {RunLayout.LoraConfig} come from different rewrites");
                 if ((DataType)ValueInfos.ElemType(input) != DataType.Float)
                     throw new NotSupportedException($"{source}: LoRA input '{p}' is {(DataType)ValueInfos.ElemType(input)}; mixed-adapter batching supports float LoRA inputs only");
             }

@@ -47,9 +47,6 @@ public sealed record LoraTarget
 public sealed record LoraManifest
 {
     public const string CurrentFormat = "onnxlora.lora/1";
-    public const string FileName = RunLayout.LoraConfig;
-    /// <summary>The deployable model in a rewrite output folder: A/B are inputs with zero-rank defaults, no scale node.</summary>
-    public const string DeployableModelFile = RunLayout.DeployableModel;
 
     public string Format { get; init; } = CurrentFormat;
     public required string ToolVersion { get; init; }
@@ -120,10 +117,10 @@ public sealed record LoraManifest
     /// <summary>Reads a manifest, checking its format tag first.</summary>
     public static LoraManifest Load(string path)
     {
-        if (!File.Exists(path)) throw new FileNotFoundException($"{path}: no such file (a rewrite writes {FileName} beside its models)", path);
+        if (!File.Exists(path)) throw new FileNotFoundException($"{path}: no such file (a rewrite writes {RunLayout.LoraConfig} beside its models)", path);
         LoraManifest? m;
         try { m = JsonSerializer.Deserialize<LoraManifest>(File.ReadAllText(path), Json); }
-        catch (JsonException e) { throw new InvalidDataException($"{path}: not a valid {FileName} ({e.Message})", e); }
+        catch (JsonException e) { throw new InvalidDataException($"{path}: not a valid {RunLayout.LoraConfig} ({e.Message})", e); }
         if (m is null || m.Format != CurrentFormat)
             throw new InvalidDataException($"{path}: format '{m?.Format}' is not '{CurrentFormat}'; re-run 'onnxlora rewrite'");
         m.Validate(path);
@@ -170,10 +167,10 @@ public sealed record LoraManifest
             foreach (var (name, shape) in new[] { (t.LoraA, new[] { t.In, t.Rank }), (t.LoraB, new[] { (long)t.Rank, t.Out }) })
             {
                 if (!inputs.TryGetValue(name, out var input))
-                    throw new InvalidDataException($"{modelPath}: has no input '{name}' for module '{t.Module}' of {FileName}; the model and {FileName} come from different rewrites");
+                    throw new InvalidDataException($"{modelPath}: has no input '{name}' for module '{t.Module}' of {RunLayout.LoraConfig}; the model and {RunLayout.LoraConfig} come from different rewrites");
                 var dims = input.Type?.TensorType?.Shape?.Dim.Select(d => d.ValueCase == Onnx.TensorShapeProto.Types.Dimension.ValueOneofCase.DimValue ? d.DimValue : -1).ToArray() ?? [];
                 if (!dims.SequenceEqual(shape))
-                    throw new InvalidDataException($"{modelPath}: input '{name}' has shape [{string.Join(", ", dims)}], but {FileName} needs [{string.Join(", ", shape)}] for module '{t.Module}'; the model and {FileName} come from different rewrites");
+                    throw new InvalidDataException($"{modelPath}: input '{name}' has shape [{string.Join(", ", dims)}], but {RunLayout.LoraConfig} needs [{string.Join(", ", shape)}] for module '{t.Module}'; the model and {RunLayout.LoraConfig} come from different rewrites");
             }
     }
 }

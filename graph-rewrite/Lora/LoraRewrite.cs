@@ -96,8 +96,8 @@ public static class LoraRewrite
         {
             OutputFolder.Mark(tmp, Verb);   // first, so a temp a kill leaves behind is recognisably ours
             OnnxFile.Save(training, Path.Combine(tmp, RunLayout.TrainingModel));
-            OnnxFile.Save(deployable, Path.Combine(tmp, LoraManifest.DeployableModelFile));
-            manifest.Save(Path.Combine(tmp, LoraManifest.FileName));
+            OnnxFile.Save(deployable, Path.Combine(tmp, RunLayout.DeployableModel));
+            manifest.Save(Path.Combine(tmp, RunLayout.LoraConfig));
             string? old = null;
             if (replace)
             {

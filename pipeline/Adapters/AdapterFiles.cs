@@ -109,20 +109,20 @@ public static class AdapterFiles
         if (!File.Exists(source) && !Directory.Exists(source)) throw new FileNotFoundException($"{source}: no such adapter file or folder", source);
         if (IsRunDir(source))
         {
-            var runManifest = LoraManifest.Load(Path.Combine(source, LoraManifest.FileName));
+            var runManifest = LoraManifest.Load(Path.Combine(source, RunLayout.LoraConfig));
             var file = RunLayout.RunAdapters.Select(f => Path.Combine(source, f)).FirstOrDefault(File.Exists)
                 ?? throw new FileNotFoundException($"{source}: a run folder without {string.Join(" or ", RunLayout.RunAdapters)}; has training finished?");
             return (Read(file, runManifest), rewriteDir ?? RunModelDir(source) ?? source);
         }
         rewriteDir ??= new[] { source, Path.GetDirectoryName(Path.GetFullPath(source)) }
-            .FirstOrDefault(d => d is not null && File.Exists(Path.Combine(d, LoraManifest.FileName)))
-            ?? throw new ArgumentException($"{source}: which model does this adapter belong to? Give --model DIR, the 'onnxlora rewrite' output folder (with {LoraManifest.FileName})");
-        var manifest = LoraManifest.Load(Path.Combine(rewriteDir, LoraManifest.FileName));
+            .FirstOrDefault(d => d is not null && File.Exists(Path.Combine(d, RunLayout.LoraConfig)))
+            ?? throw new ArgumentException($"{source}: which model does this adapter belong to? Give --model DIR, the 'onnxlora rewrite' output folder (with {RunLayout.LoraConfig})");
+        var manifest = LoraManifest.Load(Path.Combine(rewriteDir, RunLayout.LoraConfig));
         return (Read(source, manifest), rewriteDir);
     }
 
     /// <summary>True for a training run folder (lora_config.json, not a PEFT folder).</summary>
-    public static bool IsRunDir(string path) => Directory.Exists(path) && File.Exists(Path.Combine(path, LoraManifest.FileName)) && !PeftAdapter.IsPeftDirectory(path);
+    public static bool IsRunDir(string path) => Directory.Exists(path) && File.Exists(Path.Combine(path, RunLayout.LoraConfig)) && !PeftAdapter.IsPeftDirectory(path);
 
     /// <summary>The classifier info and label names of an adapter source (run folder, PEFT folder, safetensors), or null (an .onnx_adapter has no metadata).</summary>
     public static ClassifierInfo? ClassifierOf(string path, LoraManifest? manifest)
@@ -141,7 +141,7 @@ public static class AdapterFiles
         try { dir = System.Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(config))?["model_dir"]?.GetValue<string>(); }
         catch (System.Text.Json.JsonException e) { throw new InvalidDataException($"{config}: not valid JSON ({e.Message})", e); }
         if (dir is null) return null;
-        return new[] { dir, Path.Combine(runDir, dir) }.FirstOrDefault(d => File.Exists(Path.Combine(d, LoraManifest.FileName)));
+        return new[] { dir, Path.Combine(runDir, dir) }.FirstOrDefault(d => File.Exists(Path.Combine(d, RunLayout.LoraConfig)));
     }
 
     /// <summary>
@@ -153,7 +153,7 @@ public static class AdapterFiles
         if (File.Exists(path) && Path.GetFileName(path) != PeftAdapter.WeightsFile && !path.EndsWith(".safetensors", StringComparison.OrdinalIgnoreCase)) return File.ReadAllBytes(path);
         if (IsRunDir(path)) return OnnxAdapterFile.Serialize(OnnxAdapterFile.DeployableParameters(ReadSource(path, null).Adapter));
         if (manifest is null)
-            throw new ArgumentException($"{path}: a PEFT adapter needs the rewrite's {LoraManifest.FileName} to map its modules; give --model the rewrite folder, or convert it with 'onnxlora export --format onnx-adapter'");
+            throw new ArgumentException($"{path}: a PEFT adapter needs the rewrite's {RunLayout.LoraConfig} to map its modules; give --model the rewrite folder, or convert it with 'onnxlora export --format onnx-adapter'");
         return OnnxAdapterFile.Serialize(OnnxAdapterFile.DeployableParameters(Read(path, manifest)));
     }
 
@@ -168,7 +168,7 @@ public static class AdapterFiles
         switch (format)
         {
             case AdapterFormat.OnnxAdapter:
-                var deploy = rewriteDir is null ? null : Path.Combine(rewriteDir, LoraManifest.DeployableModelFile);
+                var deploy = rewriteDir is null ? null : Path.Combine(rewriteDir, RunLayout.DeployableModel);
                 OnnxAdapterFile.Write(outPath, adapter, new OnnxAdapterWriteOptions
                 {
                     ElementType = elementType,
@@ -202,12 +202,12 @@ public static class AdapterFiles
     /// </summary>
     public static string BaseModelOf(string rewriteDir)
     {
-        foreach (var name in new[] { RunLayout.TrainingModel, LoraManifest.DeployableModelFile })
+        foreach (var name in new[] { RunLayout.TrainingModel, RunLayout.DeployableModel })
         {
             var p = Path.Combine(rewriteDir, name);
             if (File.Exists(p)) return p;
         }
-        throw new FileNotFoundException($"{rewriteDir}: has neither {RunLayout.TrainingModel} nor {LoraManifest.DeployableModelFile}; give an 'onnxlora rewrite' output folder");
+        throw new FileNotFoundException($"{rewriteDir}: has neither {RunLayout.TrainingModel} nor {RunLayout.DeployableModel}; give an 'onnxlora rewrite' output folder");
     }
 
     /// <summary>

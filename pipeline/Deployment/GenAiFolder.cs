@@ -30,8 +30,8 @@ public static class GenAiFolder
     public static void Write(LoraAdapter adapter, string rewriteDir, string outDir, string? hfFolder = null)
     {
         ArgumentNullException.ThrowIfNull(adapter);
-        var deployPath = Path.Combine(rewriteDir, LoraManifest.DeployableModelFile);
-        if (!File.Exists(deployPath)) throw new FileNotFoundException($"{deployPath}: no deployable model; the genai format needs the rewrite folder's {LoraManifest.DeployableModelFile}", deployPath);
+        var deployPath = Path.Combine(rewriteDir, RunLayout.DeployableModel);
+        if (!File.Exists(deployPath)) throw new FileNotFoundException($"{deployPath}: no deployable model; the genai format needs the rewrite folder's {RunLayout.DeployableModel}", deployPath);
         var model = OnnxFile.Load(deployPath);
         var config = Config(model, deployPath);
         if (hfFolder is not null) SpecialTokens(config, hfFolder);

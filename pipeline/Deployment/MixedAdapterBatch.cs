@@ -52,7 +52,7 @@ public sealed class MixedAdapterBatch : IDisposable
     public static MixedAdapterBatch Load(string rewriteDir, IReadOnlyList<KeyValuePair<string, string>> adapterFiles, AdapterHostOptions? options = null)
     {
         ArgumentNullException.ThrowIfNull(adapterFiles);
-        var manifest = LoraManifest.Load(Path.Combine(rewriteDir, LoraManifest.FileName));
+        var manifest = LoraManifest.Load(Path.Combine(rewriteDir, RunLayout.LoraConfig));
         return Create(rewriteDir, adapterFiles.Select(kv => KeyValuePair.Create(kv.Key, AdapterFiles.Read(kv.Value, manifest))).ToList(), options);
     }
 
@@ -65,8 +65,8 @@ public sealed class MixedAdapterBatch : IDisposable
         ArgumentNullException.ThrowIfNull(rewriteDir);
         ArgumentNullException.ThrowIfNull(adapters);
         options ??= new AdapterHostOptions();
-        var deployPath = Path.Combine(rewriteDir, LoraManifest.DeployableModelFile);
-        var manifest = LoraManifest.Load(Path.Combine(rewriteDir, LoraManifest.FileName));
+        var deployPath = Path.Combine(rewriteDir, RunLayout.DeployableModel);
+        var manifest = LoraManifest.Load(Path.Combine(rewriteDir, RunLayout.LoraConfig));
         var deploy = OnnxFile.Load(deployPath);
         var mixed = BuildMixedDeployable.Run(deploy, manifest, deployPath);
         ModelValidator.Check(mixed, deployPath + " (mixed)");

@@ -88,14 +88,14 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
         var modelPath = Stage("model", modelHash, () => BuildModel(), p => File.Exists(p));
         var (trainData, evalData) = Data();
         var rewriteHash = Combine(modelHash, config.Hash("lora"));
-        var rewriteDir = Stage("rewrite", rewriteHash, () => Rewrite(modelPath), d => File.Exists(Path.Combine(d, LoraManifest.FileName)));
+        var rewriteDir = Stage("rewrite", rewriteHash, () => Rewrite(modelPath), d => File.Exists(Path.Combine(d, RunLayout.LoraConfig)));
         if (dp.IsRoot) dp.Barrier();
         var trainHash = Combine(rewriteHash, config.Hash("data", "train"), FileHash(trainData), evalData is null ? "" : FileHash(evalData));
         var runDir = Stage("train", trainHash, () => Train(rewriteDir, trainData, evalData, cancel), d => File.Exists(Path.Combine(d, RunLayout.Adapter)));
         if (!dp.IsRoot)
             return new PipelineReport(_runDir, _stages.ToList(), "", double.NaN, double.NaN, null, null, [],
                 new Dictionary<string, string>(), double.NaN, clock.Elapsed);
-        var manifest = LoraManifest.Load(Path.Combine(rewriteDir, LoraManifest.FileName));
+        var manifest = LoraManifest.Load(Path.Combine(rewriteDir, RunLayout.LoraConfig));
         var adapter = AdapterFiles.ReadSafeTensors(Path.Combine(runDir, RunLayout.Adapter), manifest);
 
         var scores = Evaluate(runDir, rewriteDir, evalData ?? trainData, adapter);
@@ -259,7 +259,7 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
 
     /// <summary>The deployable model an adapter runs on: the training run's classifier (deploy.onnx) or the rewrite's deploy.onnx.</summary>
     static string DeployModelOf(string runDir, string rewriteDir, LoraAdapter adapter) =>
-        Path.Combine(adapter.Classifier is null ? rewriteDir : runDir, LoraManifest.DeployableModelFile);
+        Path.Combine(adapter.Classifier is null ? rewriteDir : runDir, RunLayout.DeployableModel);
 
     /// <summary>
     /// The metric before (the deployed model with no adapter: the base model, or a zero head) and after training (with
@@ -316,7 +316,7 @@ public sealed class PipelineRunner(PipelineConfig config, Action<string>? log = 
 
     static IEnumerable<SideBySide> Generations(string rewriteDir, Dataset data, LoraAdapter adapter, int count, bool showIds, TextTokenizer tokenizer)
     {
-        using var host = AdapterHost.Create(Path.Combine(rewriteDir, LoraManifest.DeployableModelFile));
+        using var host = AdapterHost.Create(Path.Combine(rewriteDir, RunLayout.DeployableModel));
         host.AddAdapter("adapted", OnnxAdapterFile.Serialize(OnnxAdapterFile.DeployableParameters(adapter)));
         var generator = new TextGenerator(host, tokenizer.Inner);
         var options = new GenerationOptions { MaxNewTokens = 12, StopTokenIds = [tokenizer.EndOfText] };

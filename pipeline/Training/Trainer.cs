@@ -74,10 +74,10 @@ public static class Trainer
 
     static TrainResult Run(TrainOptions o, bool resume, IProgress<TrainProgress>? progress, CancellationToken cancel)
     {
-        var manifestPath = Path.Combine(o.ModelDir, LoraManifest.FileName);
+        var manifestPath = Path.Combine(o.ModelDir, RunLayout.LoraConfig);
         var manifest = LoraManifest.Load(manifestPath);
         var dp = DataParallel.Current;
-        if (dp.IsRoot) AtomicFile.WriteAllBytes(Path.Combine(o.OutDir, LoraManifest.FileName), File.ReadAllBytes(manifestPath));
+        if (dp.IsRoot) AtomicFile.WriteAllBytes(Path.Combine(o.OutDir, RunLayout.LoraConfig), File.ReadAllBytes(manifestPath));
         var device = ExecutionDevice.Parse(o.Device);
 
         var viewPath = Path.Combine(o.ModelDir, RunLayout.TrainingModel);
@@ -334,8 +334,8 @@ public static class Trainer
         string deployDir = o.ModelDir;
         if (o.Task == TrainingTask.Cls)
         {
-            var deployPath = Path.Combine(o.ModelDir, LoraManifest.DeployableModelFile);
-            OnnxFile.Save(AdapterFiles.DeployableFor(adapter, OnnxFile.Load(deployPath), deployPath), Path.Combine(o.OutDir, LoraManifest.DeployableModelFile));
+            var deployPath = Path.Combine(o.ModelDir, RunLayout.DeployableModel);
+            OnnxFile.Save(AdapterFiles.DeployableFor(adapter, OnnxFile.Load(deployPath), deployPath), Path.Combine(o.OutDir, RunLayout.DeployableModel));
             deployDir = o.OutDir;
         }
         AdapterFiles.Write(adapter, AdapterFormat.OnnxAdapter, Path.Combine(o.OutDir, RunLayout.OnnxAdapter), deployDir);

@@ -50,7 +50,7 @@ public class WireNamesTests
     {
         // lora_config.json wrote "rs_lora" (snake case of the member) before the enum had one wire name
         using var dir = new TempDir();
-        var path = dir.File(LoraManifest.FileName);
+        var path = dir.File(RunLayout.LoraConfig);
         Deployment.TinyDeployable.Manifest(LoraScaling.RsLora).Save(path);
         var json = File.ReadAllText(path);
         Assert.That(json, Does.Contain("\"scaling\": \"rslora\""));

@@ -1,6 +1,7 @@
 using OnnxLora.GraphRewrite.Lora;
 using OnnxLora.Pipeline.Adapters;
 using OnnxLora.Pipeline.Deployment;
+using OnnxLora.GraphRewrite.Graphs;
 
 namespace OnnxLora.Tests.Deployment;
 
@@ -49,7 +50,7 @@ public class CachedGenerationTests
         var result = LoraRewrite.RewriteFile(model, new LoraConfig { Rank = 4, Alpha = 8, TargetModules = targets.Split(',') }, rw);
         var adapterPath = dir.File("a.onnx_adapter");
         OnnxAdapterFile.Write(adapterPath, LoraAdapter.CreateRandom(result.Manifest, seed: 5, amplitude: 0.5));
-        var host = AdapterHost.Create(Path.Combine(rw, LoraManifest.DeployableModelFile));
+        var host = AdapterHost.Create(Path.Combine(rw, RunLayout.DeployableModel));
         host.AddAdapter("a", adapterPath);
         return (host, adapterPath);
     }

@@ -3,6 +3,7 @@ using OnnxLora.GraphRewrite.Lora;
 using OnnxLora.Pipeline.Adapters;
 using OnnxLora.Pipeline.Deployment;
 using Spectre.Console;
+using OnnxLora.GraphRewrite.Graphs;
 
 namespace OnnxLora.Tests.Deployment;
 
@@ -46,7 +47,7 @@ public class DeployCliTests
         using var input = OrtValue.CreateTensorValueFromMemory(ids, [1, 5]);
         using var ro = new RunOptions();
         using var fromMerged = merged.Run(ro, ["input_ids"], [input], ["logits"]);
-        using var host = AdapterHost.Create(Path.Combine(rw, LoraManifest.DeployableModelFile));
+        using var host = AdapterHost.Create(Path.Combine(rw, RunLayout.DeployableModel));
         host.AddAdapter("task", adapterPath);
         using var fromHost = host.Run("task", new Dictionary<string, OrtValue> { ["input_ids"] = input }, ["logits"]);
         Assert.That(TinyDeployable.MaxAbsDiff(fromMerged[0].GetTensorDataAsSpan<float>().ToArray(), fromHost[0].GetTensorDataAsSpan<float>().ToArray()),
@@ -60,7 +61,7 @@ public class DeployCliTests
         var (rw, adapter, _) = Setup(dir);
         // a run folder as the trainer leaves it: the manifest copy, the adapter in OnnxLora's layout, train_config.json
         var run = Directory.CreateDirectory(dir.File("run")).FullName;
-        File.Copy(Path.Combine(rw, LoraManifest.FileName), Path.Combine(run, LoraManifest.FileName));
+        File.Copy(Path.Combine(rw, RunLayout.LoraConfig), Path.Combine(run, RunLayout.LoraConfig));
         OnnxLora.Models.SafeTensorsFile.Write(Path.Combine(run, "adapter.safetensors"),
             adapter.LoraTensors.Select(kv => KeyValuePair.Create(kv.Key, OnnxLora.Models.SafeTensor.FromFloats(kv.Value.Shape, kv.Value.Data))));
         File.WriteAllText(Path.Combine(run, "train_config.json"), $$"""{"model_dir": "{{rw}}", "out_dir": "{{run}}"}""");
@@ -84,7 +85,7 @@ public class DeployCliTests
         var (rw, _, adapterPath) = Setup(dir);
         var (code, output, err) = Cli("generate", "--model", rw, "--adapter", "task=" + adapterPath, "--ids", "1,2,3", "-n", "4");
         Assert.That((code, err), Is.EqualTo((0, TextGenerator.NoCacheNotice + Environment.NewLine)), "a model without a cache: the one-line note only");
-        using var host = AdapterHost.Create(Path.Combine(rw, LoraManifest.DeployableModelFile));
+        using var host = AdapterHost.Create(Path.Combine(rw, RunLayout.DeployableModel));
         host.AddAdapter("task", adapterPath);
         var expected = new TextGenerator(host).Generate([1, 2, 3], new GenerationOptions { MaxNewTokens = 4 }, "task");
         Assert.That(output, Does.Contain("task").And.Contain(string.Join(",", expected.TokenIds)));

@@ -2,6 +2,7 @@ using Microsoft.ML.OnnxRuntime;
 using OnnxLora.GraphRewrite.Lora;
 using OnnxLora.Pipeline.Adapters;
 using OnnxLora.Pipeline.Deployment;
+using OnnxLora.GraphRewrite.Graphs;
 
 namespace OnnxLora.Tests.Deployment;
 
@@ -43,7 +44,7 @@ public class DeploySnippetTests
         var result = LoraRewrite.RewriteFile(basePath, new LoraConfig { Rank = 2, Alpha = 2 }, dir.File("rw"));
         var adapterPath = dir.File("task.onnx_adapter");
         OnnxAdapterFile.Write(adapterPath, LoraAdapter.CreateRandom(result.Manifest, 2, 0.3));
-        var deploy = Path.Combine(dir.File("rw"), LoraManifest.DeployableModelFile);
+        var deploy = Path.Combine(dir.File("rw"), RunLayout.DeployableModel);
         long[] ids = [5, 6, 7];
 
         var plain = DeploySnippet.Run(deploy, adapterPath, ids);

@@ -51,7 +51,7 @@ public class EndToEndTests
         var mergedPath = dir.File("merged.onnx");
         AdapterFiles.Write(adapter, AdapterFormat.Merged, mergedPath, rewriteDir);
 
-        using var host = AdapterHost.Create(Path.Combine(rewriteDir, LoraManifest.DeployableModelFile));
+        using var host = AdapterHost.Create(Path.Combine(rewriteDir, RunLayout.DeployableModel));
         host.AddAdapter("task", adapterPath);
         var withAdapter = RunHost(host, "task", ids, batch);
         var merged = RunPlain(mergedPath, ids, batch);

@@ -5,6 +5,7 @@ using OnnxLora.Pipeline.Adapters;
 using OnnxLora.Pipeline.Data;
 using OnnxLora.Pipeline.Deployment;
 using Spectre.Console;
+using OnnxLora.GraphRewrite.Graphs;
 
 namespace OnnxLora.Tests.Deployment;
 
@@ -48,7 +49,7 @@ public class EvaluationTests
         var rw = dir.File("rw");
         var manifest = LoraRewrite.RewriteFile(Fixture("tiny.onnx"), config, rw).Manifest;
         var init = AdapterFiles.Read(Fixture("train", "tiny_lora_init.safetensors"), manifest);
-        using var host = AdapterHost.Create(Path.Combine(rw, LoraManifest.DeployableModelFile));
+        using var host = AdapterHost.Create(Path.Combine(rw, RunLayout.DeployableModel));
         host.AddAdapter("init", OnnxAdapterFile.Serialize(OnnxAdapterFile.DeployableParameters(init)));
 
         double expected = golden["sgd"]!["losses_float64"]![0]!.GetValue<double>();

@@ -375,7 +375,7 @@ public class GenerationSchedulerTests
     static AdapterHost DeployTwoAdapters(string model, string targets, TempDir dir)
     {
         var (host, _) = CachedGenerationTests.Deploy(model, targets, dir);
-        var manifest = LoraManifest.Load(Path.Combine(dir.File("rw"), LoraManifest.FileName));
+        var manifest = LoraManifest.Load(Path.Combine(dir.File("rw"), RunLayout.LoraConfig));
         var b = dir.File("b.onnx_adapter");
         OnnxAdapterFile.Write(b, LoraAdapter.CreateRandom(manifest, seed: 9, amplitude: 0.5));
         host.AddAdapter("b", b);

@@ -1,6 +1,7 @@
 using OnnxLora.GraphRewrite.Lora;
 using OnnxLora.Models;
 using OnnxLora.Pipeline.Data;
+using OnnxLora.GraphRewrite.Graphs;
 
 namespace OnnxLora.Tests.Deployment;
 
@@ -39,7 +40,7 @@ public class MiniLmTests
         var rw = dir.File("rw");
         (code, output, error) = CliRunner.Run("rewrite", Path.Combine(unpacked, "model.onnx"), "--out", rw, "--rank", "4", "--targets", "query,value");
         Assert.That(code, Is.EqualTo(0), error);
-        var manifest = LoraManifest.Load(Path.Combine(rw, LoraManifest.FileName));
+        var manifest = LoraManifest.Load(Path.Combine(rw, RunLayout.LoraConfig));
         Assert.That(manifest.Targets.Select(t => t.Module), Has.Member("encoder.layer.0.attention.self.query").And.Member("encoder.layer.5.attention.self.value"));
         Assert.That(manifest.Targets, Has.Count.EqualTo(12));
 

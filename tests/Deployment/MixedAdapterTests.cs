@@ -59,14 +59,14 @@ public class MixedAdapterTests
     {
         using var dir = new TempDir();
         var s = Prepare(Fixture(file), targets, dir);
-        var deploy = Path.Combine(s.RewriteDir, LoraManifest.DeployableModelFile);
+        var deploy = Path.Combine(s.RewriteDir, RunLayout.DeployableModel);
         using var host = AdapterHost.Create(deploy);
         host.AddAdapter("a", s.APath);
         host.AddAdapter("b", s.BPath);
         using var mixed = MixedAdapterBatch.Create(s.RewriteDir, [KeyValuePair.Create("a", s.A), KeyValuePair.Create("b", s.B)]);
         Assert.That(mixed.AdapterSlots, Is.EqualTo(new string?[] { null, "a", "b" }));
 
-        var mixedModel = BuildMixedDeployable.Run(OnnxFile.Load(deploy), LoraManifest.Load(Path.Combine(s.RewriteDir, LoraManifest.FileName)));
+        var mixedModel = BuildMixedDeployable.Run(OnnxFile.Load(deploy), LoraManifest.Load(Path.Combine(s.RewriteDir, RunLayout.LoraConfig)));
         ModelValidator.Check(mixedModel, "mixed");
         var roles = SignatureRoles.Decide(mixedModel);
         Assert.That(roles.Input(IoRole.AdapterIndex), Is.EqualTo(BuildMixedDeployable.AdapterIndexInput));
@@ -123,8 +123,8 @@ public class MixedAdapterTests
         using var dir = new TempDir();
         var s = Prepare(Fixture("optimum/gpt2_opset17.onnx"), "c_attn", dir);
         using var mixed = MixedAdapterBatch.Create(s.RewriteDir, [KeyValuePair.Create("a", s.A), KeyValuePair.Create("b", s.B)]);
-        var roles = SignatureRoles.Decide(BuildMixedDeployable.Run(OnnxFile.Load(Path.Combine(s.RewriteDir, LoraManifest.DeployableModelFile)),
-                                                                   LoraManifest.Load(Path.Combine(s.RewriteDir, LoraManifest.FileName))));
+        var roles = SignatureRoles.Decide(BuildMixedDeployable.Run(OnnxFile.Load(Path.Combine(s.RewriteDir, RunLayout.DeployableModel)),
+                                                                   LoraManifest.Load(Path.Combine(s.RewriteDir, RunLayout.LoraConfig))));
         IReadOnlyList<int>[] rows = [[1, 2, 3], [4, 5, 6]];
 
         var outOfRange = Assert.Throws<ArgumentOutOfRangeException>(() => Logits(roles, rows, f => mixed.RunSlots([0, 3], f)));

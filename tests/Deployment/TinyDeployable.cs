@@ -50,7 +50,7 @@ static class TinyDeployable
         var @base = Path.Combine(dir, "base.onnx");
         OnnxFile.Save(Build(manifest, w0, w1, withBranches: true, parameterType), deploy);
         OnnxFile.Save(Build(manifest, w0, w1, withBranches: false, parameterType), @base);
-        manifest.Save(Path.Combine(dir, LoraManifest.FileName));
+        manifest.Save(Path.Combine(dir, RunLayout.LoraConfig));
         return new Files(deploy, @base, manifest, w0, w1);
     }
 

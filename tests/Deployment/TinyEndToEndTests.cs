@@ -3,6 +3,7 @@ using Microsoft.ML.OnnxRuntime;
 using OnnxLora.GraphRewrite.Lora;
 using OnnxLora.Pipeline.Adapters;
 using OnnxLora.Pipeline.Deployment;
+using OnnxLora.GraphRewrite.Graphs;
 
 namespace OnnxLora.Tests.Deployment;
 
@@ -43,7 +44,7 @@ public class TinyEndToEndTests
 
         var batch = golden["batches"]![0]!.AsArray();
         var ids = batch.SelectMany(r => r!.AsArray().Select(v => v!.GetValue<long>())).ToArray();
-        using var host = AdapterHost.Create(Path.Combine(rw, LoraManifest.DeployableModelFile));
+        using var host = AdapterHost.Create(Path.Combine(rw, RunLayout.DeployableModel));
         host.AddAdapter("adamw", dir.File("tiny.onnx_adapter"));
         host.AddAdapter("via-peft", AdapterFiles.DeployableBytes(dir.File("peft"), result.Manifest));
         using var merged = new InferenceSession(dir.File("merged.onnx"));

@@ -226,7 +226,7 @@ public class LlamaTests
         Assert.That(code, Is.EqualTo(0), err);
 
         // the init A/B under the rewrite's parameter names
-        var manifest = LoraManifest.Load(Path.Combine(dir.File("rw"), LoraManifest.FileName));
+        var manifest = LoraManifest.Load(Path.Combine(dir.File("rw"), RunLayout.LoraConfig));
         var (init, _) = SafeTensorsFile.Read(Fixture(lora.GetProperty("init").GetString()!));
         SafeTensorsFile.Write(dir.File("init.safetensors"), manifest.Targets.SelectMany(t => new[]
         {

@@ -81,7 +81,7 @@ public class OutputsTests
         Directory.CreateDirectory(rw + OutputFolder.TempInfix + "users");
         var (code, _, err) = CliRunner.Run("rewrite", Fixture("tiny.onnx"), "--out", rw, "--rank", "2", "--overwrite");
         Assert.That(code, Is.EqualTo(0), err);
-        Assert.That(LoraManifest.Load(Path.Combine(rw, LoraManifest.FileName)).Rank, Is.EqualTo(2));
+        Assert.That(LoraManifest.Load(Path.Combine(rw, RunLayout.LoraConfig)).Rank, Is.EqualTo(2));
         Assert.That(Directory.GetDirectories(dir.Path).Select(Path.GetFileName).Order(), Is.EqualTo(new[] { "rw", "rw.tmp-users" }));
     }
 

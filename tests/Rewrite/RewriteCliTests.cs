@@ -31,7 +31,7 @@ public class RewriteCliTests
         Assert.That(stdout, Does.Contain("trainable params: 38 || all params: 86 || trainable%: 44.1860"));
         Assert.That(stdout, Does.Contain("fc1").And.Contain("fc2"));
         Assert.That(Directory.GetFiles(outDir).Select(Path.GetFileName).Order(), Is.EqualTo(new[] { ".onnxlora", "deploy.onnx", "lora_config.json", "model.onnx" }));
-        var manifest = LoraManifest.Load(Path.Combine(outDir, LoraManifest.FileName));
+        var manifest = LoraManifest.Load(Path.Combine(outDir, RunLayout.LoraConfig));
         Assert.That(manifest.BaseModelSha256, Is.EqualTo(LoraRewrite.Sha256(model)));
         Assert.That(manifest.ToolVersion, Is.Not.Empty);
         Assert.That(manifest.Targets.Select(t => (t.Module, t.In, t.Out, t.Rank, t.Scale, t.LoraA)),
@@ -41,7 +41,7 @@ public class RewriteCliTests
         // a previous rewrite output is replaced with --overwrite
         var (again, _, err2) = Cli("rewrite", model, "--out", outDir, "--rank", "1", "--targets", "fc2", "--scaling", "rslora", "--overwrite");
         Assert.That(again, Is.EqualTo(0), err2);
-        Assert.That(LoraManifest.Load(Path.Combine(outDir, LoraManifest.FileName)).Targets.Single().Module, Is.EqualTo("fc2"));
+        Assert.That(LoraManifest.Load(Path.Combine(outDir, RunLayout.LoraConfig)).Targets.Single().Module, Is.EqualTo("fc2"));
         Assert.That(Directory.GetDirectories(dir.Path), Has.Length.EqualTo(1), "no temp folders left");
     }
 
@@ -55,7 +55,7 @@ public class RewriteCliTests
         var (code, stdout, err) = Cli("rewrite", path, "--out", outDir, "--rank", "4", "--alpha", "8", "--targets", "re:blocks\\..*", "--exclude", "W_value",
             "--layers", "0", "--rank-pattern", "W_key=2", "--alpha-pattern", "c_.*=2", "--scaling", "alpha", "--init", "gaussian", "--seed", "9", "--dropout", "0.1");
         Assert.That(code, Is.EqualTo(0), err);
-        var m = LoraManifest.Load(Path.Combine(outDir, LoraManifest.FileName));
+        var m = LoraManifest.Load(Path.Combine(outDir, RunLayout.LoraConfig));
         Assert.That(m.Targets.Select(t => (t.Module, t.Rank, t.Alpha, t.Scale)), Is.EqualTo(new[]
         {
             ("blocks.0.att.W_query", 4, 8.0, 8.0), ("blocks.0.att.W_key", 2, 8.0, 8.0),

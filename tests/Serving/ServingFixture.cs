@@ -9,6 +9,7 @@ using OnnxLora.Pipeline.Deployment.Chat;
 using OnnxLora.Serving;
 using OnnxLora.Tests.Deployment;
 using OnnxLora.Tests.Models;
+using OnnxLora.GraphRewrite.Graphs;
 
 namespace OnnxLora.Tests.Serving;
 
@@ -74,7 +75,7 @@ sealed class ServingFixture : IAsyncDisposable
         Tokenizer = TextTokenizer.Load(tokenizerDir);
         Template = ChatTemplate.Load(tokenizerDir)!;
 
-        var deploy = Path.Combine(Dir.File("rw"), LoraManifest.DeployableModelFile);
+        var deploy = Path.Combine(Dir.File("rw"), RunLayout.DeployableModel);
         _referenceHost = Open(deploy);
         Reference = new TextGenerator(_referenceHost, Tokenizer.Inner);
 
@@ -83,7 +84,7 @@ sealed class ServingFixture : IAsyncDisposable
         {
             var run = TrainClassifier();
             classifiers.Add(ServedClassifier.Load("cls", run, Tokenizer));
-            _referenceClassifierHost = AdapterHost.Create(Path.Combine(run, LoraManifest.DeployableModelFile));
+            _referenceClassifierHost = AdapterHost.Create(Path.Combine(run, RunLayout.DeployableModel));
             _referenceClassifierHost.AddAdapter("cls", AdapterFiles.DeployableBytes(run, null));
             ReferenceClassifier = new Classifier(_referenceClassifierHost, Tokenizer.Inner, new ClassifierOptions { Labels = ClassLabels });
         }

@@ -134,7 +134,7 @@ public class OptimumGpt2Tests
         using var dir = new TempDir();
         var rw = dir.File("rw");
         LoraRewrite.RewriteFile(Fixture(file), new LoraConfig { Rank = 4, Alpha = 8, TargetModules = ["c_attn"] }, rw);
-        using var host = AdapterHost.Create(Path.Combine(rw, LoraManifest.DeployableModelFile));
+        using var host = AdapterHost.Create(Path.Combine(rw, RunLayout.DeployableModel));
         var signature = ModelSignature.Of(host);
         Assert.That((signature.AttentionMask, signature.PositionIds, signature.Roles.HasPast), Is.EqualTo(("attention_mask", "position_ids", file.Contains("with_past", StringComparison.Ordinal))));
 
@@ -206,7 +206,7 @@ public class OptimumGpt2Tests
         using var dir = new TempDir();
         var rw = dir.File("rw");
         LoraRewrite.RewriteFile(modelPath, new LoraConfig { Rank = 2, TargetModules = ["c_attn"] }, rw);
-        using var host = AdapterHost.Create(Path.Combine(rw, LoraManifest.DeployableModelFile));
+        using var host = AdapterHost.Create(Path.Combine(rw, RunLayout.DeployableModel));
         var generator = new TextGenerator(host);
         IReadOnlyList<int>[] prompts = [[5, 17, 99, 3, 42, 8, 11], [7], [250, 1, 33]];
         foreach (var sampling in new[] { SamplingOptions.Greedy, new SamplingOptions { Temperature = 0.8, Seed = 3 } })

@@ -97,7 +97,7 @@ public class SignatureRolesTests
         var result = LoraRewrite.RewriteFile(path, config, dir.File("rw"), inputRoles: RoleOverride.ParseAll(["segment_mask=attention_mask"]));
         var artifacts = TrainingArtifacts.Build(result.TrainingModel, result.Manifest);
         Assert.That(artifacts.Spec.Train.Inputs.Single(i => i.Name == "segment_mask").Role, Is.EqualTo(IoRole.AttentionMask));
-        using var host = AdapterHost.Create(Path.Combine(dir.File("rw"), LoraManifest.DeployableModelFile));
+        using var host = AdapterHost.Create(Path.Combine(dir.File("rw"), RunLayout.DeployableModel));
         Assert.That(ModelSignature.Of(host).AttentionMask, Is.EqualTo("segment_mask"));
     }
 

@@ -24,7 +24,7 @@ public class DeploymentAgreementTests
             ModelDir = rewrite, DataPath = dir.File("train.jsonl"), Format = DataFormat.Tokens, OutDir = dir.File("run"),
             MaxSteps = 6, BatchSize = 8, Lr = 2e-2, Threads = 1,
         });
-        var manifest = LoraManifest.Load(Path.Combine(rewrite, LoraManifest.FileName));
+        var manifest = LoraManifest.Load(Path.Combine(rewrite, RunLayout.LoraConfig));
         var adapter = AdapterFiles.ReadSafeTensors(result.AdapterPath, manifest);
         Assert.That(adapter.LoraTensors.Where(kv => kv.Key.EndsWith("lora_B.weight")).Max(kv => kv.Value.Data.Max(Math.Abs)), Is.GreaterThan(1e-3), "training moved B off zero");
 
@@ -37,7 +37,7 @@ public class DeploymentAgreementTests
         var evalLogits = session.EvalStep(batch, withLogits: true).Logits!;
 
         // 2. deploy.onnx + adapter.onnx_adapter through ORT's OrtLoraAdapter
-        using var host = AdapterHost.Create(Path.Combine(rewrite, LoraManifest.DeployableModelFile));
+        using var host = AdapterHost.Create(Path.Combine(rewrite, RunLayout.DeployableModel));
         host.AddAdapter("trained", Path.Combine(result.RunDir, RunLayout.OnnxAdapter));
         using var input = OrtValue.CreateTensorValueFromMemory(ids, [1, ids.Length]);
         using var deployed = host.Run("trained", new Dictionary<string, OrtValue> { ["input_ids"] = input }, ["logits"]);

@@ -111,7 +111,7 @@ public class InitAdapterTests
             Epochs = 6, BatchSize = 8, Lr = 1e-2, Threads = 1, Shuffle = false, InitAdapter = init,
         };
         var first = Trainer.Train(Options("first", null));
-        var manifest = LoraManifest.Load(Path.Combine(rewrite, LoraManifest.FileName));
+        var manifest = LoraManifest.Load(Path.Combine(rewrite, RunLayout.LoraConfig));
         var peft = dir.File("peft");
         OnnxLora.Pipeline.Adapters.AdapterFiles.Write(OnnxLora.Pipeline.Adapters.AdapterFiles.ReadSafeTensors(first.AdapterPath, manifest),
             OnnxLora.Pipeline.Adapters.AdapterFormat.Peft, peft, rewrite);

@@ -66,7 +66,7 @@ public static class GenerateBench
         }
 
         var options = new AdapterHostOptions { IntraOpThreads = spec.Threads };
-        using var deploy = AdapterHost.Create(Path.Combine(rw, LoraManifest.DeployableModelFile), options);
+        using var deploy = AdapterHost.Create(Path.Combine(rw, RunLayout.DeployableModel), options);
         deploy.AddAdapter("bench", adapterPath);
         using var merged = AdapterHost.Create(mergedPath, options);
         var random = new Random(spec.Seed);

@@ -157,8 +157,8 @@ public class ServeSettings : CommandSettings
     internal (AdapterHost Host, IReadOnlyList<string?> Runs) OpenHost()
     {
         if (string.IsNullOrEmpty(Model)) throw new ArgumentException("--model is required (deploy.onnx or the rewrite folder)");
-        string deploy = Directory.Exists(Model) ? Path.Combine(Model, LoraManifest.DeployableModelFile) : Model;
-        var manifestPath = Path.Combine(Path.GetDirectoryName(Path.GetFullPath(deploy))!, LoraManifest.FileName);
+        string deploy = Directory.Exists(Model) ? Path.Combine(Model, RunLayout.DeployableModel) : Model;
+        var manifestPath = Path.Combine(Path.GetDirectoryName(Path.GetFullPath(deploy))!, RunLayout.LoraConfig);
         var manifest = File.Exists(manifestPath) ? LoraManifest.Load(manifestPath) : null;
         var host = AdapterHost.Create(deploy, new AdapterHostOptions { Device = ExecutionDevice.Parse(Device), InputRoles = RoleOverride.ParseAll(InputRoles) });
         try
@@ -192,7 +192,7 @@ public class ServeSettings : CommandSettings
         {
             var spec = s.Adapters.First(a => a.StartsWith(run + "=", StringComparison.Ordinal) || Path.GetFileNameWithoutExtension(Path.TrimEndingDirectorySeparator(a)) == run);
             var path = spec.StartsWith(run + "=", StringComparison.Ordinal) ? spec[(run.Length + 1)..] : spec;
-            var manifestPath = Path.Combine(Path.GetDirectoryName(Path.GetFullPath(host.ModelPath))!, LoraManifest.FileName);
+            var manifestPath = Path.Combine(Path.GetDirectoryName(Path.GetFullPath(host.ModelPath))!, RunLayout.LoraConfig);
             if (AdapterFiles.ClassifierOf(path, File.Exists(manifestPath) ? LoraManifest.Load(manifestPath) : null)?.Labels is { } own) return own;
         }
         return GraphRewrite.Artifacts.ClassHead.ReadInfo(host.ModelMetadata, host.ModelPath)?.Labels;

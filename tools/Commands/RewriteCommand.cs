@@ -97,7 +97,7 @@ public sealed class RewriteCommand(IAnsiConsole console) : Command<RewriteComman
         console.WriteLine(result.ParameterLine);
         if (SignatureRoles.TakesTokens(result.DeployableModel))   // what train and deploy will feed, by role
             console.WriteLine("inputs: " + string.Join(", ", SignatureRoles.Decide(result.DeployableModel, source: s.Model).Inputs.Select(e => $"{e.Name} ({e})")));
-        console.WriteLine($"wrote {s.Out}: {RunLayout.TrainingModel} (training view), {LoraManifest.DeployableModelFile} (deployable), {LoraManifest.FileName}");
+        console.WriteLine($"wrote {s.Out}: {RunLayout.TrainingModel} (training view), {RunLayout.DeployableModel} (deployable), {RunLayout.LoraConfig}");
         return 0;
     }
 
