@@ -26,10 +26,7 @@ public sealed partial class LoraServer
         var adapter = AdapterFor(model);
         body.Unsupported(chat ? UnsupportedChatFields : UnsupportedCompletionFields);
         var prompts = chat ? [ChatPrompt(body, model)] : Prompts(body);
-        var options = Options(body, chat);
-        if (ContextLength is int context && prompts.Max(p => p.Count) + options.MaxNewTokens > context)
-            throw ApiException.BadField(body.Has("max_completion_tokens") ? "max_completion_tokens" : "max_tokens",
-                $"the model's context is {context} tokens; the request asks for {prompts.Max(p => p.Count)} prompt tokens + {options.MaxNewTokens} new ones");
+        var options = Options(body, chat, prompts.Max(p => p.Count));
         int n = body.Int("n", 1, _options.MaxChoices) ?? 1;
         if (prompts.Count * n > _options.MaxChoices)
             throw ApiException.BadField("n", $"{prompts.Count} prompts × n = {n} asks for {prompts.Count * n} completions; the limit is {_options.MaxChoices}");
@@ -180,10 +177,17 @@ public sealed partial class LoraServer
         return Encode(rendered, "messages");
     }
 
-    GenerationOptions Options(RequestBody body, bool chat)
+    GenerationOptions Options(RequestBody body, bool chat, int longestPrompt)
     {
         var maxField = chat && body.Has("max_completion_tokens") ? "max_completion_tokens" : "max_tokens";
-        int maxTokens = body.Int(maxField, 1, _options.MaxTokens) ?? (chat ? _options.MaxTokens : Math.Min(DefaultCompletionTokens, _options.MaxTokens));
+        int? asked = body.Int(maxField, 1, _options.MaxTokens);
+        int room = ContextLength is int context ? context - longestPrompt : int.MaxValue;
+        if (room <= 0)
+            throw ApiException.BadField(chat ? "messages" : "prompt", $"has {longestPrompt} tokens; the model's context is {ContextLength} tokens, which leaves no room for an answer");
+        if (asked > room)
+            throw ApiException.BadField(maxField, $"the model's context is {ContextLength} tokens; the request asks for {longestPrompt} prompt tokens + {asked} new ones");
+        // absent, the answer may use what the context leaves (as vLLM does), up to the server's limit
+        int maxTokens = asked ?? Math.Min(room, chat ? _options.MaxTokens : Math.Min(DefaultCompletionTokens, _options.MaxTokens));
         var sampling = new SamplingOptions
         {
             Temperature = body.Number("temperature", 0, 2) ?? 1.0,      // OpenAI's default: sampling
@@ -191,12 +195,13 @@ public sealed partial class LoraServer
             TopK = Math.Max(0, body.Int("top_k", -1, int.MaxValue) ?? 0),   // vLLM's extension; -1 (its "off") and 0 are off
             Seed = body.Int("seed", int.MinValue, int.MaxValue),
         };
+        var stops = body.Strings("stop", 4, _options.MaxStopLength);
         return new GenerationOptions
         {
             MaxNewTokens = maxTokens,
             Sampling = sampling,
-            StopSequences = body.Strings("stop", 4),
-            StopTokenIds = [_tokenizer.EndOfText],
+            StopSequences = chat && _chatEnd.Text is { } eosText ? [.. stops, eosText] : stops,
+            StopTokenIds = chat ? [_tokenizer.EndOfText, .. _chatEnd.TokenIds] : [_tokenizer.EndOfText],
         };
     }
 

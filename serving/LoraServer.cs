@@ -40,6 +40,7 @@ public sealed partial class LoraServer : IAsyncDisposable
     readonly GenerationScheduler _scheduler;
     readonly TextTokenizer _tokenizer;
     readonly ChatTemplate? _chatTemplate;
+    readonly (IReadOnlyList<int> TokenIds, string? Text) _chatEnd;   // where a chat answer ends besides end-of-text
     readonly IReadOnlyDictionary<string, ServedClassifier> _classifiers;
     readonly LoraManifest? _manifest;          // maps PEFT adapters loaded at run time
     readonly AdapterRoot? _adapterRoot;
@@ -63,6 +64,7 @@ public sealed partial class LoraServer : IAsyncDisposable
         _host = host;
         _tokenizer = tokenizer;
         _chatTemplate = chatTemplate;
+        _chatEnd = chatTemplate?.EndOfAnswer(tokenizer.Inner, _options.ChatStopTokenIds) ?? ([], null);
         _generator = new TextGenerator(host, tokenizer.Inner);
         _scheduler = new GenerationScheduler(_generator, _options.Scheduler);
         _adapterRoot = _options.AdapterRoot is null ? null : new AdapterRoot(_options.AdapterRoot);
@@ -281,6 +283,10 @@ public sealed partial class LoraServer : IAsyncDisposable
             catch (Exception e) when (e is InvalidDataException or ArgumentException or IOException or FormatException)
             {
                 throw ApiException.BadField("lora_path", e.Message.Replace(root.FullPath, "<adapter-root>", StringComparison.Ordinal));
+            }
+            catch (UnauthorizedAccessException)
+            {
+                throw new ApiException(StatusCodes.Status403Forbidden, $"'{requested}' is under the adapter root but the server may not read it", "lora_path", "forbidden");
             }
             try { _host.AddAdapter(name, bytes, requested); }
             catch (InvalidDataException e) { throw ApiException.BadField("lora_path", e.Message); }

@@ -25,7 +25,7 @@ sealed class RequestBody(JsonObject json)
     public bool Has(string field) => Json[field] is not null;
 
     public string RequiredString(string field) =>
-        String(field) is { Length: > 0 } s ? s : throw ApiException.BadField(field, "is required (a non-empty string)");
+        String(field) is { } s && !string.IsNullOrWhiteSpace(s) ? s : throw ApiException.BadField(field, "is required (a non-empty string)");
 
     public string? String(string field) => Json[field] switch
     {
@@ -59,14 +59,17 @@ sealed class RequestBody(JsonObject json)
     };
 
     /// <summary><c>stop</c>: a string or up to <paramref name="max"/> strings, none empty.</summary>
-    public IReadOnlyList<string> Strings(string field, int max)
+    public IReadOnlyList<string> Strings(string field, int max, int maxLength = int.MaxValue)
     {
         var node = Json[field];
         if (node is null) return [];
-        if (node is JsonValue) return [String(field) is { Length: > 0 } one ? one : throw ApiException.BadField(field, "must not be empty")];
+        if (node is JsonValue) return [String(field) is { Length: > 0 } one ? Checked(one, field) : throw ApiException.BadField(field, "must not be empty")];
         if (node is not JsonArray list || list.Count > max) throw ApiException.BadField(field, $"must be a string or a list of at most {max} strings");
-        return list.Select((s, i) => s is JsonValue v && v.TryGetValue<string>(out var text) && text.Length > 0 ? text
+        return list.Select((s, i) => s is JsonValue v && v.TryGetValue<string>(out var text) && text.Length > 0 ? Checked(text, $"{field}[{i}]")
             : throw ApiException.BadField($"{field}[{i}]", "must be a non-empty string")).ToList();
+
+        string Checked(string text, string name) =>
+            text.Length <= maxLength ? text : throw ApiException.BadField(name, $"has {text.Length} characters; the limit is {maxLength}");
     }
 
     /// <summary>Refuses a field the server does not implement unless it holds its no-op value (null, false, 0, 1, empty).</summary>

@@ -41,6 +41,15 @@ public sealed record ServerOptions
     /// </summary>
     public string? AdapterRoot { get; init; }
 
+    /// <summary>
+    /// Token ids that end a chat answer besides the template's eos_token (generation_config.json's eos_token_id list:
+    /// e.g. Llama 3's end-of-turn, which is not its tokenizer's eos_token).
+    /// </summary>
+    public IReadOnlyList<int> ChatStopTokenIds { get; init; } = [];
+
+    /// <summary>The longest stop sequence a request may give, in characters (a long one costs every decoding step).</summary>
+    public int MaxStopLength { get; init; } = 256;
+
     /// <summary>Batch and queue limits of the generation scheduler (a full queue answers 429).</summary>
     public SchedulerOptions Scheduler { get; init; } = new();
 }

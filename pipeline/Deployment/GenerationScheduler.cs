@@ -34,7 +34,11 @@ public sealed record SchedulerOptions
         init => field = value > 0 ? value : throw new ArgumentOutOfRangeException(nameof(MaxRunning), value, "MaxRunning must be greater than zero.");
     } = 32;
 
-    /// <summary>Requests waiting for a slot at most; one more is refused with <see cref="QueueFullException"/>.</summary>
+    /// <summary>
+    /// Requests not yet admitted by the decode loop at most; one more is refused with <see cref="QueueFullException"/>.
+    /// The loop admits between steps, so this also bounds the requests that may arrive during one step (0 refuses every
+    /// request: a server's way to test its 429).
+    /// </summary>
     public int QueueCapacity
     {
         get;

@@ -104,6 +104,19 @@ public class ServerTests
     }
 
     [Test]
+    public async Task ChatWithoutMaxTokensAnswersWithinWhatTheContextLeaves()
+    {
+        // the server's limit (48) plus this prompt is past the model's 64-token context: absent max_tokens, the answer
+        // may use what the context leaves (as vLLM does) instead of the request being refused for a field it never sent
+        var text = string.Join(" ", Enumerable.Repeat("hello the world", 6));
+        int prompt = _f.Tokenizer.Encode(_f.Template.Render([new ChatTurn("user", text)], addGenerationPrompt: true)).Length;
+        Assert.That(prompt + 48, Is.GreaterThan(64), "the prompt must leave less room than the server's max_tokens");
+        ChatCompletion completion = await _openAi.GetChatClient("b").CompleteChatAsync([new UserChatMessage(text)], new ChatCompletionOptions { Temperature = 0f });
+        Assert.That(completion.Usage.InputTokenCount, Is.EqualTo(prompt));
+        Assert.That(completion.Usage.OutputTokenCount, Is.InRange(1, 64 - prompt));
+    }
+
+    [Test]
     public async Task ChatThroughTheOpenAIClientUsesTheChatTemplate()
     {
         ChatMessage[] messages = [new SystemChatMessage("be brief"), new UserChatMessage("hello the world")];
@@ -233,6 +246,9 @@ public class ServerTests
         yield return Case("TokenIdOutsideVocabulary", "/v1/completions", """{"model":"a","prompt":[5, 99999]}""", 400, "prompt[1]");
         yield return Case("PromptTooLong", "/v1/completions", $$"""{"model":"a","prompt":"{{string.Concat(Enumerable.Repeat("hello ", 300))}}"}""", 400, "prompt");
         yield return Case("PastTheContext", "/v1/completions", $$"""{"model":"a","prompt":"{{string.Concat(Enumerable.Repeat("hello ", 20))}}","max_tokens":30}""", 400, "max_tokens");
+        yield return Case("PromptFillsTheContext", "/v1/completions", $$"""{"model":"a","prompt":"{{string.Concat(Enumerable.Repeat("hello ", 70))}}"}""", 400, "prompt");
+        yield return Case("StopTooLong", "/v1/completions", $$"""{"model":"a","prompt":"x","stop":["{{new string('s', 300)}}"]}""", 400, "stop[0]");
+        yield return Case("LoadBlankName", "/v1/load_lora_adapter", """{"lora_name":"  ","lora_path":"c.onnx_adapter"}""", 400, "lora_name");
         yield return Case("TooManyChoices", "/v1/completions", """{"model":"a","prompt":"x","n":1000}""", 400, "n");
         yield return Case("TooManyStops", "/v1/completions", """{"model":"a","prompt":"x","stop":["a","b","c","d","e"]}""", 400, "stop");
         yield return Case("LogprobsUnsupported", "/v1/completions", """{"model":"a","prompt":"x","logprobs":3}""", 400, "logprobs");

@@ -73,7 +73,8 @@ public sealed class ServeCommand(IAnsiConsole console) : Command<ServeCommand.Se
         if (s.Context is < 2) throw new ArgumentException($"--context must be ≥ 2 (got {s.Context})");
         if (s.MaxPromptTokens < 1) throw new ArgumentException($"--max-prompt-tokens must be ≥ 1 (got {s.MaxPromptTokens})");
         if (s.MaxBodyBytes < 1024) throw new ArgumentException($"--max-body-bytes must be ≥ 1024 (got {s.MaxBodyBytes})");
-        if (s.MaxBatch < 1 || s.Queue < 0) throw new ArgumentException($"--max-batch must be ≥ 1 and --queue ≥ 0 (got {s.MaxBatch}, {s.Queue})");
+        // the queue holds requests the decode loop has not admitted yet (it admits between steps): 0 would refuse all
+        if (s.MaxBatch < 1 || s.Queue < 1) throw new ArgumentException($"--max-batch and --queue must be ≥ 1 (got {s.MaxBatch}, {s.Queue})");
         if (!double.IsFinite(s.Timeout) || s.Timeout <= 0) throw new ArgumentException($"--timeout must be a number of seconds > 0 (got {s.Timeout})");
         var (host, _) = s.OpenHost();
         var classifiers = new List<ServedClassifier>();
@@ -93,6 +94,7 @@ public sealed class ServeCommand(IAnsiConsole console) : Command<ServeCommand.Se
                 ContextLength = s.Context, MaxTokens = s.MaxTokens, MaxPromptTokens = s.MaxPromptTokens, MaxBodyBytes = s.MaxBodyBytes,
                 RequestTimeout = TimeSpan.FromSeconds(s.Timeout),
                 Scheduler = new SchedulerOptions { MaxBatch = s.MaxBatch, QueueCapacity = s.Queue },
+                ChatStopTokenIds = s.Tokenizer is null ? [] : AdapterChatClientOptions.ForModel(FolderOf(s.Tokenizer)).StopTokenIds,
             }, ChatTemplateOf(s.Tokenizer), classifiers);
         }
         catch
@@ -119,6 +121,8 @@ public sealed class ServeCommand(IAnsiConsole console) : Command<ServeCommand.Se
     }
 
     /// <summary>The chat template of the tokenizer's folder (tokenizer_config.json's chat_template), or null.</summary>
-    static ChatTemplate? ChatTemplateOf(string? tokenizer) => tokenizer is null ? null
-        : ChatTemplate.Load(Directory.Exists(tokenizer) ? tokenizer : Path.GetDirectoryName(Path.GetFullPath(tokenizer))!);
+    static ChatTemplate? ChatTemplateOf(string? tokenizer) => tokenizer is null ? null : ChatTemplate.Load(FolderOf(tokenizer));
+
+    /// <summary>The tokenizer's folder (--tokenizer names a folder or a file in it).</summary>
+    static string FolderOf(string tokenizer) => Directory.Exists(tokenizer) ? tokenizer : Path.GetDirectoryName(Path.GetFullPath(tokenizer))!;
 }

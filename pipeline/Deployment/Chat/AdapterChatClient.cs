@@ -78,14 +78,7 @@ public sealed class AdapterChatClient : IChatClient
         _tokenizer = scheduler.Generator.Tokenizer
             ?? throw new ArgumentException("the scheduler's TextGenerator has no tokenizer; a chat client turns text into tokens and back", nameof(scheduler));
         _options = options ?? new AdapterChatClientOptions();
-        var stops = _options.StopTokenIds.ToList();
-        if (template.EosToken is { Length: > 0 } eos)
-        {
-            var ids = _tokenizer.EncodeToIds(eos);
-            if (ids.Count == 1) stops.Add(ids[0]);
-            else _eosText = eos;
-        }
-        _stopTokenIds = stops.Distinct().ToList();
+        (_stopTokenIds, _eosText) = template.EndOfAnswer(_tokenizer, _options.StopTokenIds);
         _metadata = new ChatClientMetadata(ProviderName, defaultModelId: _options.BaseModelId);
     }
 

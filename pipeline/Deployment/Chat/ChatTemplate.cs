@@ -55,6 +55,25 @@ public sealed class ChatTemplate
     /// <summary>The end-of-sequence token's text (tokenizer_config.json's eos_token), so a server can stop at it; null if none.</summary>
     public string? EosToken => _specialTokens.GetValueOrDefault("eos_token") as string;
 
+    /// <summary>
+    /// Where an answer rendered with this template ends: the eos_token as a token id when <paramref name="tokenizer"/>
+    /// encodes it as one token (else as a stop text), plus <paramref name="extraStopIds"/> (e.g. generation_config.json's
+    /// eos_token_id list, which can name an end-of-turn token that eos_token is not).
+    /// </summary>
+    public (IReadOnlyList<int> TokenIds, string? Text) EndOfAnswer(Microsoft.ML.Tokenizers.Tokenizer tokenizer, IEnumerable<int>? extraStopIds = null)
+    {
+        ArgumentNullException.ThrowIfNull(tokenizer);
+        var ids = (extraStopIds ?? []).ToList();
+        string? text = null;
+        if (EosToken is { Length: > 0 } eos)
+        {
+            var eosIds = tokenizer.EncodeToIds(eos);
+            if (eosIds.Count == 1) ids.Add(eosIds[0]);
+            else text = eos;
+        }
+        return (ids.Distinct().ToList(), text);
+    }
+
     /// <summary>The beginning-of-sequence token's text; null if none.</summary>
     public string? BosToken => _specialTokens.GetValueOrDefault("bos_token") as string;
 
