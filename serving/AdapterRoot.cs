@@ -5,7 +5,8 @@ namespace OnnxLora.Serving;
 /// <summary>
 /// The read policy of <c>POST /v1/load_lora_adapter</c>: a client may name only files and folders under one root the
 /// operator chose at start (<c>--adapter-root</c>). A relative path is taken from the root; the resolved path must lie
-/// inside it; no component below the root may be a symbolic link (a link could lead outside). Without a root, loading
+/// inside it; no component below the root, and no entry of a named folder, may be a symbolic link (a link could lead
+/// outside). Without a root, loading
 /// at run time is off.
 /// </summary>
 sealed class AdapterRoot
@@ -38,6 +39,11 @@ sealed class AdapterRoot
             if (File.GetAttributes(current).HasFlag(FileAttributes.ReparsePoint))
                 throw new ApiException(StatusCodes.Status403Forbidden, $"lora_path: '{requested}' goes through a symbolic link; links under the adapter root are not followed", "lora_path", "path_not_allowed");
         }
+        // a folder (PEFT, run) is read file by file inside: none of its entries may be a link either
+        if (Directory.Exists(full))
+            foreach (var entry in Directory.EnumerateFileSystemEntries(full, "*", new EnumerationOptions { RecurseSubdirectories = true, AttributesToSkip = 0, MaxRecursionDepth = 4 }))
+                if (File.GetAttributes(entry).HasFlag(FileAttributes.ReparsePoint))
+                    throw new ApiException(StatusCodes.Status403Forbidden, $"lora_path: '{requested}' holds a symbolic link ({Path.GetRelativePath(full, entry)}); links under the adapter root are not followed", "lora_path", "path_not_allowed");
         return full;
     }
 }

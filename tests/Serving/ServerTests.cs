@@ -206,7 +206,10 @@ public class ServerTests
         var link = Path.Combine(_f.AdapterRoot, "link.onnx_adapter");
         if (!File.Exists(link)) File.CreateSymbolicLink(link, outside);
         File.WriteAllText(Path.Combine(_f.AdapterRoot, "junk.onnx_adapter"), "not an adapter");
-        foreach (var (path, status) in new[] { (outside, 403), ("../outside.onnx_adapter", 403), ("link.onnx_adapter", 403), ("missing.onnx_adapter", 404), ("junk.onnx_adapter", 400) })
+        // a folder whose files are read inside it (PEFT, run folder) may not hold a link either
+        var folder = Directory.CreateDirectory(Path.Combine(_f.AdapterRoot, "peft-with-link")).FullName;
+        if (!File.Exists(Path.Combine(folder, "adapter_model.safetensors"))) File.CreateSymbolicLink(Path.Combine(folder, "adapter_model.safetensors"), outside);
+        foreach (var (path, status) in new[] { (outside, 403), ("../outside.onnx_adapter", 403), ("link.onnx_adapter", 403), ("peft-with-link", 403), ("missing.onnx_adapter", 404), ("junk.onnx_adapter", 400) })
         {
             using var response = await _f.Http.PostAsync("/v1/load_lora_adapter", Body(new JsonObject { ["lora_name"] = "x", ["lora_path"] = path }));
             await AssertError(response, status, "lora_path");
