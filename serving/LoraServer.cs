@@ -49,6 +49,7 @@ public sealed partial class LoraServer : IAsyncDisposable
     readonly long _started = DateTimeOffset.UtcNow.ToUnixTimeSeconds();
     readonly WebApplication _app;
     readonly SemaphoreSlim _adapterChanges = new(1);   // one load or unload at a time, so a name check and its change agree
+    readonly SemaphoreSlim _classifyRuns = new(1);     // classification runs one at a time (each uses every intra-op thread)
 
     /// <param name="host">the deployable model with its start-up adapters loaded (owned from now on)</param>
     /// <param name="tokenizer">the model's tokenizer</param>
@@ -162,6 +163,7 @@ public sealed partial class LoraServer : IAsyncDisposable
         _host.Dispose();
         foreach (var c in _classifiers.Values) c.Dispose();
         _adapterChanges.Dispose();
+        _classifyRuns.Dispose();
     }
 
     /// <summary>
@@ -328,9 +330,16 @@ public sealed partial class LoraServer : IAsyncDisposable
             if (ids.Length > _options.MaxPromptTokens) throw ApiException.BadField($"input[{i}]", $"has {ids.Length} tokens; the limit is {_options.MaxPromptTokens}");
             return (IReadOnlyList<int>)ids;
         }).ToList();
-        IReadOnlyList<ClassificationResult> results;
-        try { results = await Task.Run(() => classifier.Classifier.ClassifyBatch(rows, classifier.Adapter), ctx.RequestAborted).ConfigureAwait(false); }
+        // one classification run at a time, at most --max-batch rows each: memory stays bounded under concurrent requests
+        var results = new List<ClassificationResult>(rows.Count);
+        await _classifyRuns.WaitAsync(ctx.RequestAborted).ConfigureAwait(false);
+        try
+        {
+            foreach (var chunk in rows.Chunk(_options.Scheduler.MaxBatch))
+                results.AddRange(await Task.Run(() => classifier.Classifier.ClassifyBatch(chunk, classifier.Adapter), ctx.RequestAborted).ConfigureAwait(false));
+        }
         catch (ArgumentException e) { throw ApiException.BadField("input", e.Message); }   // longer than a fixed-width model takes
+        finally { _classifyRuns.Release(); }
         var data = new JsonArray();
         for (int i = 0; i < results.Count; i++)
             data.Add(new JsonObject

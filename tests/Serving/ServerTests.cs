@@ -149,11 +149,12 @@ public class ServerTests
     [Test]
     public async Task ClassifyAnswersTheRunsLabelsAndProbabilities()
     {
-        string[] inputs = ["hello the world", "zzz"];
+        // more inputs than --max-batch (8): they run in chunks, answered in order
+        string[] inputs = [.. Enumerable.Range(0, 11).Select(i => i % 3 == 0 ? "zzz" : string.Join(" ", Enumerable.Repeat("hello the world", 1 + i % 4)))];
         var (status, body) = await _f.Post("/v1/classify", new JsonObject { ["model"] = "cls", ["input"] = new JsonArray(inputs.Select(i => (JsonNode?)i).ToArray()) });
         Assert.That(status, Is.EqualTo(200), body.ToJsonString());
         var data = body["data"]!.AsArray();
-        Assert.That(data, Has.Count.EqualTo(2));
+        Assert.That(data, Has.Count.EqualTo(inputs.Length));
         for (int i = 0; i < inputs.Length; i++)
         {
             var expected = _f.ReferenceClassifier.Classify(_f.Tokenizer.Encode(inputs[i]), "cls");
