@@ -68,7 +68,7 @@ public sealed class LoadTestCommand(IAnsiConsole console) : Command<LoadTestComm
         if (!double.IsFinite(s.Seconds) || s.Seconds is <= 0 or > 3600) throw new ArgumentException($"--seconds must be in (0, 3600] (got {s.Seconds})");
         if (s.MaxRequests < 1) throw new ArgumentException($"--max-requests must be ≥ 1 (got {s.MaxRequests})");
         if (s.MaxTokens is < 1 or > 4096) throw new ArgumentException($"--max-tokens must be in 1..4096 (got {s.MaxTokens})");
-        if (s.MaxBatch < 1 || s.Queue < 0) throw new ArgumentException($"--max-batch must be ≥ 1 and --queue ≥ 0 (got {s.MaxBatch}, {s.Queue})");
+        ServeCommand.CheckScheduler(s.MaxBatch, s.Queue);
         var (host, runs) = s.OpenHost();
         LoraServer server;
         List<Job> jobs;
@@ -92,7 +92,8 @@ public sealed class LoadTestCommand(IAnsiConsole console) : Command<LoadTestComm
             {
                 Host = "127.0.0.1", Port = 0, ServedModelName = baseName, ContextLength = s.Context, MaxTokens = Math.Max(s.MaxTokens, 16),
                 Scheduler = new SchedulerOptions { MaxBatch = s.MaxBatch, QueueCapacity = s.Queue },
-            }, s.Tokenizer is null ? null : ChatTemplate.Load(Directory.Exists(s.Tokenizer) ? s.Tokenizer : Path.GetDirectoryName(Path.GetFullPath(s.Tokenizer))!));
+                ChatStopTokenIds = ServeCommand.ChatStopIdsOf(s.Tokenizer),
+            }, ServeCommand.ChatTemplateOf(s.Tokenizer));
         }
         catch
         {

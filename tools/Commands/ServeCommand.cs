@@ -73,8 +73,7 @@ public sealed class ServeCommand(IAnsiConsole console) : Command<ServeCommand.Se
         if (s.Context is < 2) throw new ArgumentException($"--context must be ≥ 2 (got {s.Context})");
         if (s.MaxPromptTokens < 1) throw new ArgumentException($"--max-prompt-tokens must be ≥ 1 (got {s.MaxPromptTokens})");
         if (s.MaxBodyBytes < 1024) throw new ArgumentException($"--max-body-bytes must be ≥ 1024 (got {s.MaxBodyBytes})");
-        // the queue holds requests the decode loop has not admitted yet (it admits between steps): 0 would refuse all
-        if (s.MaxBatch < 1 || s.Queue < 1) throw new ArgumentException($"--max-batch and --queue must be ≥ 1 (got {s.MaxBatch}, {s.Queue})");
+        CheckScheduler(s.MaxBatch, s.Queue);
         if (!double.IsFinite(s.Timeout) || s.Timeout <= 0) throw new ArgumentException($"--timeout must be a number of seconds > 0 (got {s.Timeout})");
         var (host, _) = s.OpenHost();
         var classifiers = new List<ServedClassifier>();
@@ -94,7 +93,7 @@ public sealed class ServeCommand(IAnsiConsole console) : Command<ServeCommand.Se
                 ContextLength = s.Context, MaxTokens = s.MaxTokens, MaxPromptTokens = s.MaxPromptTokens, MaxBodyBytes = s.MaxBodyBytes,
                 RequestTimeout = TimeSpan.FromSeconds(s.Timeout),
                 Scheduler = new SchedulerOptions { MaxBatch = s.MaxBatch, QueueCapacity = s.Queue },
-                ChatStopTokenIds = s.Tokenizer is null ? [] : AdapterChatClientOptions.ForModel(FolderOf(s.Tokenizer)).StopTokenIds,
+                ChatStopTokenIds = ChatStopIdsOf(s.Tokenizer),
             }, ChatTemplateOf(s.Tokenizer), classifiers);
         }
         catch
@@ -121,7 +120,18 @@ public sealed class ServeCommand(IAnsiConsole console) : Command<ServeCommand.Se
     }
 
     /// <summary>The chat template of the tokenizer's folder (tokenizer_config.json's chat_template), or null.</summary>
-    static ChatTemplate? ChatTemplateOf(string? tokenizer) => tokenizer is null ? null : ChatTemplate.Load(FolderOf(tokenizer));
+    /// <summary>The scheduler flags of serve and loadtest.</summary>
+    internal static void CheckScheduler(int maxBatch, int queue)
+    {
+        // the queue holds requests the decode loop has not admitted yet (it admits between steps): 0 would refuse all
+        if (maxBatch < 1 || queue < 1) throw new ArgumentException($"--max-batch and --queue must be ≥ 1 (got {maxBatch}, {queue})");
+    }
+
+        internal static ChatTemplate? ChatTemplateOf(string? tokenizer) => tokenizer is null ? null : ChatTemplate.Load(FolderOf(tokenizer));
+
+    /// <summary>The tokenizer folder's generation_config.json eos ids (where chat answers end besides eos_token), or none.</summary>
+    internal static IReadOnlyList<int> ChatStopIdsOf(string? tokenizer) =>
+        tokenizer is null ? [] : AdapterChatClientOptions.ForModel(FolderOf(tokenizer)).StopTokenIds;
 
     /// <summary>The tokenizer's folder (--tokenizer names a folder or a file in it).</summary>
     static string FolderOf(string tokenizer) => Directory.Exists(tokenizer) ? tokenizer : Path.GetDirectoryName(Path.GetFullPath(tokenizer))!;
